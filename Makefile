@@ -1,0 +1,32 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`  (see README).
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: setup demo test test-fast clean-demo
+
+setup: $(VENV)/.installed
+
+# pip resolves torch/torchvision; on this project's CPU machines it takes torch 2.14.1 and
+# torchvision 0.29.1 from local disk (the only pair lpips' torchvision import works with here).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --progress-bar off -e '.[dev]'
+	touch $@
+
+demo: setup
+	@git rev-parse --git-dir >/dev/null 2>&1 || { echo "DVC needs a git repository: run 'make demo' inside a clone"; exit 1; }
+	$(BIN)/dvc repro
+
+test: setup
+	$(BIN)/pytest
+
+test-fast: setup
+	$(BIN)/pytest -m "not slow"
+
+clean-demo:
+	rm -rf data/raw/demo data/ingested data/processed

@@ -1,0 +1,290 @@
+"""Typed view of ``params.yaml``: the one place where parameters are read and checked.
+
+Every stage receives a :class:`Params` object. Loading is strict: an unknown key or a value of the
+wrong type is a :class:`ConfigError` whose message names the offending key, so a typo in
+``params.yaml`` fails before any work starts instead of being silently ignored.
+Overrides use the ``dvc exp run -S`` syntax (``section.key=value``, value parsed as YAML).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_PARAMS_FILE = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A problem in params.yaml or in a ``-S`` override; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Covariate(_Section):
+    """A subject-level variable that ingest validates and the diffusion model is conditioned on."""
+
+    name: str
+    kind: Literal["continuous", "categorical"]
+    range: tuple[float, float] | None = None
+    levels: list[str] | None = None
+    required: bool = True
+
+    @model_validator(mode="after")
+    def _kind_matches_constraints(self) -> "Covariate":
+        if self.kind == "continuous" and self.levels is not None:
+            raise ValueError(f"continuous covariate '{self.name}' cannot have 'levels'")
+        if self.kind == "categorical":
+            if not self.levels:
+                raise ValueError(f"categorical covariate '{self.name}' needs 'levels'")
+            if self.range is not None:
+                raise ValueError(f"categorical covariate '{self.name}' cannot have 'range'")
+        if self.range is not None and self.range[0] > self.range[1]:
+            raise ValueError(f"covariate '{self.name}': range minimum exceeds maximum")
+        return self
+
+
+class DemoParams(_Section):
+    """The simulated cohort built from nilearn's MNI152 template (see synthmri.data.demo)."""
+
+    n_subjects: int = Field(64, ge=2)
+    seed: int = 20261125
+    template_resolution_mm: Literal[1, 2] = 2
+    age_range: tuple[float, float] = (20.0, 90.0)
+    sites: list[str] = ["site1", "site2", "site3"]
+    noise_std: float = Field(0.03, ge=0)
+    deformation_mm: float = Field(4.0, ge=0)
+
+
+class IngestParams(_Section):
+    """Where raw data comes from and what a valid file looks like."""
+
+    source: Literal["demo", "bids", "table"] = "demo"
+    root: str = "data/raw/demo"
+    table: str | None = None
+    path_column: str = "path"
+    id_column: str = "participant_id"
+    session_column: str | None = "session"
+    min_subjects: int = Field(8, ge=1)
+    min_dim: int = Field(8, ge=1)
+    max_dim: int = Field(1024, ge=1)
+    max_voxels: int = Field(256**3 * 2, ge=1)
+    voxel_size_mm: tuple[float, float] = (0.1, 10.0)
+    max_shear: float = Field(1e-3, ge=0)
+
+
+class SplitParams(_Section):
+    train: float = Field(0.8, gt=0)
+    val: float = Field(0.1, ge=0)
+    test: float = Field(0.1, ge=0)
+    seed: int = 0
+    stratify: list[str] = []
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> "SplitParams":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1, got {total:g}")
+        return self
+
+
+class NormalizeParams(_Section):
+    """Resampling, cropping and intensity scaling into the common training space."""
+
+    spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    shape: tuple[int, int, int] = (56, 72, 56)
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    out_range: tuple[float, float] = (-1.0, 1.0)
+    histogram_standardization: bool = False
+    split: SplitParams = SplitParams()
+
+    @model_validator(mode="after")
+    def _valid_ranges(self) -> "NormalizeParams":
+        if not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
+            raise ValueError("percentiles must satisfy 0 <= low < high <= 100")
+        if self.out_range[0] >= self.out_range[1]:
+            raise ValueError("out_range minimum must be below its maximum")
+        if min(self.spacing) <= 0 or min(self.shape) <= 0:
+            raise ValueError("spacing and shape must be positive")
+        return self
+
+
+class VQGANModelParams(_Section):
+    """Encoder/decoder widths per resolution level; len(channels) = log2(downsample_factor) + 1."""
+
+    channels: list[int] = [32, 64, 128]
+    num_res_blocks: int = Field(1, ge=1)
+    downsample_factor: Literal[4, 8] = 4
+    latent_channels: int = Field(8, ge=1)
+    attention: bool = True
+    norm_groups: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _levels_match_factor(self) -> "VQGANModelParams":
+        expected = self.downsample_factor.bit_length()  # 4 -> 3 levels, 8 -> 4 levels
+        if len(self.channels) != expected:
+            raise ValueError(f"downsample_factor {self.downsample_factor} needs {expected} channel entries, "
+                             f"got {len(self.channels)}")
+        if any(c % self.norm_groups for c in self.channels):
+            raise ValueError(f"every channel count must be divisible by norm_groups={self.norm_groups}")
+        return self
+
+
+class QuantizerParams(_Section):
+    codebook_size: int = Field(512, ge=2)
+    ema_decay: float = Field(0.99, gt=0, lt=1)
+    commitment_weight: float = Field(0.25, ge=0)
+    dead_code_threshold: float = Field(1.0, ge=0)
+
+
+class DiscriminatorParams(_Section):
+    channels: int = Field(32, ge=1)
+    layers: int = Field(3, ge=1)
+    slice_discriminator: bool = False
+
+
+class VQGANLossParams(_Section):
+    """Loss weights; perceptual = adversarial = 0 turns the VQ-GAN into the VQ-VAE baseline."""
+
+    l1: float = Field(1.0, ge=0)
+    perceptual: float = Field(0.1, ge=0)
+    adversarial: float = Field(0.1, ge=0)
+    feature_matching: float = Field(1.0, ge=0)
+    disc_start_step: int = Field(200, ge=0)
+    lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
+    lpips_weights: str | None = None
+    lpips_slices_per_axis: int = Field(4, ge=1)
+
+
+class TrainParams(_Section):
+    """Optimisation settings shared in shape by both training stages."""
+
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    lr_discriminator: float = Field(2e-4, gt=0)
+    betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = Field(1e-4, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(100, ge=1)
+    val_every: int = Field(200, ge=1)
+    log_every: int = Field(10, ge=1)
+    num_workers: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class VQGANParams(_Section):
+    model: VQGANModelParams = VQGANModelParams()
+    quantizer: QuantizerParams = QuantizerParams()
+    discriminator: DiscriminatorParams = DiscriminatorParams()
+    loss: VQGANLossParams = VQGANLossParams()
+    train: TrainParams = TrainParams()
+
+
+class Params(_Section):
+    """All of params.yaml. Sections are added here as stages are added to dvc.yaml."""
+
+    seed: int = 1234
+    covariates: list[Covariate] = [
+        Covariate(name="age", kind="continuous", range=(18.0, 100.0)),
+        Covariate(name="sex", kind="categorical", levels=["F", "M"]),
+        Covariate(name="site", kind="categorical", levels=["site1", "site2", "site3"], required=False),
+    ]
+    demo: DemoParams = DemoParams()
+    ingest: IngestParams = IngestParams()
+    normalize: NormalizeParams = NormalizeParams()
+    vqgan: VQGANParams = VQGANParams()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Params":
+        names = [c.name for c in self.covariates]
+        if len(set(names)) != len(names):
+            raise ValueError(f"covariate names must be unique, got {names}")
+        unknown = [s for s in self.normalize.split.stratify if s not in names]
+        if unknown:
+            raise ValueError(f"normalize.split.stratify names unknown covariates {unknown}")
+        return self
+
+    def covariate(self, name: str) -> Covariate:
+        return next(c for c in self.covariates if c.name == name)
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{key}': value '{raw}' is not valid YAML ({exc.problem})") from None
+    return key.split("."), value
+
+
+def _apply_override(tree: dict, parts: list[str], value: Any) -> None:
+    node: Any = tree
+    for depth, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            node = node[_list_index(node, part, where)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, dict | list):
+            raise ConfigError(f"override '{'.'.join(parts)}': '{where}' is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, ".".join(parts))] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, part: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override '{where}': expected an index below {len(node)}")
+    return int(part)
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'")
+        else:
+            got = err.get("input")
+            got_txt = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            lines.append(f"{source}: '{key}': {err['msg']}{got_txt}")
+    return "\n".join(lines)
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read params.yaml (or ``path``), apply ``-S`` overrides, and validate everything at once."""
+    path = Path(path) if path is not None else DEFAULT_PARAMS_FILE
+    if path.exists():
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    elif path == DEFAULT_PARAMS_FILE:
+        tree = {}
+    else:
+        raise ConfigError(f"params file '{path}' does not exist")
+    for text in overrides:
+        parts, value = _parse_override(text)
+        _apply_override(tree, parts, value)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, str(path))) from None

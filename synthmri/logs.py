@@ -1,0 +1,32 @@
+"""Logging and progress bars in words a user understands."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    # nibabel "fixes" bad headers with warnings; our validation reports those files itself
+    logging.getLogger("nibabel").setLevel(logging.ERROR)
+
+
+def get_logger(name: str) -> logging.Logger:
+    return logging.getLogger(name)
+
+
+def progress(items: Iterable[T], desc: str, unit: str, total: int | None = None) -> Iterator[T]:
+    """A progress bar with rate and ETA, on stderr, quiet when stderr is not a terminal and long."""
+    return iter(tqdm(items, desc=desc, unit=unit, total=total, dynamic_ncols=True, mininterval=1.0))

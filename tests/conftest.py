@@ -1,0 +1,56 @@
+"""Shared helpers for tests: small synthetic volumes and parameter objects."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from synthmri.config import Params, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def blob_volume(shape=(24, 28, 20), seed=0) -> np.ndarray:
+    """A head-like smooth ellipsoid with texture: enough structure for every stage's checks."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    radius = np.sqrt(((grid / 0.75) ** 2).sum(0))
+    texture = ndimage.gaussian_filter(rng.normal(size=shape), 1.5)
+    return np.where(radius < 1, 100 + 40 * (radius < 0.5) + 20 * texture, 0).astype(np.float32)
+
+
+def write_nifti(path: Path | bytes, data: np.ndarray, affine=None) -> None:
+    affine = np.diag([2.0, 2.0, 2.0, 1.0]) if affine is None else affine
+    path_str = os.fsdecode(path)
+    Path(path_str).parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(data), affine), path_str)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every regular file under root (links are recorded, not followed)."""
+    digests = {}
+    for dirpath, _, files in os.walk(os.fsencode(root)):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            if os.path.islink(full):
+                digests[os.fsdecode(full)] = "link->" + os.fsdecode(os.readlink(full))
+            else:
+                with open(full, "rb") as handle:
+                    digests[os.fsdecode(full)] = hashlib.sha256(handle.read()).hexdigest()
+    return digests
+
+
+def make_params(*overrides: str) -> Params:
+    """The repository's params.yaml with overrides, as a user would get them from the CLI."""
+    return load_params(REPO / "params.yaml", list(overrides))
+
+
+@pytest.fixture
+def params_factory():
+    return make_params

@@ -1,0 +1,91 @@
+"""Config and CLI: strict params (errors name the key), -S overrides, help texts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from synthmri.cli import STAGES, main
+from synthmri.config import ConfigError, Params, load_params
+
+from conftest import REPO
+
+
+def test_repository_params_and_profiles_are_valid():
+    for path in [REPO / "params.yaml", *sorted((REPO / "profiles").glob("*.yaml"))]:
+        assert isinstance(load_params(path), Params), path
+
+
+def test_params_yaml_spells_out_every_default():
+    """params.yaml is the user's map of every knob: each section key of the model appears in it."""
+    tree = yaml.safe_load((REPO / "params.yaml").read_text())
+
+    def keys(model, prefix=""):
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            if hasattr(value, "model_fields"):
+                yield from keys(value, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}"
+
+    def lookup(tree, dotted):
+        for part in dotted.split("."):
+            tree = tree[part]
+        return tree
+
+    for key in keys(Params()):
+        lookup(tree, key)  # KeyError names the missing key
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("normalize.sapcing=[1,1,1]", "unknown key 'normalize.sapcing'"),
+    ("ingest.min_subjects=many", "'ingest.min_subjects'"),
+    ("normalize.split.train=0.9", "'normalize.split'"),
+    ("ingest.source=dicom", "'ingest.source'"),
+    ("covariates.7.name=x", "'covariates.7'"),
+    ("novalue", "must look like section.key=value"),
+])
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        load_params(REPO / "params.yaml", [override])
+
+
+def test_unknown_key_in_file_is_named(tmp_path: Path):
+    text = (REPO / "params.yaml").read_text().replace("ingest:\n", "ingest:\n  fancy_option: 3\n", 1)
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="unknown key 'ingest.fancy_option'"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_overrides_apply_like_dvc_exp_run():
+    params = load_params(REPO / "params.yaml", ["ingest.source=bids", "ingest.root=/data/bids",
+                                                "normalize.spacing=[1.5,1.5,1.5]", "covariates.0.range=[30,80]"])
+    assert params.ingest.source == "bids" and params.ingest.root == "/data/bids"
+    assert params.normalize.spacing == (1.5, 1.5, 1.5)
+    assert params.covariate("age").range == (30.0, 80.0)
+
+
+def test_cli_help_lists_every_stage():
+    out = subprocess.run([sys.executable, "-m", "synthmri.cli", "--help"], capture_output=True, text=True, check=True)
+    for stage in STAGES:
+        assert stage.name in out.stdout
+        sub = subprocess.run([sys.executable, "-m", "synthmri.cli", stage.name, "--help"], capture_output=True,
+                             text=True, check=True)
+        assert "-S KEY=VALUE" in sub.stdout and "--params" in sub.stdout
+
+
+def test_cli_config_error_is_one_clear_message(capsys):
+    assert main(["ingest", "--params", str(REPO / "params.yaml"), "-S", "ingest.bogus=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'ingest.bogus'" in err and "Traceback" not in err
+
+
+def test_cli_stage_error_is_one_clear_message(tmp_path, capsys):
+    code = main(["ingest", "--params", str(REPO / "params.yaml"), "-S", "ingest.source=bids",
+                 "-S", f"ingest.root={tmp_path / 'nowhere'}"])
+    assert code == 1
+    assert "is not a folder" in capsys.readouterr().err
