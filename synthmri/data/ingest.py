@@ -1,0 +1,211 @@
+"""The ``ingest`` stage: find raw volumes, validate them and their covariates, write RAS copies.
+
+Raw data is only read. Every rejected item (bad file, bad covariate row, stray participant) gets
+one row in ``quarantine.csv`` with a reason; the run continues and fails with a clear message only
+when fewer than ``ingest.min_subjects`` subjects remain.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from synthmri.config import Params
+from synthmri.data.covariates import duplicated_ids, parse_covariates, read_table, require_columns
+from synthmri.data.validate import check_path, load_valid_volume
+from synthmri.errors import InvalidInput, StageError
+from synthmri.io import display_path, save_nifti, sha256_file, write_csv_atomic
+from synthmri.logs import get_logger, progress
+
+log = get_logger(__name__)
+
+INGESTED_DIR = Path("data/ingested")
+QUARANTINE_COLUMNS = ["item", "subject_id", "reason"]
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_T1W = re.compile(r"^(?P<stem>sub-[^_]+.*)_T1w\.nii(\.gz)?$")
+
+
+@dataclass
+class Candidate:
+    """One volume to ingest, with the covariate row that belongs to it."""
+
+    item_id: str
+    subject_id: str
+    session: str
+    path: str
+    row: pd.Series
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Discovery:
+    candidates: list[Candidate] = field(default_factory=list)
+    quarantine: list[dict] = field(default_factory=list)
+
+    def reject(self, item: str, subject_id: str, reason: str) -> None:
+        self.quarantine.append({"item": display_path(item), "subject_id": display_path(subject_id), "reason": reason})
+
+
+# ----------------------------------------------------------------------------------------------
+# sources
+
+
+def discover_bids(root: Path, params: Params) -> Discovery:
+    """``sub-*/[ses-*/]anat/*_T1w.nii[.gz]`` plus ``participants.tsv`` for the covariates."""
+    found = Discovery()
+    table_path = root / "participants.tsv"
+    if not table_path.is_file():
+        raise StageError(f"{display_path(table_path)} not found: a BIDS data set lists its subjects and "
+                         "covariates there")
+    table = read_table(table_path)
+    id_col = "participant_id"
+    require_columns(table, params.covariates, display_path(table_path), id_col)
+    duplicates = {key[0] for key in duplicated_ids(table, [id_col])}
+    rows = {r[id_col]: r for _, r in table.iterrows() if r[id_col] not in duplicates}
+
+    files = sorted([*root.glob("sub-*/anat/*_T1w.nii*"), *root.glob("sub-*/ses-*/anat/*_T1w.nii*")])
+    seen_subjects = set()
+    for path in files:
+        match = _T1W.match(path.name)
+        if match is None:
+            continue
+        rel = path.relative_to(root)
+        subject = rel.parts[0]
+        session = rel.parts[1] if rel.parts[1].startswith("ses-") else ""
+        seen_subjects.add(subject)
+        if display_path(rel) != str(rel):
+            found.reject(str(rel), subject, "file name is not valid UTF-8")
+        elif subject in duplicates:
+            found.reject(str(rel), subject, f"participant_id '{display_path(subject)}' appears more than once "
+                                            "in participants.tsv")
+        elif subject not in rows:
+            found.reject(str(rel), subject, f"no row for '{display_path(subject)}' in participants.tsv")
+        else:
+            found.candidates.append(Candidate(match["stem"], subject, session, str(path), rows[subject]))
+    for subject in sorted(set(rows) - seen_subjects):
+        found.reject("participants.tsv", subject, "listed in participants.tsv but has no *_T1w.nii[.gz] image")
+    return found
+
+
+def discover_table(root: Path, params: Params) -> Discovery:
+    """A CSV/TSV with one row per volume: id, path (relative to ``ingest.root``), covariates."""
+    cfg = params.ingest
+    if not cfg.table:
+        raise StageError("ingest.source is 'table' but ingest.table is not set")
+    table_path = Path(cfg.table)
+    if not table_path.is_file() and (root / cfg.table).is_file():
+        table_path = root / cfg.table
+    if not table_path.is_file():
+        raise StageError(f"ingest.table '{cfg.table}' not found")
+    table = read_table(table_path)
+    require_columns(table, params.covariates, cfg.table, cfg.id_column)
+    if cfg.path_column not in table.columns:
+        raise StageError(f"{cfg.table} has no path column '{cfg.path_column}'")
+    has_session = bool(cfg.session_column) and cfg.session_column in table.columns
+    keys = [cfg.id_column] + ([cfg.session_column] if has_session else [])
+    duplicates = duplicated_ids(table, keys)
+    found = Discovery()
+    for _, row in table.iterrows():
+        subject = row[cfg.id_column].strip()
+        session = row[cfg.session_column].strip() if has_session else ""
+        item = row[cfg.path_column].strip() or f"(row of {subject})"
+        if tuple(row[k] for k in keys) in duplicates:
+            found.reject(item, subject, f"id '{subject}'{' ' + session if session else ''} appears more than "
+                                        f"once in {cfg.table}")
+            continue
+        if not row[cfg.path_column].strip():
+            found.reject(item, subject, f"empty '{cfg.path_column}'")
+            continue
+        item_id = subject + (f"_{session}" if session else "")
+        found.candidates.append(Candidate(item_id, subject, session, str(root / row[cfg.path_column].strip()), row))
+    return found
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage
+
+
+def _ingest_one(cand: Candidate, root_real: str, params: Params, out_dir: Path) -> dict:
+    for name, value in (("subject id", cand.subject_id), ("item", cand.item_id)):
+        if not _SAFE_ID.match(value):
+            raise InvalidInput(f"{name} '{value}' has characters that are not allowed in a file name")
+    covariates = parse_covariates(cand.row, params.covariates)
+    if os.path.commonpath([os.path.abspath(cand.path), root_real]) != root_real:
+        raise InvalidInput("path escapes the data root")
+    check_path(cand.path, root_real)
+    volume = load_valid_volume(cand.path, params.ingest)
+    relative_out = Path("volumes") / f"{cand.item_id}_T1w.nii.gz"
+    save_nifti(volume.data, volume.affine, out_dir / relative_out, descrip="SynthMRI ingested volume (RAS)")
+    declared = {c.name for c in params.covariates}
+    extras = {k: v for k, v in cand.row.items() if k not in declared and k not in {
+        params.ingest.id_column, params.ingest.path_column, params.ingest.session_column, "participant_id"}}
+    record = {
+        "item_id": cand.item_id,
+        "subject_id": cand.subject_id,
+        "session": cand.session,
+        "path": relative_out.as_posix(),
+        "source_path": display_path(os.path.relpath(cand.path, root_real)),
+        "source_sha256": sha256_file(cand.path),
+        "shape": "x".join(str(s) for s in volume.original_shape),
+        "voxel_size_mm": "x".join(f"{v:.3f}" for v in volume.voxel_size),
+        "orientation": volume.original_orientation,
+        **covariates,
+    }
+    # other participant columns (e.g. the demo's ground-truth volumes) travel along for the report
+    record.update({k: v for k, v in extras.items() if k not in record})
+    return record
+
+
+def run_ingest(params: Params, out_dir: Path = INGESTED_DIR) -> pd.DataFrame:
+    """Validate and copy every usable volume into ``out_dir``; return the manifest."""
+    cfg = params.ingest
+    root = Path(cfg.root)
+    if cfg.source == "demo":
+        from synthmri.data.demo import ensure_demo_cohort
+
+        ensure_demo_cohort(params, root)
+    if not root.is_dir():
+        raise StageError(f"ingest.root '{cfg.root}' is not a folder")
+    root_real = os.path.realpath(root)
+    root = Path(root_real)  # candidate paths are built from the real root, so escapes are detectable
+    if os.path.commonpath([os.path.realpath(out_dir), root_real]) == root_real:
+        raise StageError(f"the output folder {out_dir} lies inside ingest.root: raw data is never written to")
+
+    found = discover_table(root, params) if cfg.source == "table" else discover_bids(root, params)
+    log.info("Found %d candidate volume(s) under %s (%s layout)", len(found.candidates), cfg.root,
+             "table" if cfg.source == "table" else "BIDS")
+    shutil.rmtree(out_dir / "volumes", ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    records = []
+    for cand in progress(found.candidates, desc="Validating volumes", unit="vol"):
+        try:
+            records.append(_ingest_one(cand, root_real, params, out_dir))
+        except InvalidInput as exc:
+            found.reject(os.path.relpath(cand.path, root_real), cand.subject_id, str(exc))
+        except Exception as exc:  # one bad file must never stop the run
+            log.debug("unexpected error on %s", display_path(cand.path), exc_info=True)
+            found.reject(os.path.relpath(cand.path, root_real), cand.subject_id,
+                         f"unexpected error while reading ({type(exc).__name__}: {exc})")
+
+    manifest = pd.DataFrame.from_records(records)
+    quarantine = pd.DataFrame(found.quarantine, columns=QUARANTINE_COLUMNS)
+    write_csv_atomic(manifest, out_dir / "manifest.csv")
+    write_csv_atomic(quarantine, out_dir / "quarantine.csv")
+
+    n_subjects = manifest["subject_id"].nunique() if len(manifest) else 0
+    log.info("Ingested %d volume(s) of %d subject(s); set aside %d item(s) (reasons in %s)",
+             len(manifest), n_subjects, len(quarantine), out_dir / "quarantine.csv")
+    for row in quarantine.head(10).itertuples():
+        log.warning("set aside %s: %s", row.item, row.reason)
+    if len(quarantine) > 10:
+        log.warning("... and %d more in quarantine.csv", len(quarantine) - 10)
+    if n_subjects < cfg.min_subjects:
+        raise StageError(f"only {n_subjects} valid subject(s) remain, fewer than ingest.min_subjects="
+                         f"{cfg.min_subjects}; see {out_dir / 'quarantine.csv'} for what was set aside")
+    return manifest
