@@ -24,10 +24,11 @@ class Stage:
 
 
 def _demo(params: Params) -> None:
-    from synthmri.data.demo import generate_demo_cohort
     from pathlib import Path
 
-    generate_demo_cohort(params, Path(params.ingest.root) if params.ingest.source == "demo" else Path("data/raw/demo"))
+    from synthmri.data.demo import generate_demo_cohort
+
+    generate_demo_cohort(params, Path("data/raw/demo"))
 
 
 def _ingest(params: Params) -> None:
@@ -40,6 +41,18 @@ def _normalize(params: Params) -> None:
     from synthmri.data.normalize import run_normalize
 
     run_normalize(params)
+
+
+def _train_vqgan(params: Params) -> None:
+    from synthmri.training.train_vqgan import run_train_vqgan
+
+    run_train_vqgan(params)
+
+
+def _encode(params: Params) -> None:
+    from synthmri.data.latents import run_encode
+
+    run_encode(params)
 
 
 STAGES = [
@@ -57,6 +70,17 @@ STAGES = [
           "at percentiles and scales them to normalize.out_range (optional Nyul standardization fitted on "
           "the training split), and assigns a stratified subject-level train/val/test split. Params: normalize.*",
           _normalize),
+    Stage("train_vqgan", "train the 3D VQ-GAN (or VQ-VAE baseline) into models/vqgan",
+          "Trains the VQ-GAN on the training split: L1 + 2.5D LPIPS + commitment, hinge adversarial loss with "
+          "adaptive weight and GAN feature matching after vqgan.loss.disc_start_step. Resumes from the newest "
+          "checkpoint in models/checkpoints/vqgan. Validation PSNR/SSIM/LPIPS go to reports/vqgan.json and "
+          "MLflow; the model is registered as synthmri-vqgan. Params: vqgan.*, seed",
+          _train_vqgan),
+    Stage("encode", "encode every subject into quantized latents in data/latents",
+          "Encodes every split with the trained VQ-GAN (deterministic quantized codes, never a noisy sample), "
+          "writes latents with subject ids and covariates, and the per-channel latent scale factor computed "
+          "on the training split. Params: encode.*",
+          _encode),
 ]
 
 

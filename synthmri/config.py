@@ -55,7 +55,7 @@ class DemoParams(_Section):
     seed: int = 20261125
     template_resolution_mm: Literal[1, 2] = 2
     age_range: tuple[float, float] = (20.0, 90.0)
-    sites: list[str] = ["site1", "site2", "site3"]
+    sites: list[str] = Field(["site1", "site2", "site3"], min_length=1)
     noise_std: float = Field(0.03, ge=0)
     deformation_mm: float = Field(4.0, ge=0)
 
@@ -207,6 +207,11 @@ class Params(_Section):
         unknown = [s for s in self.normalize.split.stratify if s not in names]
         if unknown:
             raise ValueError(f"normalize.split.stratify names unknown covariates {unknown}")
+        if self.ingest.source == "demo" and "site" in names:
+            levels = self.covariate("site").levels or []
+            foreign = [s for s in self.demo.sites if s not in levels]
+            if foreign:
+                raise ValueError(f"demo.sites {foreign} are not levels of the 'site' covariate {levels}")
         return self
 
     def covariate(self, name: str) -> Covariate:

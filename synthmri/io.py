@@ -18,6 +18,10 @@ import numpy as np
 import pandas as pd
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -39,6 +43,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; honour the umask instead
         os.replace(tmp_path, final)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
