@@ -1,0 +1,1 @@
+"""Networks: shared blocks, the VQ-GAN (encoder, quantizer, decoder) and its discriminators."""

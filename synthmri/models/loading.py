@@ -1,0 +1,41 @@
+"""Saving and loading trained models as safetensors weights + a JSON config (never a pickle)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from synthmri.config import QuantizerParams, VQGANModelParams
+from synthmri.errors import StageError
+from synthmri.io import atomic_path, write_text_atomic
+from synthmri.models.vqgan import VQGAN
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def save_weights(module: torch.nn.Module, config: dict, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / WEIGHTS) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp))
+    write_text_atomic(directory / CONFIG, json.dumps(config, indent=2))
+    return directory / WEIGHTS
+
+
+def read_config(directory: Path) -> dict:
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise StageError(f"{path} not found: train the model first (dvc repro)")
+    return json.loads(path.read_text())
+
+
+def load_vqgan(directory: str | Path, device: torch.device | str = "cpu") -> VQGAN:
+    """The trained VQ-GAN of ``directory`` (as written by train_vqgan), in eval mode."""
+    directory = Path(directory)
+    config = read_config(directory)["vqgan"]
+    model = VQGAN.from_params(VQGANModelParams(**config["model"]), QuantizerParams(**config["quantizer"]))
+    model.load_state_dict(load_file(str(directory / WEIGHTS)))
+    return model.to(device).eval()
