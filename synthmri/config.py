@@ -95,8 +95,8 @@ class SplitParams(_Section):
 class NormalizeParams(_Section):
     """Resampling, cropping and intensity scaling into the common training space."""
 
-    spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
-    shape: tuple[int, int, int] = (56, 72, 56)
+    spacing: tuple[float, float, float] = (4.0, 4.0, 4.0)
+    shape: tuple[int, int, int] = (40, 48, 40)
     percentiles: tuple[float, float] = (0.5, 99.5)
     out_range: tuple[float, float] = (-1.0, 1.0)
     histogram_standardization: bool = False
@@ -116,10 +116,10 @@ class NormalizeParams(_Section):
 class VQGANModelParams(_Section):
     """Encoder/decoder widths per resolution level; len(channels) = log2(downsample_factor) + 1."""
 
-    channels: list[int] = [32, 64, 128]
+    channels: list[int] = [16, 32, 64]
     num_res_blocks: int = Field(1, ge=1)
     downsample_factor: Literal[4, 8] = 4
-    latent_channels: int = Field(8, ge=1)
+    latent_channels: int = Field(4, ge=1)
     attention: bool = True
     norm_groups: int = Field(8, ge=1)
 
@@ -135,7 +135,7 @@ class VQGANModelParams(_Section):
 
 
 class QuantizerParams(_Section):
-    codebook_size: int = Field(512, ge=2)
+    codebook_size: int = Field(256, ge=2)
     ema_decay: float = Field(0.99, gt=0, lt=1)
     commitment_weight: float = Field(0.25, ge=0)
     dead_code_threshold: float = Field(1.0, ge=0)
@@ -163,10 +163,9 @@ class VQGANLossParams(_Section):
 class TrainParams(_Section):
     """Optimisation settings shared in shape by both training stages."""
 
-    steps: int = Field(600, ge=1)
-    batch_size: int = Field(4, ge=1)
+    steps: int = Field(400, ge=1)
+    batch_size: int = Field(2, ge=1)
     lr: float = Field(2e-4, gt=0)
-    lr_discriminator: float = Field(2e-4, gt=0)
     betas: tuple[float, float] = (0.5, 0.9)
     weight_decay: float = Field(1e-4, ge=0)
     grad_clip: float = Field(1.0, gt=0)
@@ -177,12 +176,67 @@ class TrainParams(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class VQGANTrainParams(TrainParams):
+    lr_discriminator: float = Field(2e-4, gt=0)
+
+
 class VQGANParams(_Section):
     model: VQGANModelParams = VQGANModelParams()
     quantizer: QuantizerParams = QuantizerParams()
     discriminator: DiscriminatorParams = DiscriminatorParams()
     loss: VQGANLossParams = VQGANLossParams()
-    train: TrainParams = TrainParams()
+    train: VQGANTrainParams = VQGANTrainParams()
+
+
+class EncodeParams(_Section):
+    batch_size: int = Field(8, ge=1)
+
+
+class UNetParams(_Section):
+    """Diffusion U-Net: one entry per resolution level in ``channels`` and ``attention``."""
+
+    channels: list[int] = [64, 128]
+    attention: list[bool] = [False, True]
+    num_res_blocks: int = Field(1, ge=1)
+    num_heads: int = Field(4, ge=1)
+    norm_groups: int = Field(8, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    cross_attention: bool = False
+
+    @model_validator(mode="after")
+    def _levels_agree(self) -> "UNetParams":
+        if len(self.attention) != len(self.channels):
+            raise ValueError(f"attention needs one flag per level ({len(self.channels)}), got {len(self.attention)}")
+        if any(c % self.norm_groups for c in self.channels):
+            raise ValueError(f"every channel count must be divisible by norm_groups={self.norm_groups}")
+        return self
+
+
+class ScheduleParams(_Section):
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_schedule: Literal["linear", "cosine"] = "linear"
+    beta_start: float = Field(1e-4, gt=0)
+    beta_end: float = Field(0.02, gt=0, lt=1)
+    prediction: Literal["epsilon", "v_prediction"] = "epsilon"
+
+
+class DiffusionTrainParams(TrainParams):
+    condition_dropout: float = Field(0.1, ge=0, le=1)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    sample_every: int = Field(500, ge=1)
+
+
+class SamplerParams(_Section):
+    sampler: Literal["ddpm", "ddim", "dpm_solver"] = "dpm_solver"
+    steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(2.0, ge=0)
+
+
+class DiffusionParams(_Section):
+    unet: UNetParams = UNetParams()
+    schedule: ScheduleParams = ScheduleParams()
+    train: DiffusionTrainParams = DiffusionTrainParams()
+    sampler: SamplerParams = SamplerParams()
 
 
 class Params(_Section):
@@ -198,6 +252,8 @@ class Params(_Section):
     ingest: IngestParams = IngestParams()
     normalize: NormalizeParams = NormalizeParams()
     vqgan: VQGANParams = VQGANParams()
+    encode: EncodeParams = EncodeParams()
+    diffusion: DiffusionParams = DiffusionParams()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Params":

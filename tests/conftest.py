@@ -54,3 +54,35 @@ def make_params(*overrides: str) -> Params:
 @pytest.fixture
 def params_factory():
     return make_params
+
+
+def make_bids(root: Path, n: int = 8, shape=(24, 28, 20)) -> Path:
+    """A small valid BIDS folder of blob volumes with age/sex/site covariates."""
+    import pandas as pd
+
+    rows = []
+    for i in range(n):
+        sub = f"sub-{i:02d}"
+        write_nifti(root / sub / "anat" / f"{sub}_T1w.nii.gz", blob_volume(shape=shape, seed=i))
+        rows.append((sub, 20 + 7 * i, "FM"[i % 2], f"site{1 + i % 3}"))
+    pd.DataFrame(rows, columns=["participant_id", "age", "sex", "site"]).to_csv(
+        root / "participants.tsv", sep="\t", index=False)
+    return root
+
+
+TINY_VQGAN = ("vqgan.model.channels=[8,16,32]", "vqgan.model.latent_channels=4", "vqgan.quantizer.codebook_size=64",
+              "vqgan.train.batch_size=2", "vqgan.train.log_every=1", "vqgan.discriminator.channels=8",
+              "vqgan.loss.lpips_slices_per_axis=1")
+
+
+def make_processed(work: Path, n: int = 8, shape=(16, 16, 16), *overrides: str) -> tuple[Params, Path]:
+    """Ingest + normalize a tiny cohort into ``work``; returns the params and the processed folder."""
+    from synthmri.data.ingest import run_ingest
+    from synthmri.data.normalize import run_normalize
+
+    make_bids(work / "bids", n)
+    params = make_params("ingest.source=bids", f"ingest.root={work / 'bids'}", "ingest.min_subjects=2",
+                         "normalize.spacing=[3,3,3]", f"normalize.shape={list(shape)}", *TINY_VQGAN, *overrides)
+    run_ingest(params, out_dir=work / "ingested")
+    run_normalize(params, in_dir=work / "ingested", out_dir=work / "processed")
+    return params, work / "processed"

@@ -1,0 +1,43 @@
+"""PyTorch datasets over the pipeline's volumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from synthmri.errors import StageError
+
+
+class ProcessedVolumes(Dataset):
+    """Normalized volumes of one split as ``(1, D, H, W)`` float32 tensors, read once into memory.
+
+    Args:
+        processed_dir: output folder of the ``normalize`` stage (``manifest.csv`` + ``volumes/``).
+        split: ``"train"``, ``"val"``, ``"test"`` or ``None`` for every subject.
+    """
+
+    def __init__(self, processed_dir: str | Path, split: str | None) -> None:
+        self.root = Path(processed_dir)
+        manifest_path = self.root / "manifest.csv"
+        if not manifest_path.is_file():
+            raise StageError(f"{manifest_path} not found: run `synthmri normalize` first")
+        manifest = pd.read_csv(manifest_path, dtype={"session": str}, keep_default_na=False)
+        self.manifest = (manifest if split is None else manifest[manifest["split"] == split]).reset_index(drop=True)
+        self.volumes = [
+            torch.from_numpy(np.asarray(nib.load(self.root / rel).dataobj, dtype=np.float32)[None].copy())
+            for rel in self.manifest["processed_path"]
+        ]
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.volumes[index]
+
+    def batch(self, indices: torch.Tensor | list[int]) -> torch.Tensor:
+        return torch.stack([self.volumes[int(i)] for i in indices])

@@ -1,0 +1,1 @@
+"""Image-quality and distribution metrics used by validation and the report."""
