@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -51,6 +52,12 @@ def test_repro_builds_every_stage(smoke_repo):
     assert len(manifest) == 12 and set(manifest["split"]) == {"train", "val", "test"}
     assert all((work / "data" / "processed" / p).is_file() for p in manifest["processed_path"])
     assert (work / "dvc.lock").is_file()
+    metrics = json.loads((work / "reports" / "vqgan.json").read_text())
+    assert metrics["steps"] == 20 and metrics["val_psnr"] > 5
+    assert (work / "models" / "vqgan" / "model.safetensors").is_file()
+    assert (work / "data" / "latents" / "latents.safetensors").is_file()
+    latents = pd.read_csv(work / "data" / "latents" / "manifest.csv")
+    assert list(latents["subject_id"]) == list(manifest["subject_id"])
 
 
 def test_second_repro_is_a_fast_noop(smoke_repo):

@@ -7,15 +7,21 @@ containers are accepted, and a file carrying executable pickle content is refuse
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pickle
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from synthmri.errors import StageError
-from synthmri.io import atomic_path
+from synthmri.io import atomic_path, sha256_file
+from synthmri.logs import get_logger
+
+log = get_logger(__name__)
 
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 
@@ -55,3 +61,27 @@ def latest_checkpoint(directory: str | Path) -> dict[str, Any] | None:
     """The newest readable checkpoint, or None for a fresh start."""
     found = list_checkpoints(directory)
     return load_checkpoint(found[-1]) if found else None
+
+
+SCHEDULE_ONLY = {"steps", "checkpoint_every", "val_every", "log_every", "sample_every", "num_workers", "device"}
+
+
+def config_fingerprint(section: dict[str, Any], seed: int, data_file: str | Path) -> str:
+    """Identity of a training run: its config section (minus step budget and logging cadence, so that
+    extending a run resumes it), the seed, and the exact training data (file checksum)."""
+    config = {k: v for k, v in section.items() if k != "train"}
+    config["train"] = {k: v for k, v in section.get("train", {}).items() if k not in SCHEDULE_ONLY}
+    blob = json.dumps({"config": config, "seed": seed}, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob + sha256_file(data_file).encode()).hexdigest()[:16]
+
+
+def resume_state(directory: str | Path, fingerprint: str) -> dict[str, Any] | None:
+    """The newest checkpoint of the same run, or None; checkpoints of another run are discarded."""
+    state = latest_checkpoint(directory)
+    if state is None:
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log.warning("Discarding checkpoints in %s: they belong to another configuration or data set", directory)
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
+    return state

@@ -44,3 +44,9 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """The batch of a step depends only on (seed, step): a resumed run sees the same batches."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randint(n, (batch_size,), generator=generator)

@@ -8,20 +8,20 @@ checkpoint of the same configuration (models, optimizers, codebook, step, histor
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import importlib
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from synthmri.config import Params
 from synthmri.data.datasets import ProcessedVolumes
 from synthmri.data.normalize import PROCESSED_DIR
+from synthmri.errors import StageError
 from synthmri.io import sha256_file, write_csv_atomic, write_text_atomic
 from synthmri.logs import get_logger
 from synthmri.losses.adversarial import adaptive_gan_weight, feature_matching_loss, hinge_d_loss, hinge_g_loss
@@ -30,8 +30,10 @@ from synthmri.metrics.image import psnr, ssim3d
 from synthmri.models.loading import save_weights
 from synthmri.models.discriminator import PatchDiscriminator, SliceDiscriminator
 from synthmri.models.vqgan import VQGAN
-from synthmri.training.checkpoint import latest_checkpoint, save_checkpoint
-from synthmri.training.runtime import autocast, pick_device, rng_state, seed_everything, set_rng_state
+from synthmri.training.checkpoint import config_fingerprint, resume_state
+from synthmri.training.loop import train_loop
+from synthmri.training.runtime import (autocast, batch_indices, pick_device, rng_state, seed_everything,
+                                       set_rng_state)
 from synthmri.viz import three_plane_grid
 
 log = get_logger(__name__)
@@ -40,16 +42,6 @@ MODEL_DIR = Path("models/vqgan")
 CHECKPOINT_DIR = Path("models/checkpoints/vqgan")
 REPORT_DIR = Path("reports/vqgan")
 METRICS_FILE = Path("reports/vqgan.json")
-
-
-def config_fingerprint(params: Params, data_manifest: Path) -> str:
-    """Checkpoints resume only into the same configuration and the same training data; the step
-    budget and logging cadence may change (extending a run resumes it)."""
-    schedule_only = {"steps", "checkpoint_every", "val_every", "log_every", "num_workers", "device"}
-    config = params.vqgan.model_dump(mode="json")
-    config["train"] = {k: v for k, v in config["train"].items() if k not in schedule_only}
-    blob = json.dumps({"vqgan": config, "seed": params.seed}, sort_keys=True)
-    return hashlib.sha256(blob.encode() + sha256_file(data_manifest).encode()).hexdigest()[:16]
 
 
 def build_models(params: Params, device: torch.device) -> tuple[VQGAN, torch.nn.ModuleList]:
@@ -61,12 +53,6 @@ def build_models(params: Params, device: torch.device) -> tuple[VQGAN, torch.nn.
         if cfg.discriminator.slice_discriminator:
             discriminators.append(SliceDiscriminator.from_params(cfg.discriminator))
     return model, discriminators.to(device)
-
-
-def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
-    """The batch of a step depends only on (seed, step): a resumed run sees the same batches."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return torch.randint(n, (batch_size,), generator=generator)
 
 
 @torch.inference_mode()
@@ -91,15 +77,13 @@ def validate(model: VQGAN, volumes: ProcessedVolumes, lpips: LPIPS25D, device: t
 class VQGANTrainer:
     """One training run: holds the models, optimizers and history so that resume is one load."""
 
-    def __init__(self, params: Params, processed_dir: Path = PROCESSED_DIR, checkpoint_dir: Path = CHECKPOINT_DIR):
+    def __init__(self, params: Params, train_set: ProcessedVolumes | None = None,
+                 val_set: ProcessedVolumes | None = None, checkpoint_dir: Path = CHECKPOINT_DIR,
+                 fingerprint: str = "") -> None:
         self.params, self.cfg = params, params.vqgan
         self.device = pick_device(self.cfg.train.device)
         seed_everything(params.seed)
-        self.train_set = ProcessedVolumes(processed_dir, "train")
-        self.val_set = ProcessedVolumes(processed_dir, "val")
-        if len(self.train_set) == 0:
-            from synthmri.errors import StageError
-            raise StageError("the training split is empty: check normalize.split")
+        self.train_set, self.val_set = train_set, val_set
         self.data_range = float(np.diff(params.normalize.out_range)[0])
         self.model, self.discriminators = build_models(params, self.device)
         t = self.cfg.train
@@ -109,8 +93,7 @@ class VQGANTrainer:
         self.lpips_metric, self.backbone = LPIPS25D.from_params(self.cfg.loss, random_slices=False)
         self.lpips_loss = LPIPS25D(self.lpips_metric.net, self.cfg.loss.lpips_slices_per_axis, random_slices=True)
         self.lpips_metric.to(self.device), self.lpips_loss.to(self.device)
-        self.checkpoint_dir = checkpoint_dir
-        self.fingerprint = config_fingerprint(params, Path(processed_dir) / "manifest.csv")
+        self.checkpoint_dir, self.fingerprint = checkpoint_dir, fingerprint
         self.step, self.history, self.val_history = 0, [], []
 
     # -- state -----------------------------------------------------------------------------------
@@ -122,13 +105,8 @@ class VQGANTrainer:
                 "val_history": self.val_history, "rng": rng_state()}
 
     def resume(self) -> bool:
-        state = latest_checkpoint(self.checkpoint_dir)
+        state = resume_state(self.checkpoint_dir, self.fingerprint)
         if state is None:
-            return False
-        if state.get("fingerprint") != self.fingerprint:
-            log.warning("Ignoring checkpoints in %s: they belong to another configuration or data set",
-                        self.checkpoint_dir)
-            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
             return False
         self.model.load_state_dict(state["model"])
         self.discriminators.load_state_dict(state["discriminators"])
@@ -141,6 +119,10 @@ class VQGANTrainer:
         return True
 
     # -- one step --------------------------------------------------------------------------------
+
+    def next_step(self) -> dict[str, float]:
+        indices = batch_indices(len(self.train_set), self.cfg.train.batch_size, self.params.seed, self.step)
+        return self.train_step(self.train_set.batch(indices).to(self.device))
 
     def train_step(self, x: torch.Tensor) -> dict[str, float]:
         loss_cfg, t = self.cfg.loss, self.cfg.train
@@ -181,15 +163,13 @@ class VQGANTrainer:
 
 
 def _write_outputs(trainer: VQGANTrainer, model_dir: Path, report_dir: Path, metrics_file: Path,
-                   val_scores: dict[str, float], example, throughput: float) -> dict:
+                   val_scores: dict[str, float], throughput: float) -> dict:
     config = {"vqgan": trainer.params.vqgan.model_dump(mode="json"),
               "normalize": trainer.params.normalize.model_dump(mode="json"),
               "lpips_backbone": trainer.backbone, "steps": trainer.step}
     save_weights(trainer.model, config, model_dir)
     write_csv_atomic(pd.DataFrame(trainer.history), report_dir / "losses.csv")
     write_csv_atomic(pd.DataFrame(trainer.val_history), report_dir / "validation.csv")
-    if example is not None:
-        three_plane_grid([example[0], example[1]], ["real (val)", "reconstruction"], report_dir / "reconstruction.png")
     last = trainer.history[-1] if trainer.history else {}
     metrics = {"val_psnr": val_scores["psnr"], "val_ssim": val_scores["ssim"], "val_lpips": val_scores["lpips"],
                "codebook_usage": last.get("codebook_usage", 0.0), "perplexity": last.get("perplexity", 0.0),
@@ -200,65 +180,52 @@ def _write_outputs(trainer: VQGANTrainer, model_dir: Path, report_dir: Path, met
     return metrics
 
 
+def _log_validation(trainer: "VQGANTrainer", mlflow, report_dir: Path, val_set: ProcessedVolumes):
+    """Validate, record the scores, and show real vs reconstruction in MLflow."""
+    scores, example = validate(trainer.model, val_set, trainer.lpips_metric, trainer.device, trainer.data_range)
+    trainer.val_history.append({"step": trainer.step, **scores})
+    figure = three_plane_grid([example[0], example[1]], ["real (val)", f"reconstruction, step {trainer.step}"],
+                              report_dir / "reconstruction.png")
+    if mlflow is not None:
+        mlflow.log_metrics({f"val_{k}": v for k, v in scores.items()}, step=trainer.step)
+        mlflow.log_artifact(str(figure), artifact_path=f"figures/step-{trainer.step:07d}")
+    return scores
+
+
 def run_train_vqgan(params: Params, processed_dir: Path = PROCESSED_DIR, model_dir: Path = MODEL_DIR,
                     checkpoint_dir: Path = CHECKPOINT_DIR, report_dir: Path = REPORT_DIR,
                     metrics_file: Path = METRICS_FILE, track: bool = True) -> dict:
     """Train (or resume), validate, write ``model_dir`` and the metrics; log everything to MLflow."""
-    import contextlib
-
     from synthmri import tracking
 
-    trainer = VQGANTrainer(params, processed_dir, checkpoint_dir)
+    train_set, val_set = ProcessedVolumes(processed_dir, "train"), ProcessedVolumes(processed_dir, "val")
+    if len(train_set) == 0:
+        raise StageError("the training split is empty: check normalize.split")
+    trainer = VQGANTrainer(params, train_set, val_set, checkpoint_dir,
+                           config_fingerprint(params.vqgan.model_dump(mode="json"), params.seed,
+                                              Path(processed_dir) / "manifest.csv"))
     t = trainer.cfg.train
-    run_ctx = tracking.stage_run("train_vqgan", params.model_dump(mode="json")) if track else contextlib.nullcontext()
+    mlflow = importlib.import_module("mlflow") if track else None
+    run_ctx = tracking.stage_run("train_vqgan", params.model_dump(mode="json"),
+                                 tags={"lpips_backbone": trainer.backbone}) if track else contextlib.nullcontext()
     with run_ctx as run:
-        if track:
-            import mlflow
-            mlflow.set_tag("lpips_backbone", trainer.backbone)
         trainer.resume()
         log.info("Training the %s on %d volumes (%d validation) for %d steps on %s; LPIPS backbone: %s",
                  "VQ-GAN" if trainer.opt_d else "VQ-VAE", len(trainer.train_set), len(trainer.val_set), t.steps,
                  trainer.device, trainer.backbone)
-        bar = tqdm(total=t.steps * t.batch_size, initial=trainer.step * t.batch_size, unit="vol",
-                   desc="Training VQ-GAN", dynamic_ncols=True, mininterval=1.0)
         trainer.model.train()
-        started, done_volumes = time.perf_counter(), 0
-        while trainer.step < t.steps:
-            indices = batch_indices(len(trainer.train_set), t.batch_size, params.seed, trainer.step)
-            losses = trainer.train_step(trainer.train_set.batch(indices).to(trainer.device))
-            trainer.step += 1
-            done_volumes += t.batch_size
-            bar.update(t.batch_size)
-            bar.set_postfix(l1=f"{losses['l1']:.4f}", vq=f"{losses['vq']:.4f}", use=f"{losses['codebook_usage']:.2f}")
-            if trainer.step % t.log_every == 0 or trainer.step == t.steps:
-                trainer.history.append({"step": trainer.step, **losses})
-                if track:
-                    import mlflow
-                    mlflow.log_metrics(losses, step=trainer.step)
-            if trainer.step % t.val_every == 0 and trainer.step < t.steps and len(trainer.val_set):
-                scores, _ = validate(trainer.model, trainer.val_set, trainer.lpips_metric, trainer.device,
-                                     trainer.data_range)
-                trainer.val_history.append({"step": trainer.step, **scores})
-                if track:
-                    import mlflow
-                    mlflow.log_metrics({f"val_{k}": v for k, v in scores.items()}, step=trainer.step)
-            if trainer.step % t.checkpoint_every == 0 and trainer.step < t.steps:
-                save_checkpoint(checkpoint_dir, trainer.step, trainer.state())
-        bar.close()
-        throughput = done_volumes / max(time.perf_counter() - started, 1e-9)
-        val_set = trainer.val_set if len(trainer.val_set) else trainer.train_set
-        scores, example = validate(trainer.model, val_set, trainer.lpips_metric, trainer.device, trainer.data_range)
-        trainer.val_history.append({"step": trainer.step, **scores})
-        metrics = _write_outputs(trainer, model_dir, report_dir, metrics_file, scores, example, throughput)
+        throughput = train_loop(
+            trainer, t, checkpoint_dir, "Training VQ-GAN", mlflow=mlflow, postfix=("l1", "vq", "codebook_usage"),
+            validate=lambda: _log_validation(trainer, mlflow, report_dir, trainer.val_set) if len(trainer.val_set) else None)
+        scores = _log_validation(trainer, mlflow, report_dir,
+                                 trainer.val_set if len(trainer.val_set) else trainer.train_set)
+        metrics = _write_outputs(trainer, model_dir, report_dir, metrics_file, scores, throughput)
         log.info("Validation after %d steps: PSNR %.2f dB, SSIM %.3f, LPIPS %.3f; codebook usage %.0f%%",
                  trainer.step, scores["psnr"], scores["ssim"], scores["lpips"], 100 * metrics["codebook_usage"])
-        if track:
-            import mlflow
+        if mlflow is not None:
             mlflow.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=trainer.step)
-            mlflow.log_artifact(str(report_dir / "reconstruction.png"), artifact_path="figures")
             version = tracking.register_model("synthmri-vqgan", model_dir, run,
                                               {"sha256": sha256_file(model_dir / "model.safetensors")})
-            metrics["registry_version"] = version
             write_text_atomic(model_dir / "registry.json",
                               json.dumps({"name": "synthmri-vqgan", "version": version}, indent=2))
     shutil.rmtree(checkpoint_dir, ignore_errors=True)  # finished: checkpoints only serve interrupted runs
