@@ -205,7 +205,7 @@ class DiffusionUNet(nn.Module):
             t = t.expand(x.shape[0])
         emb = self.time_mlp(timestep_embedding(t, self.time_channels).to(x.dtype))
         if cond_emb is not None:
-            emb = emb + cond_emb.to(emb.dtype)
+            emb = emb + cond_emb.to(device=emb.device, dtype=emb.dtype)
         tokens = cond_tokens.to(x.dtype) if (self.cross_attention and cond_tokens is not None) else None
 
         h = self.conv_in(x)

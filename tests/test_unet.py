@@ -1,0 +1,155 @@
+"""Diffusion U-Net: shapes for any latent size, dependence on timestep / covariates, cross-attention.
+
+The U-Net's output conv and residual branches are zero-initialised, so an untrained network returns 0
+for every input: a "the output depends on t" check on it would be vacuous (always equal) or wrongly
+failing. Tests that probe dependence therefore perturb every weight first (``_perturbed``), which
+stands in for a trained network; ``test_untrained_network_predicts_zero`` documents the init itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from synthmri.config import Covariate, UNetParams
+from synthmri.diffusion.conditioning import CovariateEncoder
+from synthmri.models.unet import CrossAttention, DiffusionUNet, timestep_embedding
+
+EMB = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _perturbed(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return module.eval()
+
+
+def _unet(spatial_dims=3, channels=(16, 32), attention=(False, True), cross_attention=False, **kw) -> DiffusionUNet:
+    return DiffusionUNet(spatial_dims, 4, list(channels), list(attention), num_res_blocks=1, num_heads=2,
+                         norm_groups=8, emb_dim=EMB, cross_attention=cross_attention, **kw)
+
+
+def test_untrained_network_predicts_zero():
+    model = _unet().eval()
+    out = model(torch.randn(2, 4, 8, 8, 8), torch.tensor([3, 700]), torch.randn(2, EMB))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("spatial_dims,shape,channels,attention,cross", [
+    (3, (4, 8, 8, 8), (16, 32), (False, True), False),
+    (3, (4, 7, 9, 7), (16, 32), (True, True), True),
+    (3, (4, 5, 6, 7), (16, 32, 32), (False, False, True), False),
+    (3, (4, 3, 3, 3), (16, 32, 32), (False, True, True), True),
+    (2, (4, 8, 8), (16, 32), (False, True), True),
+    (2, (4, 9, 7), (16, 32, 32), (True, False, False), False),
+])
+def test_output_shape_equals_input_shape(spatial_dims, shape, channels, attention, cross):
+    model = _perturbed(_unet(spatial_dims, channels, attention, cross))
+    model.train()
+    x = torch.randn(2, *shape, requires_grad=True)
+    out = model(x, torch.tensor([1, 999]), torch.randn(2, EMB), torch.randn(2, 3, EMB))
+    assert out.shape == x.shape
+    assert torch.isfinite(out).all() and out.abs().max() > 0
+    out.square().mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_timestep_changes_output_and_scalar_broadcasts():
+    model = _perturbed(_unet())
+    x, emb = torch.randn(2, 4, 8, 8, 8), torch.randn(2, EMB)
+    early, late = model(x, torch.tensor([10, 10]), emb), model(x, torch.tensor([900, 900]), emb)
+    assert (early - late).abs().max() > 1e-3
+    assert torch.equal(model(x, 10, emb), early)
+    assert torch.equal(model(x, torch.tensor(10), emb), early)
+
+
+def test_covariates_change_output():
+    covs = [Covariate(name="age", kind="continuous", range=(18, 100)),
+            Covariate(name="sex", kind="categorical", levels=["F", "M"])]
+    encoder = _perturbed(CovariateEncoder(covs, EMB), seed=1)
+    model = _perturbed(_unet())
+    x, t = torch.randn(1, 4, 8, 8, 8), torch.tensor([500])
+    outs = {}
+    for name, row in {"F": {"age": 40, "sex": "F"}, "M": {"age": 40, "sex": "M"}, "old": {"age": 90, "sex": "F"},
+                      "null": {}}.items():
+        emb, tokens = encoder(encoder.encode_values([row]))
+        outs[name] = model(x, t, emb, tokens)
+    assert (outs["F"] - outs["M"]).abs().max() > 1e-3
+    assert (outs["F"] - outs["old"]).abs().max() > 1e-3
+    assert (outs["F"] - outs["null"]).abs().max() > 1e-3
+
+
+def test_covariates_matter_after_two_training_steps_from_zero_init():
+    """The unperturbed version. After one step only the (zero-init) output conv has moved: the
+    residual branches, where the embedding enters, got zero gradient through it. The second step
+    moves them, and from then on the output depends on the condition."""
+    torch.manual_seed(0)
+    model = _unet()
+    emb_a, emb_b = torch.randn(1, EMB), torch.randn(1, EMB)
+    x, target = torch.randn(2, 4, 8, 8, 8), torch.randn(2, 4, 8, 8, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(2):
+        model.eval()
+        with torch.no_grad():
+            same = torch.equal(model(x[:1], 100, emb_a), model(x[:1], 100, emb_b))
+        assert same, f"zero-init network depends on the condition before step {step + 1}"
+        model.train()
+        opt.zero_grad()
+        (model(x, torch.tensor([100, 100]), torch.cat([emb_a, emb_b])) - target).square().mean().backward()
+        opt.step()
+    model.eval()
+    xa = x[:1]
+    assert (model(xa, 100, emb_a) - model(xa, 100, emb_b)).abs().max() > 1e-6
+
+
+def test_cross_attention_reads_tokens_only_when_enabled():
+    x, t, emb = torch.randn(2, 4, 8, 8, 8), torch.tensor([5, 5]), torch.randn(2, EMB)
+    tokens_a, tokens_b = torch.randn(2, 3, EMB), torch.randn(2, 3, EMB)
+    with_ca = _perturbed(_unet(cross_attention=True))
+    assert (with_ca(x, t, emb, tokens_a) - with_ca(x, t, emb, tokens_b)).abs().max() > 1e-4
+    without = _perturbed(_unet(cross_attention=False))
+    assert torch.equal(without(x, t, emb, tokens_a), without(x, t, emb, tokens_b))
+    assert not any(isinstance(m, CrossAttention) for m in without.modules())
+    # no covariates at all (zero tokens): cross-attention is skipped instead of attending to nothing
+    assert torch.isfinite(with_ca(x, t, emb, torch.zeros(2, 0, EMB))).all()
+
+
+def test_activation_checkpointing_gives_same_output_and_gradients():
+    plain = _perturbed(_unet(cross_attention=True))
+    ckpt = _perturbed(_unet(cross_attention=True, checkpointing=True))
+    ckpt.load_state_dict(plain.state_dict())
+    x, emb, tokens = torch.randn(2, 4, 8, 8, 8), torch.randn(2, EMB), torch.randn(2, 2, EMB)
+    grads = []
+    for model in (plain, ckpt):
+        model.train()
+        model.zero_grad()
+        out = model(x, torch.tensor([3, 300]), emb, tokens)
+        out.square().mean().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.allclose(grads[0][0], grads[1][0])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1], strict=True))
+
+
+def test_from_params_uses_config_and_cond_dim():
+    p = UNetParams(channels=[16, 32], attention=[False, True], num_heads=2, norm_groups=8, cross_attention=True)
+    model = DiffusionUNet.from_params(p, in_channels=4, cond_dim=48)
+    assert model.emb_dim == 48 and model.cross_attention
+    assert sum(isinstance(m, CrossAttention) for m in model.modules()) > 0
+    out = model(torch.randn(1, 4, 6, 6, 6), 7, torch.randn(1, 48), torch.randn(1, 3, 48))
+    assert out.shape == (1, 4, 6, 6, 6)
+
+
+def test_timestep_embedding_distinguishes_neighbours():
+    emb = timestep_embedding(torch.tensor([0, 1, 999]), 16)
+    assert emb.shape == (3, 16)
+    assert (emb[0] - emb[1]).abs().max() > 1e-2 and (emb[1] - emb[2]).abs().max() > 1e-2
