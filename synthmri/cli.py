@@ -55,6 +55,18 @@ def _encode(params: Params) -> None:
     run_encode(params)
 
 
+def _train_diffusion(params: Params) -> None:
+    from synthmri.training.train_diffusion import run_train_diffusion
+
+    run_train_diffusion(params)
+
+
+def _sample(params: Params) -> None:
+    from synthmri.synthesis.sample_stage import run_sample
+
+    run_sample(params)
+
+
 STAGES = [
     Stage("demo", "generate the simulated demo cohort (BIDS) into data/raw/demo",
           "Builds the built-in demo cohort from nilearn's MNI152 template: covariate-driven anatomy "
@@ -81,6 +93,19 @@ STAGES = [
           "writes latents with subject ids and covariates, and the per-channel latent scale factor computed "
           "on the training split. Params: encode.*",
           _encode),
+    Stage("train_diffusion", "train the conditional latent diffusion model into models/ldm",
+          "Trains the 3D diffusion U-Net on the standardized latents, conditioned on the declared covariates "
+          "(condition dropout for classifier-free guidance), with EMA weights for sampling. Resumes from "
+          "models/checkpoints/ldm; decoded sample slices go to MLflow every diffusion.train.sample_every steps; "
+          "the EMA model is registered as synthmri-ldm. Params: diffusion.*, covariates, seed",
+          _train_diffusion),
+    Stage("sample", "generate the synthetic data set into data/synthetic",
+          "Generates one volume per row of the covariate plan (sample.plan: match_training, grid or csv) with "
+          "the diffusion sampler of diffusion.sampler, decodes it with the VQ-GAN and writes NIfTI with the "
+          "training space's affine and a clean header, plus manifest.csv/parquet and a data-set card. Works in "
+          "shards fanned out by a Prefect task runner (threads or Dask); a rerun skips finished shards. "
+          "Params: sample.*, diffusion.sampler",
+          _sample),
 ]
 
 

@@ -195,7 +195,7 @@ class EncodeParams(_Section):
 class UNetParams(_Section):
     """Diffusion U-Net: one entry per resolution level in ``channels`` and ``attention``."""
 
-    channels: list[int] = [64, 128]
+    channels: list[int] = [32, 64]
     attention: list[bool] = [False, True]
     num_res_blocks: int = Field(1, ge=1)
     num_heads: int = Field(4, ge=1)
@@ -221,9 +221,13 @@ class ScheduleParams(_Section):
 
 
 class DiffusionTrainParams(TrainParams):
+    steps: int = Field(800, ge=1)
+    batch_size: int = Field(8, ge=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
     condition_dropout: float = Field(0.1, ge=0, le=1)
     ema_decay: float = Field(0.999, ge=0, lt=1)
-    sample_every: int = Field(500, ge=1)
+    sample_every: int = Field(400, ge=1)
 
 
 class SamplerParams(_Section):
@@ -237,6 +241,22 @@ class DiffusionParams(_Section):
     schedule: ScheduleParams = ScheduleParams()
     train: DiffusionTrainParams = DiffusionTrainParams()
     sampler: SamplerParams = SamplerParams()
+
+
+class SampleParams(_Section):
+    """Which synthetic subjects to make (the covariate plan) and how to fan the work out."""
+
+    plan: Literal["match_training", "grid", "csv"] = "match_training"
+    n_samples: int = Field(16, ge=1)
+    grid: dict[str, list[float | str]] = {}
+    per_cell: int = Field(1, ge=1)
+    csv: str | None = None
+    seed: int = 0
+    shard_size: int = Field(4, ge=1)
+    task_runner: Literal["threads", "dask"] = "threads"
+    workers: int = Field(1, ge=1)
+    dask_address: str | None = None
+    release: str = "dev"
 
 
 class Params(_Section):
@@ -254,6 +274,7 @@ class Params(_Section):
     vqgan: VQGANParams = VQGANParams()
     encode: EncodeParams = EncodeParams()
     diffusion: DiffusionParams = DiffusionParams()
+    sample: SampleParams = SampleParams()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Params":
@@ -263,6 +284,9 @@ class Params(_Section):
         unknown = [s for s in self.normalize.split.stratify if s not in names]
         if unknown:
             raise ValueError(f"normalize.split.stratify names unknown covariates {unknown}")
+        unknown_grid = [k for k in self.sample.grid if k not in names]
+        if unknown_grid:
+            raise ValueError(f"sample.grid names unknown covariates {unknown_grid}")
         if self.ingest.source == "demo" and "site" in names:
             levels = self.covariate("site").levels or []
             foreign = [s for s in self.demo.sites if s not in levels]

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from synthmri.config import QuantizerParams, VQGANModelParams
+from synthmri.config import QuantizerParams, UNetParams, VQGANModelParams
 from synthmri.errors import StageError
 from synthmri.io import atomic_path, write_text_atomic
 from synthmri.models.vqgan import VQGAN
@@ -38,4 +38,25 @@ def load_vqgan(directory: str | Path, device: torch.device | str = "cpu") -> VQG
     config = read_config(directory)["vqgan"]
     model = VQGAN.from_params(VQGANModelParams(**config["model"]), QuantizerParams(**config["quantizer"]))
     model.load_state_dict(load_file(str(directory / WEIGHTS)))
+    return model.to(device).eval()
+
+
+def build_ldm(unet: UNetParams, covariates: list, latent_channels: int):
+    """U-Net + covariate encoder; the encoder's embedding width is the U-Net's time-embedding width."""
+    from synthmri.diffusion.conditioning import ConditionedUNet, CovariateEncoder
+    from synthmri.models.unet import DiffusionUNet
+
+    emb_dim = 4 * unet.channels[0]
+    return ConditionedUNet(DiffusionUNet.from_params(unet, in_channels=latent_channels, cond_dim=emb_dim),
+                           CovariateEncoder(covariates, emb_dim))
+
+
+def load_ldm(directory: str | Path, device: torch.device | str = "cpu"):
+    """The trained conditional diffusion model (EMA weights) of ``directory``, in eval mode."""
+    from synthmri.config import Covariate, UNetParams
+
+    config = read_config(Path(directory))
+    model = build_ldm(UNetParams(**config["diffusion"]["unet"]), [Covariate(**c) for c in config["covariates"]],
+                      config["latent_shape"][0])
+    model.load_state_dict(load_file(str(Path(directory) / WEIGHTS)))
     return model.to(device).eval()

@@ -1,0 +1,58 @@
+"""``SyntheticDataset``: a PyTorch dataset over a published synthetic data set (for pre-training)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from synthmri.io import sha256_file
+
+_NOT_COVARIATES = {"file", "sample_index", "seed", "sampler", "steps", "guidance_scale", "sha256", "vqgan_version",
+                   "vqgan_sha256", "ldm_version", "ldm_sha256", "synthmri_version"}
+
+
+class SyntheticDataset(Dataset):
+    """Volumes of a synthetic set as ``(1, D, H, W)`` float32 tensors, with their requested covariates.
+
+    Args:
+        root: the data-set folder (``manifest.csv`` + ``volumes/``), e.g. from ``dvc get``.
+        transform: optional torchio transform (or any callable on a ``torchio.Subject``); the volume is
+            the subject's ``"image"``.
+        covariates: which covariates to return (default: all in the manifest).
+
+    Each item is ``(volume, {covariate: value})``; missing covariates are ``None``.
+    """
+
+    def __init__(self, root: str | Path, transform: Callable | None = None,
+                 covariates: list[str] | None = None) -> None:
+        self.root = Path(root)
+        self.manifest = pd.read_csv(self.root / "manifest.csv")
+        self.covariates = covariates or [c for c in self.manifest.columns if c not in _NOT_COVARIATES]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        row = self.manifest.iloc[index]
+        image = nib.load(self.root / row["file"])
+        volume = torch.from_numpy(np.asarray(image.dataobj, dtype=np.float32)[None].copy())
+        if self.transform is not None:
+            import torchio as tio
+
+            subject = self.transform(tio.Subject(image=tio.ScalarImage(tensor=volume, affine=image.affine)))
+            volume = subject["image"].data
+        values = {c: (None if pd.isna(row[c]) else row[c].item() if hasattr(row[c], "item") else row[c])
+                  for c in self.covariates}
+        return volume, values
+
+    def verify(self) -> list[str]:
+        """Files whose sha256 differs from the manifest (empty list = the set is intact)."""
+        return [f for f, digest in zip(self.manifest["file"], self.manifest["sha256"])
+                if not (self.root / f).is_file() or sha256_file(self.root / f) != digest]

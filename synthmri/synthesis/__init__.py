@@ -1,0 +1,1 @@
+"""Generating the synthetic data set: covariate plans and the sharded, resumable ``sample`` stage."""

@@ -1,0 +1,200 @@
+"""The ``train_diffusion`` stage: conditional latent diffusion on the VQ-GAN's standardized latents.
+
+DDPM training with the L2 loss on the predicted noise (or on v, ``diffusion.schedule.prediction``),
+condition dropout for classifier-free guidance, EMA weights for sampling. Uses the same training
+loop, checkpoints, resume rules and MLflow run as the VQ-GAN stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from synthmri.config import Params
+from synthmri.data.latents import LATENT_DIR, VQGAN_DIR, LatentSet
+from synthmri.diffusion.conditioning import ConditionedUNet, CovariateBatch, CovariateEncoder
+from synthmri.diffusion.ema import make_ema
+from synthmri.diffusion.sampling import sample_latents, sample_seed
+from synthmri.diffusion.schedulers import add_noise, make_sampler, make_training_scheduler, sample_timesteps, training_target
+from synthmri.errors import StageError
+from synthmri.io import sha256_file, write_csv_atomic, write_text_atomic
+from synthmri.logs import get_logger
+from synthmri.models.loading import build_ldm, load_vqgan, save_weights
+from synthmri.training.checkpoint import config_fingerprint, resume_state
+from synthmri.training.loop import train_loop
+from synthmri.training.runtime import autocast, batch_indices, pick_device, rng_state, seed_everything, set_rng_state
+from synthmri.viz import three_plane_grid
+
+log = get_logger(__name__)
+
+MODEL_DIR = Path("models/ldm")
+CHECKPOINT_DIR = Path("models/checkpoints/ldm")
+REPORT_DIR = Path("reports/ldm")
+METRICS_FILE = Path("reports/ldm.json")
+
+
+def covariate_rows(manifest: pd.DataFrame, params: Params) -> list[dict]:
+    """The declared covariates of each subject, missing values as None (partial conditioning)."""
+    rows = []
+    for record in manifest.to_dict("records"):
+        row = {}
+        for cov in params.covariates:
+            value = record.get(cov.name)
+            missing = value is None or (isinstance(value, float) and np.isnan(value)) or value == ""
+            row[cov.name] = None if missing else (float(value) if cov.kind == "continuous" else str(value))
+        rows.append(row)
+    return rows
+
+
+class DiffusionTrainer:
+    """One diffusion training run (model, EMA, optimizer, history), resumable from one state dict."""
+
+    def __init__(self, params: Params, train: LatentSet, val: LatentSet | None, checkpoint_dir: Path,
+                 fingerprint: str) -> None:
+        self.params, self.cfg = params, params.diffusion
+        self.device = pick_device(self.cfg.train.device)
+        seed_everything(params.seed)
+        self.train, self.val = train, val
+        self.model = build_ldm(self.cfg.unet, params.covariates, train.latents.shape[1]).to(self.device)
+        self.ema = make_ema(self.model, self.cfg.train.ema_decay)
+        t = self.cfg.train
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        self.scheduler = make_training_scheduler(self.cfg.schedule)
+        self.train_covariates = self.model.encoder.encode_values(covariate_rows(train.manifest, params))
+        self.checkpoint_dir, self.fingerprint = checkpoint_dir, fingerprint
+        self.step, self.history, self.val_history = 0, [], []
+
+    def state(self) -> dict:
+        return {"fingerprint": self.fingerprint, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "history": self.history,
+                "val_history": self.val_history, "rng": rng_state()}
+
+    def resume(self) -> bool:
+        state = resume_state(self.checkpoint_dir, self.fingerprint)
+        if state is None:
+            return False
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.history, self.val_history = state["step"], state["history"], state["val_history"]
+        set_rng_state(state["rng"])
+        log.info("Resuming diffusion training from the checkpoint at step %d", self.step)
+        return True
+
+    def loss(self, model: ConditionedUNet, x0: torch.Tensor, covariates: CovariateBatch,
+             generator: torch.Generator, dropout: float) -> torch.Tensor:
+        """L2 between the network's prediction and the target (noise or v) at random timesteps."""
+        noise = torch.randn(x0.shape, generator=generator).to(self.device)
+        t = sample_timesteps(self.scheduler, x0.shape[0], generator, self.device)
+        covariates = CovariateEncoder.drop(covariates, dropout, generator).to(self.device)
+        with autocast(self.device):
+            prediction = model(add_noise(self.scheduler, x0, noise, t), t, covariates)
+        return F.mse_loss(prediction.float(), training_target(self.scheduler, x0, noise, t))
+
+    def next_step(self) -> dict[str, float]:
+        t = self.cfg.train
+        indices = batch_indices(len(self.train), t.batch_size, self.params.seed, self.step)
+        generator = torch.Generator().manual_seed(sample_seed(self.params.seed, 10_000_000 + self.step))
+        self.model.train()
+        loss = self.loss(self.model, self.train.latents[indices].to(self.device), self.train_covariates.select(indices),
+                         generator, t.condition_dropout)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.optimizer.step()
+        self.ema.update_parameters(self.model)
+        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm)}
+
+    @torch.inference_mode()
+    def validation_loss(self) -> float:
+        """Noise-prediction loss of the EMA model on the validation latents, at fixed noise and timesteps."""
+        if self.val is None or len(self.val) == 0:
+            return float("nan")
+        generator = torch.Generator().manual_seed(self.params.seed)
+        ema = self.ema.module.eval()
+        rows = ema.encoder.encode_values(covariate_rows(self.val.manifest, self.params))
+        return float(self.loss(ema, self.val.latents.to(self.device), rows, generator, dropout=0.0))
+
+
+def decode_preview(trainer: DiffusionTrainer, vqgan, rows: list[dict], path: Path, steps: int = 10) -> Path:
+    """A few EMA samples decoded by the VQ-GAN, as slice images (what MLflow shows during training)."""
+    ema = trainer.ema.module
+    sampler = make_sampler(trainer.cfg.sampler.sampler, trainer.cfg.schedule)
+    seeds = [sample_seed(trainer.params.seed, 900_000 + i) for i in range(len(rows))]
+    z = sample_latents(ema.unet, ema.encoder, sampler, rows, tuple(trainer.train.latents.shape[1:]), steps,
+                       trainer.cfg.sampler.guidance_scale, seeds=seeds, device=trainer.device)
+    with torch.inference_mode():
+        volumes = [vqgan.decode(trainer.train.unstandardize(z[i:i + 1].cpu()).to(trainer.device), quantize=True)
+                   .clamp(-1, 1)[0, 0].float().cpu().numpy() for i in range(len(rows))]
+    titles = [", ".join(f"{k}={v}" for k, v in row.items() if v is not None) or "unconditional" for row in rows]
+    return three_plane_grid(volumes, [f"step {trainer.step}: {t}" for t in titles], path)
+
+
+def run_train_diffusion(params: Params, latent_dir: Path = LATENT_DIR, vqgan_dir: Path = VQGAN_DIR,
+                        model_dir: Path = MODEL_DIR, checkpoint_dir: Path = CHECKPOINT_DIR,
+                        report_dir: Path = REPORT_DIR, metrics_file: Path = METRICS_FILE, track: bool = True) -> dict:
+    """Train (or resume) the latent diffusion model; write EMA weights, curves and metrics."""
+    from synthmri import tracking
+
+    train, val = LatentSet(latent_dir, "train"), LatentSet(latent_dir, "val")
+    if len(train) == 0:
+        raise StageError("no training latents: run `synthmri encode` first")
+    trainer = DiffusionTrainer(params, train, val, checkpoint_dir,
+                               config_fingerprint({"diffusion": params.diffusion.model_dump(mode="json"),
+                                                   "covariates": [c.model_dump(mode="json") for c in params.covariates]},
+                                                  params.seed, latent_dir / "latents.safetensors"))
+    vqgan = load_vqgan(vqgan_dir, trainer.device)
+    preview_rows = covariate_rows(train.manifest.iloc[:3], params)
+    t = trainer.cfg.train
+    mlflow = importlib.import_module("mlflow") if track else None
+    run_ctx = tracking.stage_run("train_diffusion", params.model_dump(mode="json")) if track else contextlib.nullcontext()
+
+    def validate() -> None:
+        loss = trainer.validation_loss()
+        trainer.val_history.append({"step": trainer.step, "val_loss": loss})
+        if mlflow is not None:
+            mlflow.log_metric("val_loss", loss, step=trainer.step)
+            if trainer.step % t.sample_every == 0 or trainer.step == t.steps:
+                figure = decode_preview(trainer, vqgan, preview_rows, report_dir / "samples.png")
+                mlflow.log_artifact(str(figure), artifact_path=f"samples/step-{trainer.step:07d}")
+
+    with run_ctx as run:
+        trainer.resume()
+        n_params = sum(p.numel() for p in trainer.model.parameters()) / 1e6
+        log.info("Training the latent diffusion model (%.2f M parameters, %s prediction, %s schedule) on %d "
+                 "latents of shape %s for %d steps on %s", n_params, trainer.cfg.schedule.prediction,
+                 trainer.cfg.schedule.beta_schedule, len(train), tuple(train.latents.shape[1:]), t.steps, trainer.device)
+        throughput = train_loop(trainer, t, checkpoint_dir, "Training diffusion", validate=validate, mlflow=mlflow,
+                                postfix=("loss",))
+        validate()
+        decode_preview(trainer, vqgan, preview_rows, report_dir / "samples.png")
+        config = {"diffusion": params.diffusion.model_dump(mode="json"),
+                  "covariates": [c.model_dump(mode="json") for c in params.covariates],
+                  "latent_shape": list(train.latents.shape[1:]), "steps": trainer.step,
+                  "vqgan_sha256": sha256_file(vqgan_dir / "model.safetensors")}
+        save_weights(trainer.ema.module, config, model_dir)
+        write_csv_atomic(pd.DataFrame(trainer.history), report_dir / "losses.csv")
+        write_csv_atomic(pd.DataFrame(trainer.val_history), report_dir / "validation.csv")
+        recent = [h["loss"] for h in trainer.history[-5:]]
+        metrics = {"train_loss": float(np.mean(recent)) if recent else float("nan"),
+                   "val_loss": trainer.val_history[-1]["val_loss"], "steps": trainer.step,
+                   "train_latents_per_s": throughput, "parameters_M": n_params}
+        write_text_atomic(metrics_file, json.dumps(metrics, indent=2))
+        log.info("Diffusion training done: train loss %.4f, validation loss %.4f", metrics["train_loss"],
+                 metrics["val_loss"])
+        if mlflow is not None:
+            mlflow.log_artifact(str(report_dir / "samples.png"), artifact_path="samples/final")
+            version = tracking.register_model("synthmri-ldm", model_dir, run,
+                                              {"sha256": sha256_file(model_dir / "model.safetensors")})
+            write_text_atomic(model_dir / "registry.json",
+                              json.dumps({"name": "synthmri-ldm", "version": version}, indent=2))
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return metrics
