@@ -37,7 +37,8 @@ def smoke_repo(tmp_path_factory) -> tuple[Path, dict]:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
     shutil.copy(work / "profiles" / "smoke.yaml", work / "params.yaml")
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_HOME=str(work.parent / "prefect-home"), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
     _run(["git", "init", "-q"], work, env)
     _run(["git", "add", "-A"], work, env)
@@ -58,6 +59,9 @@ def test_repro_builds_every_stage(smoke_repo):
     assert (work / "data" / "latents" / "latents.safetensors").is_file()
     latents = pd.read_csv(work / "data" / "latents" / "manifest.csv")
     assert list(latents["subject_id"]) == list(manifest["subject_id"])
+    assert json.loads((work / "reports" / "ldm.json").read_text())["steps"] == 30
+    synthetic = pd.read_csv(work / "data" / "synthetic" / "manifest.csv")
+    assert len(synthetic) == 6 and all((work / "data" / "synthetic" / f).is_file() for f in synthetic["file"])
 
 
 def test_second_repro_is_a_fast_noop(smoke_repo):
