@@ -52,8 +52,16 @@ def make_params(*overrides: str) -> Params:
 
 
 @pytest.fixture
-def params_factory():
-    return make_params
+def seeded_single_thread():
+    """Seeded and single-threaded: tiny tensors gain nothing from threads, and on a shared 2-core
+    machine two spinning threads per process slow everything down many times over."""
+    import torch
+
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_bids(root: Path, n: int = 8, shape=(24, 28, 20)) -> Path:

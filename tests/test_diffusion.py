@@ -18,12 +18,7 @@ EMB = 32
 COVS = Params().covariates  # age (continuous 18-100), sex (F/M), site (3 levels, optional)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 
 def _perturbed(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:

@@ -18,12 +18,7 @@ from synthmri.models.unet import CrossAttention, DiffusionUNet, timestep_embeddi
 EMB = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 
 def _perturbed(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:

@@ -17,15 +17,7 @@ from synthmri.models.slicing import slice_indices, take_slices
 from synthmri.models.vqgan import VQGAN
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    """Seeded, single-threaded: tiny tensors gain nothing from threads, and on a shared 2-core
-    machine two spinning threads per process slow everything down many times over."""
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 
 def tiny_vqgan(factor: int = 4, codebook_size: int = 32, **quantizer) -> VQGAN:

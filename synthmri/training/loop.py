@@ -10,7 +10,11 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from synthmri.config import TrainParams
-from synthmri.training.checkpoint import save_checkpoint
+from synthmri.logs import get_logger
+from synthmri.training.checkpoint import resume_state, save_checkpoint
+from synthmri.training.runtime import rng_state, set_rng_state
+
+log = get_logger(__name__)
 
 
 class Trainer(Protocol):
@@ -22,6 +26,37 @@ class Trainer(Protocol):
 
     def state(self) -> dict[str, Any]:
         """Everything a resumed run needs (tensors and plain containers only)."""
+
+
+class ResumableTrainer:
+    """Checkpoint state shared by both trainers: subclasses name their stateful parts in ``stateful``
+    (modules, optimizers, EMA: anything with ``state_dict``/``load_state_dict``)."""
+
+    name = "model"
+    step: int
+    history: list[dict[str, float]]
+    val_history: list[dict[str, float]]
+    checkpoint_dir: Path
+    fingerprint: str
+
+    def stateful(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def state(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "history": self.history, "val_history": self.val_history,
+                "rng": rng_state(), **{key: part.state_dict() for key, part in self.stateful().items()}}
+
+    def resume(self) -> bool:
+        """Continue from the newest checkpoint of the same run, if any."""
+        state = resume_state(self.checkpoint_dir, self.fingerprint)
+        if state is None:
+            return False
+        for key, part in self.stateful().items():
+            part.load_state_dict(state[key])
+        self.step, self.history, self.val_history = state["step"], state["history"], state["val_history"]
+        set_rng_state(state["rng"])
+        log.info("Resuming %s training from the checkpoint at step %d", self.name, self.step)
+        return True
 
 
 def train_loop(trainer: Trainer, schedule: TrainParams, checkpoint_dir: Path, desc: str,

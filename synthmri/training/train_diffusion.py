@@ -28,9 +28,9 @@ from synthmri.errors import StageError
 from synthmri.io import sha256_file, write_csv_atomic, write_text_atomic
 from synthmri.logs import get_logger
 from synthmri.models.loading import build_ldm, load_vqgan, save_weights
-from synthmri.training.checkpoint import config_fingerprint, resume_state
-from synthmri.training.loop import train_loop
-from synthmri.training.runtime import autocast, batch_indices, pick_device, rng_state, seed_everything, set_rng_state
+from synthmri.training.checkpoint import config_fingerprint
+from synthmri.training.loop import ResumableTrainer, train_loop
+from synthmri.training.runtime import autocast, batch_indices, pick_device, seed_everything
 from synthmri.viz import three_plane_grid
 
 log = get_logger(__name__)
@@ -54,8 +54,10 @@ def covariate_rows(manifest: pd.DataFrame, params: Params) -> list[dict]:
     return rows
 
 
-class DiffusionTrainer:
+class DiffusionTrainer(ResumableTrainer):
     """One diffusion training run (model, EMA, optimizer, history), resumable from one state dict."""
+
+    name = "diffusion"
 
     def __init__(self, params: Params, train: LatentSet, val: LatentSet | None, checkpoint_dir: Path,
                  fingerprint: str) -> None:
@@ -72,22 +74,8 @@ class DiffusionTrainer:
         self.checkpoint_dir, self.fingerprint = checkpoint_dir, fingerprint
         self.step, self.history, self.val_history = 0, [], []
 
-    def state(self) -> dict:
-        return {"fingerprint": self.fingerprint, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "history": self.history,
-                "val_history": self.val_history, "rng": rng_state()}
-
-    def resume(self) -> bool:
-        state = resume_state(self.checkpoint_dir, self.fingerprint)
-        if state is None:
-            return False
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.history, self.val_history = state["step"], state["history"], state["val_history"]
-        set_rng_state(state["rng"])
-        log.info("Resuming diffusion training from the checkpoint at step %d", self.step)
-        return True
+    def stateful(self) -> dict:
+        return {"model": self.model, "ema": self.ema, "optimizer": self.optimizer}
 
     def loss(self, model: ConditionedUNet, x0: torch.Tensor, covariates: CovariateBatch,
              generator: torch.Generator, dropout: float) -> torch.Tensor:

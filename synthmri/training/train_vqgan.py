@@ -30,10 +30,9 @@ from synthmri.metrics.image import psnr, ssim3d
 from synthmri.models.loading import save_weights
 from synthmri.models.discriminator import PatchDiscriminator, SliceDiscriminator
 from synthmri.models.vqgan import VQGAN
-from synthmri.training.checkpoint import config_fingerprint, resume_state
-from synthmri.training.loop import train_loop
-from synthmri.training.runtime import (autocast, batch_indices, pick_device, rng_state, seed_everything,
-                                       set_rng_state)
+from synthmri.training.checkpoint import config_fingerprint
+from synthmri.training.loop import ResumableTrainer, train_loop
+from synthmri.training.runtime import autocast, batch_indices, pick_device, seed_everything
 from synthmri.viz import three_plane_grid
 
 log = get_logger(__name__)
@@ -74,8 +73,10 @@ def validate(model: VQGAN, volumes: ProcessedVolumes, lpips: LPIPS25D, device: t
     return {k: float(np.mean(v)) for k, v in scores.items()}, example
 
 
-class VQGANTrainer:
+class VQGANTrainer(ResumableTrainer):
     """One training run: holds the models, optimizers and history so that resume is one load."""
+
+    name = "VQ-GAN"
 
     def __init__(self, params: Params, train_set: ProcessedVolumes | None = None,
                  val_set: ProcessedVolumes | None = None, checkpoint_dir: Path = CHECKPOINT_DIR,
@@ -98,25 +99,9 @@ class VQGANTrainer:
 
     # -- state -----------------------------------------------------------------------------------
 
-    def state(self) -> dict:
-        return {"fingerprint": self.fingerprint, "model": self.model.state_dict(),
-                "discriminators": self.discriminators.state_dict(), "opt_g": self.opt_g.state_dict(),
-                "opt_d": self.opt_d.state_dict() if self.opt_d else {}, "history": self.history,
-                "val_history": self.val_history, "rng": rng_state()}
-
-    def resume(self) -> bool:
-        state = resume_state(self.checkpoint_dir, self.fingerprint)
-        if state is None:
-            return False
-        self.model.load_state_dict(state["model"])
-        self.discriminators.load_state_dict(state["discriminators"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        if self.opt_d:
-            self.opt_d.load_state_dict(state["opt_d"])
-        self.step, self.history, self.val_history = state["step"], state["history"], state["val_history"]
-        set_rng_state(state["rng"])
-        log.info("Resuming VQ-GAN training from the checkpoint at step %d", self.step)
-        return True
+    def stateful(self) -> dict:
+        parts = {"model": self.model, "discriminators": self.discriminators, "opt_g": self.opt_g}
+        return {**parts, "opt_d": self.opt_d} if self.opt_d else parts
 
     # -- one step --------------------------------------------------------------------------------
 
