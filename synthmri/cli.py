@@ -67,6 +67,12 @@ def _sample(params: Params) -> None:
     run_sample(params)
 
 
+def _report(params: Params) -> None:
+    from synthmri.report.stage import run_report
+
+    run_report(params)
+
+
 STAGES = [
     Stage("demo", "generate the simulated demo cohort (BIDS) into data/raw/demo",
           "Builds the built-in demo cohort from nilearn's MNI152 template: covariate-driven anatomy "
@@ -106,6 +112,16 @@ STAGES = [
           "shards fanned out by a Prefect task runner (threads or Dask); a rerun skips finished shards. "
           "Params: sample.*, diffusion.sampler",
           _sample),
+    Stage("report", "quality and privacy report of data/synthetic, with the quality gate",
+          "Compares the synthetic set with the real held-out volumes (report.reference_splits): VQ-GAN "
+          "reconstruction on the test split (PSNR, SSIM, 2.5D LPIPS); Frechet distance, MMD and precision/recall/"
+          "density/coverage on features of report.extractor; pairwise MS-SSIM diversity; conditioning fidelity "
+          "(known covariate effects, covariate predictors fitted on the training split); memorization (nearest "
+          "training volume by NCC and SSIM, threshold calibrated on held-out real data); intensity histograms. "
+          "Writes reports/metrics.json, reports/report.html and reports/figures/, logs an MLflow 'report' run, and "
+          "records gate: pass|fail against report.thresholds (a failing gate does not fail the stage). "
+          "Params: report.*",
+          _report),
 ]
 
 

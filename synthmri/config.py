@@ -259,6 +259,61 @@ class SampleParams(_Section):
     release: str = "dev"
 
 
+class ReportThresholds(_Section):
+    """The quality gate: each check compares one number of ``reports/metrics.json`` with its threshold.
+
+    ``null`` switches a check off. A check whose metric does not apply (e.g. no ``age`` covariate)
+    is skipped; one whose metric could not be computed fails. Defaults are meant for a model worth
+    publishing, not for a short CPU demo run (a smoke run is expected to fail the gate).
+    """
+
+    # VQ-GAN reconstruction of the test split (intensities in normalize.out_range; data range = its width)
+    min_recon_psnr: float | None = 24.0
+    min_recon_ssim: float | None = 0.75
+    # fidelity on features of report.extractor, standardized with the held-out real set's statistics
+    max_frechet_distance: float | None = None      # absolute; depends on the extractor and the set sizes
+    max_frechet_ratio: float | None = 3.0          # FD(synthetic, held-out) / FD(real training subset, held-out)
+    min_precision: float | None = 0.5
+    min_recall: float | None = None
+    min_coverage: float | None = 0.5
+    # diversity: (1 - MS-SSIM within synthetic) / (1 - MS-SSIM within real held-out)
+    min_diversity_ratio: float | None = 0.7
+    # in-head intensity distributions (Wasserstein-1, in normalize.out_range units)
+    max_intensity_wasserstein: float | None = 0.1
+    # known effects (age -> CSF fraction / ventricle slope, sex -> head size): synthetic / real effect
+    min_effect_ratio: float | None = 0.5
+    # covariate predictors fitted on real training features: MAE(synthetic) / MAE(real held-out) ...
+    max_predictor_error_ratio: float | None = 2.0
+    # ... and accuracy(real held-out) - accuracy(synthetic) for categorical covariates
+    max_predictor_accuracy_drop: float | None = 0.2
+    # privacy: fraction of likely copies minus the fraction expected by chance
+    max_copy_fraction_over_chance: float | None = 0.0
+    # privacy: synthetic volumes closer to a training volume than halfway from the threshold to identical
+    max_near_duplicates: int | None = Field(0, ge=0)
+
+
+class ReportParams(_Section):
+    """The quality and privacy report of a synthetic set against the real held-out data (synthmri.report)."""
+
+    extractor: Literal["stats", "medicalnet", "lpips"] = "stats"
+    extractor_weights: str | None = None
+    reference_splits: list[Literal["val", "test"]] = Field(["val", "test"], min_length=1)
+    recon_split: Literal["val", "test"] = "test"
+    prdc_k: int = Field(5, ge=1)
+    max_pairs: int = Field(300, ge=1)
+    privacy_metric: Literal["ncc", "ssim"] = "ncc"
+    privacy_quantile: float = Field(0.99, gt=0, le=1)
+    ssim_shortlist: int = Field(5, ge=1)
+    n_pairs: int = Field(5, ge=1)
+    n_examples: int = Field(4, ge=1)
+    histogram_bins: int = Field(64, ge=4)
+    seed: int = 0
+    vqvae_metrics: str | None = "reports/vqvae.json"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    blas_threads: int | None = Field(1, ge=1)
+    thresholds: ReportThresholds = ReportThresholds()
+
+
 class Params(_Section):
     """All of params.yaml. Sections are added here as stages are added to dvc.yaml."""
 
@@ -275,6 +330,7 @@ class Params(_Section):
     encode: EncodeParams = EncodeParams()
     diffusion: DiffusionParams = DiffusionParams()
     sample: SampleParams = SampleParams()
+    report: ReportParams = ReportParams()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Params":

@@ -1,0 +1,414 @@
+"""Figures of the report (PNG in ``reports/figures/``) and the self-contained ``reports/report.html``.
+
+The page carries everything inline: CSS in a ``<style>`` block and every figure as a base64 PNG
+``data:`` URI, so it can be mailed, attached to an MLflow run or opened offline. Figures are drawn on
+private Agg canvases (no pyplot), as in :mod:`synthmri.viz`.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from synthmri.io import atomic_path, write_text_atomic
+from synthmri.logs import get_logger
+from synthmri.report.compute import Check, ReportData, ReportResult
+from synthmri.viz import mid_slices, three_plane_grid
+
+log = get_logger(__name__)
+
+REAL_COLOUR, SYNTHETIC_COLOUR = "#1f77b4", "#d62728"
+
+
+# ----------------------------------------------------------------------------------------------
+# figures
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height))
+    FigureCanvasAgg(figure)
+    figure.set_facecolor("white")
+    return figure
+
+
+def _save(figure: Figure, path: Path, dpi: int = 90) -> Path:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=dpi, facecolor="white", bbox_inches="tight")
+    return path
+
+
+def _covariate_label(row: pd.Series, names: list[str]) -> str:
+    parts = []
+    for name in names:
+        if name in row.index and not (isinstance(row[name], float) and math.isnan(row[name])) and str(row[name]) != "":
+            value = row[name]
+            parts.append(f"{value:.0f}" if isinstance(value, (int, float, np.number)) else str(value))
+    return ", ".join(parts)
+
+
+def real_vs_synthetic_figure(data: ReportData, covariates: list[str], n: int, path: Path) -> Path:
+    """Three-plane grids: ``n`` held-out real volumes above ``n`` synthetic volumes, on one grey scale."""
+    ref = data.reference_index[:n]
+    syn = np.arange(min(n, len(data.synthetic)))
+    volumes = [data.real_volumes[i] for i in ref] + [data.synthetic_volumes[i] for i in syn]
+    id_column = "item_id" if "item_id" in data.real.columns else "subject_id"
+    titles = [f"real {data.real[id_column].iloc[i]}\n{_covariate_label(data.real.iloc[i], covariates)}" for i in ref]
+    titles += [f"synthetic #{i}\n{_covariate_label(data.synthetic.iloc[i], covariates)}" for i in syn]
+    return three_plane_grid(volumes, titles, path, data.spacing, panel_inches=1.5, shared_range=True,
+                            suptitle="held-out real (top) vs synthetic (bottom)")
+
+
+def _grey_window(volumes: np.ndarray) -> tuple[float, float]:
+    low, high = np.percentile(np.asarray(volumes, dtype=np.float32), [0.5, 99.5])
+    return float(low), float(high if high > low else low + 1.0)
+
+
+def _panel(ax, image: np.ndarray, vmin: float, vmax: float, aspect: float) -> None:
+    ax.imshow(image, cmap="gray", origin="lower", vmin=vmin, vmax=vmax, aspect=aspect, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def synthetic_by_age_figure(data: ReportData, age: np.ndarray, ok: np.ndarray, path: Path, n: int = 6) -> Path | None:
+    """A row of synthetic subjects at increasing requested age (axial and coronal middle slices)."""
+    candidates = np.flatnonzero(ok)
+    if len(candidates) == 0:
+        return None
+    order = candidates[np.argsort(age[candidates], kind="stable")]
+    picks = order[np.unique(np.linspace(0, len(order) - 1, min(n, len(order))).round().astype(int))]
+    sx, sy, sz = data.spacing
+    vmin, vmax = _grey_window(data.synthetic_volumes[picks])
+    figure = _new_figure(1.6 * len(picks) + 0.4, 3.6)
+    axes = figure.subplots(2, len(picks), squeeze=False, gridspec_kw={"wspace": 0.03, "hspace": 0.05})
+    for col, index in enumerate(picks):
+        axial, coronal, _ = mid_slices(data.synthetic_volumes[index])
+        _panel(axes[0, col], axial, vmin, vmax, sy / sx)
+        _panel(axes[1, col], coronal, vmin, vmax, sz / sx)
+        axes[0, col].set_title(f"age {age[index]:.0f}\n#{index}", fontsize=8)
+    axes[0, 0].set_ylabel("axial", fontsize=8)
+    axes[1, 0].set_ylabel("coronal", fontsize=8)
+    figure.suptitle("synthetic subjects across requested ages", fontsize=9, y=1.06)
+    return _save(figure, path)
+
+
+def histogram_figure(intensity: dict, path: Path) -> Path:
+    edges = np.asarray(intensity["bin_edges"])
+    centres = (edges[:-1] + edges[1:]) / 2
+    figure = _new_figure(5.5, 3.0)
+    ax = figure.subplots()
+    ax.plot(centres, intensity["real_hist"], color=REAL_COLOUR, label="real held-out")
+    ax.plot(centres, intensity["fake_hist"], color=SYNTHETIC_COLOUR, label="synthetic")
+    ax.set_xlabel("intensity inside the head (processed range)")
+    ax.set_ylabel("density")
+    ax.set_title(f"in-head intensities: Wasserstein {intensity['wasserstein']:.4f}, "
+                 f"JS distance {intensity['js_distance']:.3f}", fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def nearest_pairs_figure(data: ReportData, privacy: dict, path: Path) -> Path | None:
+    """Closest synthetic/training pairs, synthetic above its nearest training volume, one grey scale."""
+    pairs = privacy["closest_pairs"]
+    if not pairs:
+        return None
+    train = data.train
+    volumes, titles = [], []
+    for pair in pairs:
+        flag = " LIKELY COPY" if pair["likely_copy"] else ""
+        volumes += [data.synthetic_volumes[pair["synthetic"]], train[pair["train"]]]
+        titles += [f"synthetic #{pair['synthetic']}\n{privacy['metric'].upper()} {pair['score']:.3f}{flag}",
+                   f"nearest train\n{pair['train_id']}"]
+    return three_plane_grid(volumes, titles, path, data.spacing, panel_inches=1.3, shared_range=True,
+                            suptitle=f"closest pairs; copy if {privacy['metric'].upper()} > {privacy['threshold']:.3f}")
+
+
+def privacy_scores_figure(privacy: dict, path: Path) -> Path:
+    figure = _new_figure(5.5, 3.0)
+    ax = figure.subplots()
+    holdout, synthetic = np.asarray(privacy["holdout_scores"]), np.asarray(privacy["synthetic_scores"])
+    low = float(min(holdout.min(), synthetic.min()))
+    bins = np.linspace(low, 1.0, 31)
+    ax.hist(holdout, bins=bins, alpha=0.6, color=REAL_COLOUR, label="held-out real vs train", density=True)
+    ax.hist(synthetic, bins=bins, alpha=0.6, color=SYNTHETIC_COLOUR, label="synthetic vs train", density=True)
+    ax.axvline(privacy["threshold"], color="black", linestyle="--", label="likely-copy threshold")
+    ax.axvline(privacy["near_duplicate_threshold"], color="black", linestyle=":", label="near-duplicate")
+    ax.set_xlabel(f"similarity to the nearest training volume ({privacy['metric'].upper()})")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=7)
+    return _save(figure, path)
+
+
+def conditioning_figure(conditioning: dict, path: Path) -> Path | None:
+    """Measures against requested age (synthetic) and recorded age (real), with fitted lines; head size by sex."""
+    age = conditioning.get("age")
+    sex = conditioning.get("sex")
+    panels = (list(age["measures"].items()) if age else []) + ([("head size by sex", None)] if sex else [])
+    if not panels:
+        return None
+    figure = _new_figure(4.0 * len(panels), 3.2)
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, values) in zip(axes, panels):
+        if values is None:
+            levels = sex["levels"]
+            positions = np.arange(len(levels))
+            for offset, (kind, colour) in zip((-0.15, 0.15), (("real", REAL_COLOUR), ("synthetic", SYNTHETIC_COLOUR))):
+                groups = [sex["groups"][(kind, level)] for level in levels]
+                for x, group in zip(positions + offset, groups):
+                    ax.scatter(np.full(len(group), x), group, s=10, color=colour, alpha=0.6)
+                means = [g.mean() if len(g) else np.nan for g in groups]
+                ax.plot(positions + offset, means, "_", markersize=20, color=colour, label=kind)
+            ax.set_xticks(positions, levels)
+            ax.set_ylabel("head volume (ml)")
+            ax.set_title("head size by sex", fontsize=9)
+            ax.legend(fontsize=7)
+            continue
+        real_y, syn_y = values
+        for kind, x, y, ok, colour in (("real", age["real_age"], real_y, age["real_ok"], REAL_COLOUR),
+                                       ("synthetic", age["synthetic_age"], syn_y, age["synthetic_ok"],
+                                        SYNTHETIC_COLOUR)):
+            x, y = np.asarray(x)[ok], np.asarray(y)[ok]
+            ax.scatter(x, y, s=10, color=colour, alpha=0.6, label=kind)
+            if len(x) >= 2 and np.ptp(x) > 0:
+                slope, intercept = np.polyfit(x, y, 1)
+                grid = np.linspace(x.min(), x.max(), 2)
+                ax.plot(grid, slope * grid + intercept, color=colour)
+        ax.set_xlabel("age (real: recorded, synthetic: requested)")
+        ax.set_ylabel(name)
+        ax.set_title(f"{name} vs age", fontsize=9)
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def training_curves_figure(reports_dir: Path, path: Path) -> Path | None:
+    """Loss curves of reports/vqgan/losses.csv and reports/ldm/losses.csv (+ validation.csv), when present."""
+    sources = []
+    for name, columns in (("vqgan", ["l1", "perceptual", "vq", "g_adv", "feature_matching", "d_loss"]),
+                          ("ldm", ["loss"])):
+        losses = reports_dir / name / "losses.csv"
+        if losses.is_file():
+            try:
+                frame = pd.read_csv(losses)
+            except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError):
+                continue
+            if "step" in frame.columns and len(frame):
+                val = reports_dir / name / "validation.csv"
+                val_frame = None
+                if val.is_file():
+                    try:
+                        val_frame = pd.read_csv(val)
+                    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError):
+                        val_frame = None
+                sources.append((name, frame, [c for c in columns if c in frame.columns], val_frame))
+    if not sources:
+        return None
+    figure = _new_figure(5.0 * len(sources), 3.2)
+    axes = figure.subplots(1, len(sources), squeeze=False)[0]
+    for ax, (name, frame, columns, val_frame) in zip(axes, sources):
+        for column in columns:
+            ax.plot(frame["step"], frame[column], label=column, linewidth=1)
+        if val_frame is not None and "val_loss" in val_frame.columns and "step" in val_frame.columns:
+            ax.plot(val_frame["step"], val_frame["val_loss"], "o-", label="val_loss", linewidth=1, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_title({"vqgan": "VQ-GAN training losses", "ldm": "diffusion training loss"}[name], fontsize=9)
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def recon_figure(example: tuple[np.ndarray, np.ndarray], subject: str, spacing, path: Path) -> Path:
+    return three_plane_grid([example[0], example[1]], [f"real {subject}", "VQ-GAN reconstruction"], path, spacing,
+                            panel_inches=1.6, shared_range=True)
+
+
+def render_figures(data: ReportData, result: ReportResult, covariates: list[str], n_examples: int,
+                   figures_dir: Path, reports_dir: Path) -> dict[str, Path]:
+    """Every figure of the report, as PNG files in ``figures_dir``; returns ``{name: path}`` in page order."""
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    for stale in figures_dir.glob("*.png"):  # a figure that no longer applies must not linger
+        stale.unlink()
+    details = result.details
+    privacy = details["privacy"][result.metrics.get("privacy.metric", "ncc")]
+    out: dict[str, Path | None] = {
+        "real_vs_synthetic": real_vs_synthetic_figure(data, covariates, n_examples,
+                                                      figures_dir / "real_vs_synthetic.png"),
+    }
+    age = details.get("conditioning", {}).get("age")
+    if age:
+        out["synthetic_by_age"] = synthetic_by_age_figure(data, np.asarray(age["synthetic_age"]),
+                                                          np.asarray(age["synthetic_ok"]),
+                                                          figures_dir / "synthetic_by_age.png")
+    out["conditioning"] = conditioning_figure(details.get("conditioning", {}), figures_dir / "conditioning.png")
+    out["intensity_histograms"] = histogram_figure(details["intensity"], figures_dir / "intensity_histograms.png")
+    out["nearest_neighbours"] = nearest_pairs_figure(data, privacy, figures_dir / "nearest_neighbours.png")
+    out["privacy_scores"] = privacy_scores_figure(privacy, figures_dir / "privacy_scores.png")
+    if details.get("recon_example") is not None:
+        out["reconstruction"] = recon_figure(details["recon_example"], details.get("recon_id", ""), data.spacing,
+                                             figures_dir / "reconstruction.png")
+    out["training_curves"] = training_curves_figure(reports_dir, figures_dir / "training_curves.png")
+    return {name: path for name, path in out.items() if path is not None}
+
+
+# ----------------------------------------------------------------------------------------------
+# the page
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px;
+       color: #222; padding: 0 1em; }
+h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; }
+th { background: #f4f4f4; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.pass { color: #11713a; font-weight: bold; } .fail { color: #b00020; font-weight: bold; }
+.skipped { color: #888; }
+.banner { padding: 0.8em 1em; border-radius: 6px; font-size: 1.15em; margin: 1em 0; }
+.banner.pass { background: #e3f6e9; border: 1px solid #11713a; }
+.banner.fail { background: #fde7ea; border: 1px solid #b00020; }
+figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: 0.85em; color: #555; }
+.note { font-size: 0.85em; color: #555; }
+"""
+
+CAPTIONS = {
+    "real_vs_synthetic": "Held-out real volumes (top rows) and synthetic volumes (bottom rows), middle slices, "
+                         "one grey scale for all rows.",
+    "synthetic_by_age": "Synthetic subjects sorted by the age they were generated for: ventricles and sulci "
+                        "should widen with age.",
+    "conditioning": "Known covariate effects: the measure against age (real: recorded age; synthetic: requested "
+                    "age) with least-squares lines, and head volume by sex.",
+    "intensity_histograms": "Pooled intensity histograms inside the head masks.",
+    "nearest_neighbours": "The synthetic volumes most similar to a training volume, each above its nearest "
+                          "training volume.",
+    "privacy_scores": "Similarity to the nearest training volume: held-out real subjects (what different people "
+                      "look like) vs synthetic volumes. Synthetic volumes right of the threshold are likely copies.",
+    "reconstruction": "A test volume and its VQ-GAN reconstruction.",
+    "training_curves": "Training curves from reports/vqgan/losses.csv and reports/ldm/losses.csv.",
+}
+
+FAMILIES = [("recon.", "VQ-GAN reconstruction"), ("fidelity.", "Fidelity and coverage"),
+            ("diversity.", "Diversity"), ("conditioning.", "Conditioning fidelity"),
+            ("privacy.", "Memorization / privacy"), ("intensity.", "Intensity"),
+            ("compare.", "VQ-GAN vs VQ-VAE (validation)")]
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "n/a"
+        return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+    return str(value)
+
+
+def _png_data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _table(header: list[str], rows: list[list[str]], raw_columns: set[int] = frozenset()) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = []
+    for row in rows:
+        cells = []
+        for i, cell in enumerate(row):
+            if i in raw_columns:
+                cells.append(cell)
+            else:
+                cls = ' class="num"' if i > 0 and _looks_numeric(cell) else ""
+                cells.append(f"<td{cls}>{html.escape(cell)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def build_html(metrics: dict, checks: list[Check], result: ReportResult, figures: dict[str, Path],
+               provenance: dict[str, str], comparison: pd.DataFrame | None = None) -> str:
+    """The report page as one self-contained HTML string."""
+    passed = bool(metrics.get("gate_passed"))
+    status = "PASS" if passed else "FAIL"
+    failed = [c.name for c in checks if c.status == "fail"]
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             "<title>SynthMRI quality and privacy report</title>", f"<style>{CSS}</style></head><body>",
+             "<h1>SynthMRI quality and privacy report</h1>"]
+    info = [("generated", _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+            ("synthetic volumes", _fmt(metrics.get("n_synthetic"))),
+            ("real held-out volumes", f"{_fmt(metrics.get('n_reference'))} ({metrics.get('reference_splits', '')})"),
+            ("real training volumes", _fmt(metrics.get("n_train"))),
+            ("feature extractor", str(metrics.get("extractor", ""))),
+            *[(k, v) for k, v in provenance.items()]]
+    parts.append(_table(["", ""], [[k, str(v)] for k, v in info]))
+    banner = f"Quality gate: <b>{status}</b>"
+    if failed:
+        banner += " &mdash; failing checks: " + ", ".join(f"<code>{html.escape(n)}</code>" for n in failed)
+    parts.append(f'<div class="banner {"pass" if passed else "fail"}">{banner}</div>')
+
+    parts.append("<h2>Quality gate</h2>")
+    rows = []
+    for check in checks:
+        badge = {"pass": '<td class="pass">PASS</td>', "fail": '<td class="fail">FAIL</td>',
+                 "skipped": '<td class="skipped">skipped</td>'}[check.status]
+        rows.append([check.name, f"<td><code>{html.escape(check.key)}</code></td>", _fmt(check.value), check.rule,
+                     badge, check.note])
+    parts.append(_table(["check", "metric", "value", "threshold", "result", "note"], rows, raw_columns={1, 4}))
+    parts.append('<p class="note">Thresholds come from <code>report.thresholds</code> in params.yaml; '
+                 "<code>null</code> switches a check off. Feature-space numbers are only comparable within one "
+                 f"extractor (here <b>{html.escape(str(metrics.get('extractor', '')))}</b>).</p>")
+
+    parts.append("<h2>All metrics</h2>")
+    for prefix, title in FAMILIES:
+        rows = [[key, _fmt(value)] for key, value in metrics.items() if key.startswith(prefix)]
+        if rows:
+            parts.append(f"<h3>{html.escape(title)}</h3>")
+            parts.append(_table(["metric", "value"], rows))
+    if comparison is not None and len(comparison):
+        parts.append("<h3>VQ-GAN vs VQ-VAE</h3>")
+        header = ["metric", *[str(c) for c in comparison.columns]]
+        parts.append(_table(header, [[str(i), *[_fmt(v) for v in row]] for i, row in comparison.iterrows()]))
+
+    privacy = result.details.get("privacy", {}).get(metrics.get("privacy.metric", "ncc"))
+    if privacy:
+        parts.append("<h2>Closest synthetic / training pairs</h2>")
+        rows = [[p["synthetic_file"], p["train_id"], _fmt(p["score"]),
+                 "LIKELY COPY" if p["likely_copy"] else "no", "yes" if p["near_duplicate"] else "no"]
+                for p in privacy["closest_pairs"]]
+        parts.append(_table(["synthetic file", "nearest training subject", privacy["metric"].upper(), "likely copy",
+                             "near duplicate"], rows))
+        parts.append(f'<p class="note">Likely copy: similarity above {privacy["threshold"]:.4f}, the '
+                     f'{privacy["quantile"]:g} quantile of held-out real vs training similarity; near duplicate: '
+                     f'above {privacy["near_duplicate_threshold"]:.4f}. Fraction of likely copies '
+                     f'{privacy["fraction"]:.3f} (chance {privacy["chance_fraction"]:.3f}).</p>')
+
+    parts.append("<h2>Figures</h2>")
+    for name, path in figures.items():
+        parts.append(f'<figure><img alt="{html.escape(name)}" src="{_png_data_uri(path)}">'
+                     f"<figcaption>{html.escape(CAPTIONS.get(name, name))}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_html(text: str, path: Path) -> Path:
+    write_text_atomic(path, text)
+    return path

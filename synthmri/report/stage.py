@@ -1,0 +1,167 @@
+"""The ``report`` stage: quality and privacy of ``data/synthetic`` against the real held-out data.
+
+Writes ``reports/metrics.json`` (flat keys, DVC metrics), ``reports/report.html`` (self-contained) and
+``reports/figures/*.png``, and evaluates the quality gate of ``report.thresholds``. A failing gate is
+a result, not an error: the stage logs it loudly, records ``gate: fail``, ``gate_passed: false`` and
+``gate_failed_checks`` in metrics.json and returns normally; the publish step reads metrics.json.
+Everything is logged to MLflow as a ``report`` run, tagged with the model versions of the synthetic
+set and with the set itself as an evaluation dataset input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
+
+from synthmri.config import Params
+from synthmri.io import write_text_atomic
+from synthmri.logs import get_logger
+from synthmri.report.compute import (ReportData, clean_number, compute_report, evaluate_gate, gate_summary,
+                                     load_report_data)
+
+log = get_logger(__name__)
+
+PROCESSED_DIR = Path("data/processed")
+SYNTHETIC_DIR = Path("data/synthetic")
+VQGAN_DIR = Path("models/vqgan")
+REPORTS_DIR = Path("reports")
+METRICS_FILE = "metrics.json"
+HTML_FILE = "report.html"
+FIGURES_DIR = "figures"
+PROVENANCE_COLUMNS = ("vqgan_version", "vqgan_sha256", "ldm_version", "ldm_sha256", "synthmri_version")
+COMPARED = ("val_psnr", "val_ssim", "val_lpips", "codebook_usage", "perplexity", "steps")
+
+
+def synthetic_provenance(manifest: pd.DataFrame) -> dict[str, str]:
+    """Model versions and checksums recorded in the synthetic manifest (distinct values, comma-joined)."""
+    out = {}
+    for column in PROVENANCE_COLUMNS:
+        if column in manifest.columns:
+            values = sorted({str(v) for v in manifest[column].dropna()})
+            if values:
+                out[column] = ",".join(values)
+    return out
+
+
+def synthetic_digest(manifest: pd.DataFrame) -> str:
+    """Content digest of a synthetic set: sha256 of its sorted ``file  sha256`` lines (the manifest text
+    when it has no checksums). Same files, same digest."""
+    if "sha256" in manifest.columns:
+        lines = sorted(f"{f}  {d}" for f, d in zip(manifest["file"], manifest["sha256"]))
+        blob = "\n".join(lines)
+    else:
+        blob = manifest.to_csv(index=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("Ignoring %s: %s", path, exc)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def model_comparison(reports_dir: Path, vqvae_metrics: str | None) -> tuple[pd.DataFrame | None, dict[str, Any]]:
+    """VQ-GAN (``reports/vqgan.json``) and VQ-VAE (``report.vqvae_metrics``) validation metrics side by
+    side, when the VQ-VAE file exists. Returns the table and its flat ``compare.<model>.<metric>`` keys."""
+    vqvae = _read_json(Path(vqvae_metrics)) if vqvae_metrics else None
+    if vqvae is None:
+        return None, {}
+    vqgan = _read_json(reports_dir / "vqgan.json") or {}
+    columns = {"VQ-GAN": vqgan, "VQ-VAE": vqvae}
+    table = pd.DataFrame({name: [clean_number(values.get(k)) for k in COMPARED] for name, values in columns.items()},
+                         index=list(COMPARED))
+    flat = {f"compare.{name.lower().replace('-', '')}.{k}": clean_number(values[k])
+            for name, values in columns.items() for k in COMPARED
+            if isinstance(values.get(k), (int, float)) and not isinstance(values.get(k), bool)}
+    log.info("VQ-VAE metrics from %s shown next to the VQ-GAN's", vqvae_metrics)
+    return table, flat
+
+
+def _log_to_mlflow(metrics: dict, data: ReportData, digest: str, files: list[Path], figures_dir: Path) -> None:
+    import mlflow
+
+    numbers = {k: float(v) for k, v in metrics.items()
+               if isinstance(v, (int, float)) and v is not None and math.isfinite(float(v))}
+    mlflow.log_metrics(numbers)
+    mlflow.set_tags({"gate": metrics["gate"], "gate_failed_checks": metrics["gate_failed_checks"] or "-",
+                     "extractor": str(metrics.get("extractor", ""))})
+    with warnings.catch_warnings():  # MLflow's own notes on ambiguous local sources and integer columns
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted",
+                                category=UserWarning)
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
+        dataset = mlflow.data.from_pandas(data.synthetic, source=Path(data.synthetic_dir).resolve().as_uri(),
+                                          name="synthetic", digest=digest[:16])
+        mlflow.log_input(dataset, context="evaluation")
+    for path in files:
+        mlflow.log_artifact(str(path))
+    if figures_dir.is_dir():
+        mlflow.log_artifacts(str(figures_dir), artifact_path=FIGURES_DIR)
+
+
+def run_report(params: Params, processed_dir: Path = PROCESSED_DIR, synthetic_dir: Path = SYNTHETIC_DIR,
+               vqgan_dir: Path = VQGAN_DIR, reports_dir: Path = REPORTS_DIR, track: bool = True) -> dict:
+    """Compute the report, write metrics.json, report.html and figures, evaluate the gate, log to MLflow.
+
+    Returns the flat metrics (as written to ``reports/metrics.json``). Never raises because the gate
+    fails; raises :class:`~synthmri.errors.StageError` when an input is missing or unusable.
+    """
+    from synthmri import tracking
+    from synthmri.report.html import build_html, render_figures, write_html
+
+    start = time.perf_counter()
+    reports_dir = Path(reports_dir)
+    data = load_report_data(params, Path(processed_dir), Path(synthetic_dir))
+    provenance = synthetic_provenance(data.synthetic)
+    digest = synthetic_digest(data.synthetic)
+    tags = {**provenance, "synthetic_digest": digest}
+    run_ctx = tracking.stage_run("report", params.model_dump(mode="json"), tags=tags) if track \
+        else contextlib.nullcontext()
+    blas = threadpool_limits(limits=params.report.blas_threads, user_api="blas") \
+        if params.report.blas_threads else contextlib.nullcontext()
+    with run_ctx:
+        with blas:
+            result = compute_report(params, data, Path(vqgan_dir) if vqgan_dir is not None else None)
+        metrics = result.metrics
+        comparison, compared = model_comparison(reports_dir, params.report.vqvae_metrics)
+        metrics.update(compared)
+        checks = evaluate_gate(metrics, params.report.thresholds)
+        metrics.update(gate_summary(checks))
+
+        figures_dir = reports_dir / FIGURES_DIR
+        covariate_names = [c.name for c in params.covariates]
+        figures = render_figures(data, result, covariate_names, params.report.n_examples, figures_dir, reports_dir)
+        metrics["report_seconds"] = round(time.perf_counter() - start, 2)
+        metrics = {k: clean_number(v) for k, v in metrics.items()}
+        metrics_path = reports_dir / METRICS_FILE
+        write_text_atomic(metrics_path, json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+        html_path = write_html(build_html(metrics, checks, result, figures,
+                                          {**provenance, "synthetic set digest": digest[:16]}, comparison),
+                               reports_dir / HTML_FILE)
+
+        failed = [c for c in checks if c.status == "fail"]
+        if failed:
+            log.warning("QUALITY GATE FAILED: %d of %d checks failed: %s", len(failed), metrics["gate_n_checked"],
+                        "; ".join(f"{c.name} ({c.key} = {c.value if c.value is not None else 'n/a'}, "
+                                  f"needs {c.rule}{', ' + c.note if c.note else ''})" for c in failed))
+            log.warning("The synthetic set must not be published (gate_passed: false in %s)", metrics_path)
+        else:
+            log.info("Quality gate passed: %d checks", metrics["gate_n_checked"])
+        log.info("Wrote %s, %s and %d figures in %.1f s", metrics_path, html_path, len(figures),
+                 metrics["report_seconds"])
+        if track:
+            _log_to_mlflow(metrics, data, digest, [metrics_path, html_path], figures_dir)
+    return metrics

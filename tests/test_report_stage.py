@@ -1,0 +1,235 @@
+"""The report stage on a tiny fake setup (no training): metrics.json, the privacy check, the HTML, the gate."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from synthmri.config import ReportThresholds
+from synthmri.io import save_nifti, sha256_file
+from synthmri.models.loading import save_weights
+from synthmri.models.vqgan import VQGAN
+from synthmri.report.compute import Check, compute_set_metrics, evaluate_gate, load_report_data
+from synthmri.report.stage import run_report
+
+from conftest import REPO, blob_volume, make_params, make_processed
+
+pytestmark = pytest.mark.filterwarnings("ignore::synthmri.losses.perceptual.RandomBackboneWarning")
+
+SHAPE = (16, 16, 16)
+FAMILIES = ("recon.", "fidelity.stats.", "diversity.", "conditioning.", "privacy.", "intensity.")
+FORCED = "report.thresholds.min_recon_psnr=1000"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _fake_synthetic(out: Path, processed: Path, copy_of: int, n_novel: int = 5) -> str:
+    """A synthetic set laid out like the sample stage's: novel blob heads plus one exact copy of a training
+    volume (index ``copy_of`` of the training split); returns the copy's file name."""
+    space = json.loads((processed / "space.json").read_text())
+    manifest = pd.read_csv(processed / "manifest.csv")
+    train = manifest[manifest["split"] == "train"].reset_index(drop=True)
+    rows, copy_name = [], ""
+    for i in range(n_novel + 1):
+        name = f"volumes/sample-{i:06d}.nii.gz"
+        if i == n_novel:  # the exact copy: processed [-1, 1] -> [0, 1] as the sample stage writes volumes
+            import nibabel as nib
+
+            source = np.asarray(nib.load(processed / train["processed_path"][copy_of]).dataobj, dtype=np.float32)
+            volume = (source + 1.0) / 2.0
+            covariates = train.iloc[copy_of][["age", "sex", "site"]].to_dict()
+            copy_name = name
+        else:
+            raw = blob_volume(SHAPE, seed=100 + i)
+            volume = np.clip(raw / np.percentile(raw[raw > 0], 99.5), 0, 1)
+            covariates = {"age": 25.0 + 10 * i, "sex": "FM"[i % 2], "site": f"site{1 + i % 3}"}
+        save_nifti(volume.astype(np.float32), np.asarray(space["affine"]), out / name)
+        rows.append({"file": name, "sample_index": i, "seed": 1000 + i, **covariates, "sampler": "ddim",
+                     "steps": 5, "guidance_scale": 2.0, "sha256": sha256_file(out / name), "vqgan_version": "3",
+                     "vqgan_sha256": "a" * 64, "ldm_version": "2", "ldm_sha256": "b" * 64, "synthmri_version": "0.1"})
+    pd.DataFrame(rows).to_csv(out / "manifest.csv", index=False)
+    return copy_name
+
+
+def _tiny_vqgan(params, directory: Path) -> None:
+    """An untrained VQ-GAN saved like train_vqgan's _write_outputs."""
+    torch.manual_seed(0)
+    model = VQGAN.from_params(params.vqgan.model, params.vqgan.quantizer)
+    config = {"vqgan": params.vqgan.model_dump(mode="json"), "normalize": params.normalize.model_dump(mode="json"),
+              "lpips_backbone": "alex: RANDOM backbone", "steps": 0}
+    save_weights(model, config, directory)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A repository-like folder: data/processed, data/synthetic, models/vqgan, reports/ (with training curves)."""
+    work = tmp_path_factory.mktemp("report")
+    params, processed = make_processed(work / "build", 10, SHAPE)
+    shutil.move(processed, work / "data" / "processed")
+    processed = work / "data" / "processed"
+    copy_name = _fake_synthetic(work / "data" / "synthetic", processed, copy_of=2)
+    _tiny_vqgan(params, work / "models" / "vqgan")
+    (work / "reports" / "vqgan").mkdir(parents=True)
+    pd.DataFrame({"step": [1, 2, 3], "l1": [0.3, 0.2, 0.1], "vq": [0.1, 0.05, 0.02]}).to_csv(
+        work / "reports" / "vqgan" / "losses.csv", index=False)
+    (work / "reports" / "vqvae.json").write_text(json.dumps({"val_psnr": 21.0, "val_ssim": 0.7, "model": "vqvae"}))
+    manifest = pd.read_csv(processed / "manifest.csv")
+    copy_source = manifest[manifest["split"] == "train"]["item_id"].iloc[2]
+    return work, params, copy_name, copy_source
+
+
+def _overrides(work: Path, *extra: str) -> list[str]:
+    return [f"report.vqvae_metrics={work / 'reports' / 'vqvae.json'}", *extra]
+
+
+@pytest.fixture(scope="module")
+def report(setup):
+    """One run with a threshold that no model can meet: the gate must fail and the stage must not raise."""
+    work, params, _, _ = setup
+    params = make_params(*_overrides(work, FORCED))
+    metrics = run_report(params, processed_dir=work / "data" / "processed", synthetic_dir=work / "data" / "synthetic",
+                         vqgan_dir=work / "models" / "vqgan", reports_dir=work / "reports", track=False)
+    return work, metrics
+
+
+def test_metrics_json_is_flat_and_has_every_family(report):
+    work, metrics = report
+    on_disk = json.loads((work / "reports" / "metrics.json").read_text())
+    assert on_disk == metrics
+    assert all(v is None or isinstance(v, (bool, int, float, str)) for v in on_disk.values())
+    for family in FAMILIES:
+        assert any(key.startswith(family) for key in on_disk), family
+    assert on_disk["extractor"] == "stats"
+    for name in ("frechet_distance", "mmd2", "precision", "recall", "density", "coverage", "baseline_frechet_distance"):
+        assert isinstance(on_disk[f"fidelity.stats.{name}"], float), name
+    assert on_disk["fidelity.stats.frechet_distance"] >= 0
+    assert {"conditioning.age.predictor.stats.mae_synthetic",
+            "conditioning.sex.predictor.stats.accuracy_synthetic"} <= set(on_disk)
+    assert "conditioning.age.csf_fraction.slope_synthetic" in on_disk
+    assert "conditioning.sex.head_ml.diff_synthetic" in on_disk
+    assert on_disk["recon.n"] >= 1 and np.isfinite(on_disk["recon.psnr"]) and 0 <= on_disk["recon.lpips"]
+    assert 0 < on_disk["diversity.ms_ssim_real"] <= 1 and on_disk["diversity.ratio"] > 0
+    assert on_disk["intensity.wasserstein"] > 0
+    assert on_disk["compare.vqvae.val_psnr"] == 21.0  # the optional VQ-VAE metrics are picked up
+
+
+def test_exact_copy_of_a_training_volume_is_flagged(report, setup):
+    _, metrics = report
+    _, _, copy_name, copy_source = setup
+    assert metrics["privacy.metric"] == "ncc"
+    assert metrics["privacy.ncc.n_likely_copies"] >= 1 and metrics["privacy.ssim.n_likely_copies"] >= 1
+    assert metrics["privacy.ncc.max_score"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["privacy.closest_synthetic"] == copy_name
+    assert metrics["privacy.closest_train"] == copy_source
+    assert metrics["privacy.n_near_duplicates"] >= 1
+    assert metrics["check.privacy_near_duplicates"] is False
+    assert "privacy_near_duplicates" in metrics["gate_failed_checks"].split(",")
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs, self.tags = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.refs += [(tag, name, value) for name, value in attrs if name in ("src", "href")]
+
+
+def test_html_is_self_contained_with_images_and_verdicts(report, setup):
+    work, _ = report
+    _, _, copy_name, _ = setup
+    text = (work / "reports" / "report.html").read_text()
+    parser = _Links()
+    parser.feed(text)
+    assert "link" not in parser.tags and "script" not in parser.tags
+    assert parser.refs, "no images"
+    prefix = "data:image/png;base64,"
+    assert all(tag == "img" and name == "src" and value.startswith(prefix) for tag, name, value in parser.refs)
+    assert base64.b64decode(parser.refs[0][2][len(prefix):])[:8] == b"\x89PNG\r\n\x1a\n"
+    pngs = sorted((work / "reports" / "figures").glob("*.png"))
+    assert len(parser.refs) == len(pngs) >= 6
+    assert {"real_vs_synthetic.png", "nearest_neighbours.png", "intensity_histograms.png", "synthetic_by_age.png",
+            "training_curves.png"} <= {p.name for p in pngs}
+    assert "PASS" in text and "FAIL" in text and "Quality gate: <b>FAIL</b>" in text
+    assert copy_name in text and "LIKELY COPY" in text
+    assert "VQ-VAE" in text
+
+
+def test_forced_threshold_fails_the_gate_without_raising(report):
+    _, metrics = report
+    assert metrics["gate"] == "fail" and metrics["gate_passed"] is False
+    failed = metrics["gate_failed_checks"].split(",")
+    assert "recon_psnr" in failed and metrics["check.recon_psnr"] is False
+    assert metrics["gate_n_failed"] == len(failed)
+
+
+def test_noise_volumes_fail_the_fidelity_checks(setup):
+    work, _, _, _ = setup
+    params = make_params()
+    data = load_report_data(params, work / "data" / "processed", work / "data" / "synthetic")
+    rng = np.random.default_rng(0)
+    data.synthetic_volumes = rng.uniform(-1, 1, data.synthetic_volumes.shape).astype(np.float32)
+    result = compute_set_metrics(params, data)
+    failed = {c.name for c in evaluate_gate(result.metrics, params.report.thresholds) if c.status == "fail"}
+    assert {"frechet_ratio", "precision", "coverage", "intensity_wasserstein"} <= failed
+    assert "recon_psnr" not in failed  # no model given: the check does not apply
+
+
+def test_gate_rules_skip_fail_and_pass():
+    metrics = {"extractor": "stats", "recon.psnr": 30.0, "recon.ssim": None, "fidelity.stats.precision": 0.9,
+               "fidelity.stats.coverage": 0.2, "conditioning.age.predictor.stats.error_ratio": 1.5,
+               "privacy.excess_fraction": 0.0, "privacy.n_near_duplicates": 0}
+    checks = {c.name: c for c in evaluate_gate(metrics, ReportThresholds())}
+    assert checks["recon_psnr"].status == "pass"
+    assert checks["recon_ssim"].status == "fail" and checks["recon_ssim"].note == "could not be computed"
+    assert checks["coverage"].status == "fail" and checks["precision"].status == "pass"
+    assert checks["recall"].status == "skipped"            # threshold null by default
+    assert checks["diversity_ratio"].status == "skipped"   # metric absent: not applicable
+    assert checks["predictor_age"].status == "pass"
+    assert checks["privacy_copies"].status == "pass" and checks["privacy_near_duplicates"].status == "pass"
+    relaxed = ReportThresholds(min_coverage=None, min_recon_ssim=None)
+    assert all(c.status != "fail" for c in evaluate_gate(metrics, relaxed))
+    assert isinstance(checks["recon_psnr"], Check) and checks["recon_psnr"].rule == ">= 24"
+
+
+def test_cli_runs_the_stage_logs_to_mlflow_and_exits_zero_on_a_failing_gate(setup, monkeypatch):
+    import mlflow
+
+    from synthmri.cli import main
+
+    work, _, _, _ = setup
+    monkeypatch.chdir(work)
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("SYNTHMRI_PARENT_RUN_ID", raising=False)
+    overrides = [arg for o in _overrides(work, "report.max_pairs=5", "report.thresholds.min_recon_psnr=1000")
+                 for arg in ("-S", o)]
+    assert main(["report", "--params", str(REPO / "params.yaml"), *overrides]) == 0
+    metrics = json.loads((work / "reports" / "metrics.json").read_text())
+    assert metrics["gate_passed"] is False
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["synthmri"], output_format="list")
+    run = next(r for r in runs if r.data.tags.get("synthmri.stage") == "report")
+    assert run.data.tags["gate"] == "fail" and run.data.tags["vqgan_version"] == "3"
+    assert run.data.metrics["gate_passed"] == 0.0 and "recon.psnr" in run.data.metrics
+    inputs = run.inputs.dataset_inputs
+    assert [i.dataset.name for i in inputs] == ["synthetic"]
+    assert inputs[0].dataset.digest == run.data.tags["synthetic_digest"][:16]
+    assert {i.key: i.value for i in inputs[0].tags}.get("mlflow.data.context") == "evaluation"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"metrics.json", "report.html", "figures"} <= artifacts
