@@ -6,7 +6,7 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test test-fast clean-demo
+.PHONY: setup demo test test-fast clean-demo nightly-local
 
 setup: $(VENV)/.installed
 
@@ -30,3 +30,8 @@ test-fast: setup
 
 clean-demo:
 	rm -rf data/raw/demo data/ingested data/processed
+
+# Prefect server + work pool + deployment + worker on 127.0.0.1 (Ctrl-C stops them); then
+# PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/prefect deployment run synthesize/nightly
+nightly-local: setup
+	scripts/nightly-local.sh

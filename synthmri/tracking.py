@@ -98,3 +98,123 @@ def register_model(name: str, artifact_dir: Path, run: Any, tags: dict[str, str]
                                           tags=tags)
     log.info("Registered %s version %s", name, version.version)
     return str(version.version)
+
+
+# --------------------------------------------------------------------------------------------------
+# Nightly runs (flows/synthesize.py): a parent run per pipeline run, lineage tags, the published data
+# set as an MLflow dataset, and the ``production`` alias on the model versions behind a published set.
+# The stages' own runs nest under the parent through SYNTHMRI_PARENT_RUN_ID (see stage_run).
+
+
+def client() -> Any:
+    """An ``MlflowClient`` on :func:`tracking_uri`, after checking that a server answers."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = tracking_uri()
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment() -> str:
+    """The pipeline experiment's id, created (artifacts in ``mlartifacts/`` for a local store) if needed."""
+    c = client()
+    experiment = c.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        uri = tracking_uri()
+        location = None if uri.startswith(("http://", "https://")) else Path("mlartifacts").resolve().as_uri()
+        with contextlib.suppress(Exception):  # another process may have created it meanwhile
+            c.create_experiment(EXPERIMENT, artifact_location=location)
+        experiment = c.get_experiment_by_name(EXPERIMENT)
+    return experiment.experiment_id
+
+
+def start_parent_run(run_name: str, tags: dict[str, str] | None = None) -> str:
+    """Create the parent run of one pipeline run (left open; see :func:`end_parent_run`); return its id."""
+    c = client()
+    run = c.create_run(ensure_experiment(), run_name=run_name,
+                       tags={"synthmri.kind": "pipeline", "git_commit": git_commit(), **(tags or {})})
+    log.info("MLflow parent run %s (%s) in experiment '%s' at %s", run.info.run_id[:8], run_name, EXPERIMENT,
+             tracking_uri())
+    return run.info.run_id
+
+
+def set_run_tags(run_id: str, tags: dict[str, Any]) -> None:
+    c = client()
+    for key, value in tags.items():
+        if value is not None:
+            c.set_tag(run_id, key, str(value)[:5000])
+
+
+def log_run_metrics(run_id: str, metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Log the finite numbers of a flat dict as metrics (booleans as 0/1; strings are skipped)."""
+    import math
+
+    clean = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, (int, float)) and math.isfinite(float(value)):
+            clean[f"{prefix}{key}"] = float(value)
+    if clean:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        client().log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in clean.items()])
+    return clean
+
+
+def end_parent_run(run_id: str, status: str = "FINISHED") -> None:
+    """``status``: FINISHED, FAILED or KILLED."""
+    client().set_terminated(run_id, status=status)
+
+
+def log_dataset(run_id: str, manifest_csv: Path, name: str, digest: str, source: str,
+                context: str = "synthetic") -> None:
+    """Log a data set (its manifest as the table, the DVC hash as digest) as an input of ``run_id``."""
+    import warnings
+
+    import mlflow.data
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+
+    frame = pd.read_csv(manifest_csv)
+    with warnings.catch_warnings():  # hints on integer columns and on two equivalent local source types
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest[:36])
+        entity = dataset._to_mlflow_entity()
+    client().log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])
+
+
+def set_alias(registry_files: list[Path] | tuple[Path, ...], alias: str = "production",
+              tags: dict[str, str] | None = None) -> dict[str, str]:
+    """Point ``alias`` at the model versions named in the stages' ``registry.json`` files.
+
+    Returns {model name: version}. A version missing from this tracking store (trained against
+    another ``MLFLOW_TRACKING_URI``) is skipped with a warning.
+    """
+    import json
+
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    moved = {}
+    for path in registry_files:
+        if not Path(path).is_file():
+            log.warning("No %s: no model version to mark '%s'", path, alias)
+            continue
+        entry = json.loads(Path(path).read_text())
+        name, version = str(entry["name"]), str(entry["version"])
+        try:
+            c.set_registered_model_alias(name, alias, version)
+            for key, value in (tags or {}).items():
+                c.set_model_version_tag(name, version, key, value)
+        except MlflowException as exc:
+            log.warning("Could not set alias '%s' on %s version %s: %s", alias, name, version, exc)
+            continue
+        moved[name] = version
+        log.info("MLflow alias %s@%s -> version %s", name, alias, version)
+    return moved
