@@ -52,7 +52,7 @@ def trained(tmp_path_factory):
 
 
 def _sample(params, work: Path, out: Path):
-    return run_sample(params, work / "latents", work / "processed", work / "ldm", work / "vqgan", out)
+    return run_sample(params, work / "latents", work / "processed", work / "ldm", work / "vqgan", out, track=False)
 
 
 def test_diffusion_training_outputs(trained):
@@ -126,7 +126,8 @@ def test_dask_runner_with_two_local_workers_gives_the_same_set(trained, prefect_
     threads = _sample(params, work, tmp_path / "threads")
     dask_params = params.model_copy(update={"sample": params.sample.model_copy(update={"task_runner": "dask",
                                                                                       "workers": 2})})
-    dask = run_sample(dask_params, work / "latents", work / "processed", work / "ldm", work / "vqgan", tmp_path / "dask")
+    dask = run_sample(dask_params, work / "latents", work / "processed", work / "ldm", work / "vqgan",
+                      tmp_path / "dask", track=False)
     assert list(dask["sha256"]) == list(threads["sha256"])
 
 
@@ -142,7 +143,8 @@ def test_sigkill_during_sample_then_rerun_finishes_consistently(trained, tmp_pat
     cmd = [sys.executable, "-m", "synthmri.cli", "sample", "--params", str(REPO / "params.yaml"),
            "-S", "sample.n_samples=12", "-S", "sample.shard_size=2", "-S", "diffusion.sampler.steps=3",
            "-S", "normalize.shape=[16,16,16]"]
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     env.pop("PREFECT_API_URL", None)
     shards = tmp_path / "data" / "synthetic" / "shards"
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -163,3 +165,10 @@ def test_sigkill_during_sample_then_rerun_finishes_consistently(trained, tmp_pat
     assert SyntheticDataset(out).verify() == []
     for f in manifest["file"]:
         nib.load(out / f).get_fdata()  # every file is readable
+    from mlflow import MlflowClient
+
+    import mlflow
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = MlflowClient().search_runs([mlflow.get_experiment_by_name("synthmri").experiment_id],
+                                      filter_string="tags.`synthmri.stage` = 'sample'")
+    assert runs and any(d.dataset.name == "synthetic" for r in runs for d in r.inputs.dataset_inputs)

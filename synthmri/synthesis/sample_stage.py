@@ -186,7 +186,31 @@ def write_card(out_dir: Path, params: Params, manifest: pd.DataFrame, provenance
 
 
 def run_sample(params: Params, latent_dir: Path = LATENT_DIR, processed_dir: Path = PROCESSED_DIR,
-               ldm_dir: Path = LDM_DIR, vqgan_dir: Path = VQGAN_DIR, out_dir: Path = SYNTHETIC_DIR) -> pd.DataFrame:
+               ldm_dir: Path = LDM_DIR, vqgan_dir: Path = VQGAN_DIR, out_dir: Path = SYNTHETIC_DIR,
+               track: bool = True) -> pd.DataFrame:
+    """Generate the set (as an MLflow ``sample`` run whose generated data set is logged with its digest)."""
+    if not track:
+        return _generate(params, latent_dir, processed_dir, ldm_dir, vqgan_dir, out_dir)
+    import mlflow
+
+    from synthmri import tracking
+
+    with tracking.stage_run("sample", params.model_dump(mode="json")) as run:
+        started = time.perf_counter()
+        manifest = _generate(params, latent_dir, processed_dir, ldm_dir, vqgan_dir, out_dir)
+        digest = hashlib.sha256("".join(manifest["sha256"]).encode()).hexdigest()
+        mlflow.set_tags({"dataset_digest": digest, **{k: str(v) for k, v in manifest.iloc[0].items()
+                                                     if k.endswith(("_version", "_sha256"))}})
+        mlflow.log_metrics({"volumes": len(manifest),
+                            "volumes_per_min_incl_resume": 60 * len(manifest) / (time.perf_counter() - started)})
+        tracking.log_dataset(run.info.run_id, out_dir / "manifest.csv", name="synthetic", digest=digest,
+                             source=out_dir.resolve().as_uri(), context="generated")
+        mlflow.log_artifact(str(out_dir / "README.md"), artifact_path="card")
+    return manifest
+
+
+def _generate(params: Params, latent_dir: Path, processed_dir: Path, ldm_dir: Path, vqgan_dir: Path,
+              out_dir: Path) -> pd.DataFrame:
     """Generate every planned sample that is not on disk yet, then write the manifest and card."""
     space = json.loads((processed_dir / SPACE_FILE).read_text())
     training = LatentSet(latent_dir, "train").manifest
