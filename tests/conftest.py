@@ -46,6 +46,23 @@ def tree_digest(root: Path) -> dict[str, str]:
     return digests
 
 
+def copy_working_tree(work: Path) -> Path:
+    """Copy the repository's working tree (tracked + new, not ignored files) to ``work``: what a fresh
+    clone of this change would contain, for end-to-end tests that run DVC in their own git repo."""
+    import shutil
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.split(b"\0")
+    for rel in filter(None, listed):
+        source = REPO / os.fsdecode(rel)
+        if source.is_file():
+            target = work / os.fsdecode(rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    return work
+
+
 def make_params(*overrides: str) -> Params:
     """The repository's params.yaml with overrides, as a user would get them from the CLI."""
     return load_params(REPO / "params.yaml", list(overrides))

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, copy_working_tree
 from test_publish import DVC, DVC_YAML, ENV, make_repo, set_params, sh, tags
 
 sys.path.insert(0, str(REPO))
@@ -214,14 +213,7 @@ def _smoke_clone(base: Path) -> Path:
     """The working tree (tracked + new files) as its own git repo on the smoke profile (fewer training steps,
     gate checks lenient)."""
     work = base / "repo"
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, check=True).stdout.split(b"\0")
-    for rel in filter(None, listed):
-        source = REPO / os.fsdecode(rel)
-        if source.is_file():
-            target = work / os.fsdecode(rel)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
+    copy_working_tree(work)
     params = yaml.safe_load((work / "profiles" / "smoke.yaml").read_text())
     if "report" in params:  # a 20-step smoke model fails a real gate: keep one check that passes
         params["report"]["thresholds"] = {k: None for k in params["report"]["thresholds"]}

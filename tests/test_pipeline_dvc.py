@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import REPO
+from conftest import copy_working_tree
 
 pytestmark = pytest.mark.slow
 
@@ -28,14 +28,7 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
 def smoke_repo(tmp_path_factory) -> tuple[Path, dict]:
     """A copy of the working tree (tracked + new files) as its own git repo, on the smoke profile."""
     work = tmp_path_factory.mktemp("pipeline") / "repo"
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, check=True).stdout.split(b"\0")
-    for rel in filter(None, listed):
-        source = REPO / os.fsdecode(rel)
-        if source.is_file():
-            target = work / os.fsdecode(rel)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
+    copy_working_tree(work)
     shutil.copy(work / "profiles" / "smoke.yaml", work / "params.yaml")
     env = dict(os.environ, DVC_NO_ANALYTICS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_HOME=str(work.parent / "prefect-home"), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -17,7 +16,7 @@ from synthmri.errors import StageError
 from synthmri.io import save_nifti
 from synthmri.tracking import check_reachable
 
-from conftest import blob_volume, make_params, make_processed, write_nifti
+from conftest import blob_volume, make_params, make_processed
 
 
 def test_unreachable_tracking_server_fails_fast_with_clear_message(tmp_path, monkeypatch):

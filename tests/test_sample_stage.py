@@ -14,7 +14,6 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from synthmri.data.latents import run_encode
 from synthmri.data.synthetic import SyntheticDataset

@@ -13,7 +13,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,6 @@ from synthmri.data.latents import LATENT_DIR, VQGAN_DIR, LatentSet
 from synthmri.data.normalize import PROCESSED_DIR, SPACE_FILE
 from synthmri.diffusion.sampling import sample_latents, sample_seed
 from synthmri.diffusion.schedulers import make_sampler
-from synthmri.errors import StageError
 from synthmri.io import save_nifti, sha256_file, write_csv_atomic, write_text_atomic
 from synthmri.logs import get_logger
 from synthmri.models.loading import load_ldm, load_vqgan, read_config
