@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from synthmri import __version__
@@ -20,98 +20,52 @@ class Stage:
     name: str
     summary: str
     details: str
-    run: Callable[[Params], object]
+    target: str  # "module:function" taking Params; imported only when the stage runs (fast --help)
 
-
-def _demo(params: Params) -> None:
-    from pathlib import Path
-
-    from synthmri.data.demo import generate_demo_cohort
-
-    generate_demo_cohort(params, Path("data/raw/demo"))
-
-
-def _ingest(params: Params) -> None:
-    from synthmri.data.ingest import run_ingest
-
-    run_ingest(params)
-
-
-def _normalize(params: Params) -> None:
-    from synthmri.data.normalize import run_normalize
-
-    run_normalize(params)
-
-
-def _train_vqgan(params: Params) -> None:
-    from synthmri.training.train_vqgan import run_train_vqgan
-
-    run_train_vqgan(params)
-
-
-def _encode(params: Params) -> None:
-    from synthmri.data.latents import run_encode
-
-    run_encode(params)
-
-
-def _train_diffusion(params: Params) -> None:
-    from synthmri.training.train_diffusion import run_train_diffusion
-
-    run_train_diffusion(params)
-
-
-def _sample(params: Params) -> None:
-    from synthmri.synthesis.sample_stage import run_sample
-
-    run_sample(params)
-
-
-def _report(params: Params) -> None:
-    from synthmri.report.stage import run_report
-
-    run_report(params)
+    def run(self, params: Params) -> object:
+        module, _, function = self.target.partition(":")
+        return getattr(importlib.import_module(module), function)(params)
 
 
 STAGES = [
     Stage("demo", "generate the simulated demo cohort (BIDS) into data/raw/demo",
           "Builds the built-in demo cohort from nilearn's MNI152 template: covariate-driven anatomy "
           "(age, sex), a contrast model per site, ground-truth volumes in participants.tsv. Params: demo.*",
-          _demo),
+          "synthmri.data.demo:run_demo"),
     Stage("ingest", "validate raw volumes and covariates into data/ingested",
           "Reads ingest.root (source bids, table or demo), checks every file and covariate row, writes RAS "
           "volumes, manifest.csv and quarantine.csv (one row per item set aside, with the reason). "
           "Raw data is never modified. Params: ingest.*, covariates",
-          _ingest),
+          "synthmri.data.ingest:run_ingest"),
     Stage("normalize", "resample, crop and scale into data/processed; split subjects",
           "Resamples to normalize.spacing, crops/pads to normalize.shape around the head, clips intensities "
           "at percentiles and scales them to normalize.out_range (optional Nyul standardization fitted on "
           "the training split), and assigns a stratified subject-level train/val/test split. Params: normalize.*",
-          _normalize),
+          "synthmri.data.normalize:run_normalize"),
     Stage("train_vqgan", "train the 3D VQ-GAN (or VQ-VAE baseline) into models/vqgan",
           "Trains the VQ-GAN on the training split: L1 + 2.5D LPIPS + commitment, hinge adversarial loss with "
           "adaptive weight and GAN feature matching after vqgan.loss.disc_start_step. Resumes from the newest "
           "checkpoint in models/checkpoints/vqgan. Validation PSNR/SSIM/LPIPS go to reports/vqgan.json and "
           "MLflow; the model is registered as synthmri-vqgan. Params: vqgan.*, seed",
-          _train_vqgan),
+          "synthmri.training.train_vqgan:run_train_vqgan"),
     Stage("encode", "encode every subject into quantized latents in data/latents",
           "Encodes every split with the trained VQ-GAN (deterministic quantized codes, never a noisy sample), "
           "writes latents with subject ids and covariates, and the per-channel latent scale factor computed "
           "on the training split. Params: encode.*",
-          _encode),
+          "synthmri.data.latents:run_encode"),
     Stage("train_diffusion", "train the conditional latent diffusion model into models/ldm",
           "Trains the 3D diffusion U-Net on the standardized latents, conditioned on the declared covariates "
           "(condition dropout for classifier-free guidance), with EMA weights for sampling. Resumes from "
           "models/checkpoints/ldm; decoded sample slices go to MLflow every diffusion.train.sample_every steps; "
           "the EMA model is registered as synthmri-ldm. Params: diffusion.*, covariates, seed",
-          _train_diffusion),
+          "synthmri.training.train_diffusion:run_train_diffusion"),
     Stage("sample", "generate the synthetic data set into data/synthetic",
           "Generates one volume per row of the covariate plan (sample.plan: match_training, grid or csv) with "
           "the diffusion sampler of diffusion.sampler, decodes it with the VQ-GAN and writes NIfTI with the "
           "training space's affine and a clean header, plus manifest.csv/parquet and a data-set card. Works in "
           "shards fanned out by a Prefect task runner (threads or Dask); a rerun skips finished shards. "
           "Params: sample.*, diffusion.sampler",
-          _sample),
+          "synthmri.synthesis.sample_stage:run_sample"),
     Stage("report", "quality and privacy report of data/synthetic, with the quality gate",
           "Compares the synthetic set with the real held-out volumes (report.reference_splits): VQ-GAN "
           "reconstruction on the test split (PSNR, SSIM, 2.5D LPIPS); Frechet distance, MMD and precision/recall/"
@@ -121,7 +75,7 @@ STAGES = [
           "Writes reports/metrics.json, reports/report.html and reports/figures/, logs an MLflow 'report' run, and "
           "records gate: pass|fail against report.thresholds (a failing gate does not fail the stage). "
           "Params: report.*",
-          _report),
+          "synthmri.report.stage:run_report"),
 ]
 
 

@@ -494,6 +494,14 @@ def _remove_leftovers(out_dir: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+DEMO_DIR = Path("data/raw/demo")
+
+
+def run_demo(params: "Params") -> Path:
+    """The ``demo`` stage: (re)generate the cohort in ``data/raw/demo``."""
+    return generate_demo_cohort(params, DEMO_DIR)
+
+
 def generate_demo_cohort(params: "Params", out_dir: Path) -> Path:
     """Write a BIDS folder: dataset_description.json, participants.tsv, participants.json,
     sub-XXX/anat/sub-XXX_T1w.nii.gz. Deterministic from params.demo.seed. Returns out_dir.
