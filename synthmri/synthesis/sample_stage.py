@@ -62,7 +62,8 @@ class SampleJob:
 def _models(ldm_dir: str, vqgan_dir: str, latent_dir: str):
     """Models are loaded once per process (threads share them; each Dask worker loads its own)."""
     device = pick_device("auto")
-    return load_ldm(ldm_dir, device), load_vqgan(vqgan_dir, device), LatentSet(latent_dir, split=None), device
+    return (load_ldm(ldm_dir, device), read_config(Path(ldm_dir)), load_vqgan(vqgan_dir, device),
+            LatentSet(latent_dir, split=None), device)
 
 
 def sample_volume_name(index: int) -> str:
@@ -71,8 +72,7 @@ def sample_volume_name(index: int) -> str:
 
 def generate_shard(job: SampleJob, shard: int, items: list[tuple[int, dict]]) -> dict:
     """Generate, decode and write the volumes of one shard; record it only when all are on disk."""
-    ldm, vqgan, latents, device = _models(job.ldm_dir, job.vqgan_dir, job.latent_dir)
-    config = read_config(Path(job.ldm_dir))
+    ldm, config, vqgan, latents, device = _models(job.ldm_dir, job.vqgan_dir, job.latent_dir)
     seeds = [sample_seed(job.seed, index) for index, _ in items]
     rows = [row for _, row in items]
     z = sample_latents(ldm.unet, ldm.encoder, make_sampler(job.sampler, ldm_schedule(config)), rows,

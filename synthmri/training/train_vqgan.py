@@ -24,7 +24,8 @@ from synthmri.data.normalize import PROCESSED_DIR
 from synthmri.errors import StageError
 from synthmri.io import sha256_file, write_csv_atomic, write_text_atomic
 from synthmri.logs import get_logger
-from synthmri.losses.adversarial import adaptive_gan_weight, feature_matching_loss, hinge_d_loss, hinge_g_loss
+from synthmri.losses.adversarial import (adaptive_gan_weight, disc_factor, feature_matching_loss, hinge_d_loss,
+                                         hinge_g_loss)
 from synthmri.losses.perceptual import LPIPS25D
 from synthmri.metrics.image import psnr, ssim3d
 from synthmri.models.loading import save_weights
@@ -111,7 +112,7 @@ class VQGANTrainer(ResumableTrainer):
 
     def train_step(self, x: torch.Tensor) -> dict[str, float]:
         loss_cfg, t = self.cfg.loss, self.cfg.train
-        gan_on = self.opt_d is not None and self.step >= loss_cfg.disc_start_step
+        gan_on = self.opt_d is not None and disc_factor(self.step, loss_cfg.disc_start_step) > 0
         generator = torch.Generator().manual_seed(self.params.seed + self.step)
         with autocast(self.device):
             recon, vq_loss, stats = self.model(x)
