@@ -6,7 +6,7 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test test-fast clean-demo nightly-local
+.PHONY: setup demo test test-fast bench clean-demo nightly-local
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,12 @@ test: setup
 
 test-fast: setup
 	$(BIN)/pytest -m "not slow"
+
+# Speed and memory benchmarks, MONAI side by side (installs the 'bench' extra); results: benchmarks/RESULTS.md
+bench: setup
+	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,bench]'
+	$(BIN)/python benchmarks/bench_monai.py
+	$(BIN)/python benchmarks/bench_flops.py
 
 clean-demo:
 	rm -rf data/raw/demo data/ingested data/processed
