@@ -21,6 +21,10 @@ class Stage:
     summary: str
     details: str
     target: str  # "module:function" taking Params; imported only when the stage runs (fast --help)
+    train_section: str | None = None  # "vqgan" / "diffusion": the stage trains, <section>.train.processes applies
+
+    def processes(self, params: Params) -> int:
+        return getattr(params, self.train_section).train.processes if self.train_section else 1
 
     def run(self, params: Params) -> object:
         module, _, function = self.target.partition(":")
@@ -46,8 +50,9 @@ STAGES = [
           "Trains the VQ-GAN on the training split: L1 + 2.5D LPIPS + commitment, hinge adversarial loss with "
           "adaptive weight and GAN feature matching after vqgan.loss.disc_start_step. Resumes from the newest "
           "checkpoint in models/checkpoints/vqgan. Validation PSNR/SSIM/LPIPS go to reports/vqgan.json and "
-          "MLflow; the model is registered as synthmri-vqgan. Params: vqgan.*, seed",
-          "synthmri.training.train_vqgan:run_train_vqgan"),
+          "MLflow; the model is registered as synthmri-vqgan. With vqgan.train.processes > 1 it relaunches "
+          "itself under torchrun (DistributedDataParallel). Params: vqgan.*, seed",
+          "synthmri.training.train_vqgan:run_train_vqgan", train_section="vqgan"),
     Stage("encode", "encode every subject into quantized latents in data/latents",
           "Encodes every split with the trained VQ-GAN (deterministic quantized codes, never a noisy sample), "
           "writes latents with subject ids and covariates, and the per-channel latent scale factor computed "
@@ -57,8 +62,9 @@ STAGES = [
           "Trains the 3D diffusion U-Net on the standardized latents, conditioned on the declared covariates "
           "(condition dropout for classifier-free guidance), with EMA weights for sampling. Resumes from "
           "models/checkpoints/ldm; decoded sample slices go to MLflow every diffusion.train.sample_every steps; "
-          "the EMA model is registered as synthmri-ldm. Params: diffusion.*, covariates, seed",
-          "synthmri.training.train_diffusion:run_train_diffusion"),
+          "the EMA model is registered as synthmri-ldm. With diffusion.train.processes > 1 it relaunches itself "
+          "under torchrun (DistributedDataParallel). Params: diffusion.*, covariates, seed",
+          "synthmri.training.train_diffusion:run_train_diffusion", train_section="diffusion"),
     Stage("sample", "generate the synthetic data set into data/synthetic",
           "Generates one volume per row of the covariate plan (sample.plan: match_training, grid or csv) with "
           "the diffusion sampler of diffusion.sampler, decodes it with the VQ-GAN and writes NIfTI with the "
@@ -102,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         params = load_params(args.params, args.overrides)
+        processes = args.handler.processes(params)
+        if processes > 1:
+            from synthmri.training import distributed  # imports torch: only for the stages that train
+
+            if not distributed.under_launcher():
+                return distributed.relaunch(processes, sys.argv[1:] if argv is None else argv)
         args.handler.run(params)
     except ConfigError as exc:
         print(f"synthmri {args.stage}: configuration error:\n{exc}", file=sys.stderr)

@@ -174,6 +174,16 @@ class TrainParams(_Section):
     log_every: int = Field(10, ge=1)
     num_workers: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Scale-out: batch_size is per process and micro-step; the optimizer sees
+    # batch_size × processes × grad_accumulation volumes per step.
+    processes: int = Field(1, ge=1)          # DDP processes on this machine (>1: relaunched under torchrun)
+    grad_accumulation: int = Field(1, ge=1)  # micro-batches accumulated per optimizer step
+    # GPU path (execution only: none of these changes what is learned, so a run may resume with them toggled)
+    precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on CUDA; the CPU always trains in fp32
+    activation_checkpointing: bool = False       # recompute activations in backward: memory for compute
+    channels_last: bool = False                  # channels-last-3d memory format (benchmarks/RESULTS.md: where it helps)
+    compile: bool = False                        # torch.compile the model (long first step; pays off on long GPU runs)
+    pin_memory: bool = True                      # page-locked host batches, copied asynchronously to the GPU
 
 
 class VQGANTrainParams(TrainParams):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -43,9 +44,14 @@ def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_lay
     Balances the adversarial gradient against the reconstruction gradient where both enter the
     decoder, so the GAN term neither vanishes nor swamps the reconstruction (Esser et al., 2021).
     Both losses must still have their graphs (the graphs are retained for the real backward pass).
+    Under DDP the two gradients are averaged over ranks first, so every rank uses the same weight.
     """
     rec_grad, = torch.autograd.grad(rec_loss, last_layer_weight, retain_graph=True)
     gan_grad, = torch.autograd.grad(gan_loss, last_layer_weight, retain_graph=True)
+    if dist.is_available() and dist.is_initialized():  # DDP: the gradients of the global batch's losses
+        for grad in (rec_grad, gan_grad):
+            dist.all_reduce(grad)
+            grad /= dist.get_world_size()
     weight = rec_grad.float().norm() / (gan_grad.float().norm() + 1e-4)
     return weight.clamp(0.0, max_weight).detach()
 

@@ -41,13 +41,15 @@ def load_vqgan(directory: str | Path, device: torch.device | str = "cpu") -> VQG
     return model.to(device).eval()
 
 
-def build_ldm(unet: UNetParams, covariates: list, latent_channels: int):
-    """U-Net + covariate encoder; the encoder's embedding width is the U-Net's time-embedding width."""
+def build_ldm(unet: UNetParams, covariates: list, latent_channels: int, checkpointing: bool = False):
+    """U-Net + covariate encoder; the encoder's embedding width is the U-Net's time-embedding width.
+    ``checkpointing``: activation checkpointing of the U-Net's blocks in training."""
     from synthmri.diffusion.conditioning import ConditionedUNet, CovariateEncoder
     from synthmri.models.unet import DiffusionUNet
 
     emb_dim = 4 * unet.channels[0]
-    return ConditionedUNet(DiffusionUNet.from_params(unet, in_channels=latent_channels, cond_dim=emb_dim),
+    return ConditionedUNet(DiffusionUNet.from_params(unet, in_channels=latent_channels, cond_dim=emb_dim,
+                                                     checkpointing=checkpointing),
                            CovariateEncoder(covariates, emb_dim))
 
 

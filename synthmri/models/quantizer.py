@@ -38,8 +38,8 @@ class VectorQuantizer(nn.Module):
     In training mode each forward pass (1) on the very first call, initialises the codebook from random
     encoder outputs, (2) updates the EMA cluster sizes and embedding sums (all-reduced across DDP ranks)
     and sets each code to its Laplace-smoothed mean, (3) restarts codes whose EMA cluster size fell
-    below ``dead_code_threshold`` from random encoder outputs of the batch (then broadcast from rank 0 so
-    every rank keeps the same codebook). In eval mode, and in :meth:`encode_indices`, nothing changes.
+    below ``dead_code_threshold`` from random encoder outputs of the (global) batch (then broadcast from
+    rank 0 so every rank keeps the same codebook). In eval mode, and in :meth:`encode_indices`, nothing changes.
 
     Gradients use the straight-through estimator: ``z + (q - z).detach()`` passes the decoder's gradient
     to the encoder unchanged; the commitment loss ``||z - sg(q)||²`` keeps the encoder close to its codes.
@@ -96,6 +96,16 @@ class VectorQuantizer(nn.Module):
                else torch.randint(flat.shape[0], (n,), device=flat.device))
         return flat[idx]
 
+    @staticmethod
+    def _all_rows(flat: torch.Tensor) -> torch.Tensor:
+        """Encoder outputs of every rank, in rank order (= the rows one process would see with the whole
+        global batch), so that DDP initialises and restarts codes exactly like a single process."""
+        if not _distributed():
+            return flat
+        parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, flat.contiguous())
+        return torch.cat(parts)
+
     def _broadcast_codebook(self) -> None:
         if _distributed():
             for buf in (self.embedding, self.cluster_size, self.embed_sum):
@@ -103,7 +113,7 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _init_from_data(self, flat: torch.Tensor) -> None:
-        self.embedding.copy_(self._sample_rows(flat, self.codebook_size))
+        self.embedding.copy_(self._sample_rows(self._all_rows(flat), self.codebook_size))
         self.embed_sum.copy_(self.embedding * self.cluster_size[:, None])
         self.initialized.fill_(True)
         self._broadcast_codebook()
@@ -124,7 +134,7 @@ class VectorQuantizer(nn.Module):
         dead = self.cluster_size < self.dead_code_threshold
         if not dead.any():  # identical on every rank: cluster sizes are all-reduced
             return
-        fresh = self._sample_rows(flat, int(dead.sum()))
+        fresh = self._sample_rows(self._all_rows(flat), int(dead.sum()))
         self.embedding[dead] = fresh
         self.cluster_size[dead] = self.dead_code_threshold
         self.embed_sum[dead] = fresh * self.dead_code_threshold

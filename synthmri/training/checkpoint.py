@@ -63,7 +63,10 @@ def latest_checkpoint(directory: str | Path) -> dict[str, Any] | None:
     return load_checkpoint(found[-1]) if found else None
 
 
-SCHEDULE_ONLY = {"steps", "checkpoint_every", "val_every", "log_every", "sample_every", "num_workers", "device"}
+# Settings that change how or how long a run executes, not what it learns: resuming with them changed
+# continues the same run (processes and grad_accumulation change the batch, so they are not here).
+SCHEDULE_ONLY = {"steps", "checkpoint_every", "val_every", "log_every", "sample_every", "num_workers", "device",
+                 "precision", "activation_checkpointing", "channels_last", "compile", "pin_memory"}
 
 
 def config_fingerprint(section: dict[str, Any], seed: int, data_file: str | Path) -> str:

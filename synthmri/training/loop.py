@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from synthmri.config import TrainParams
 from synthmri.logs import get_logger
 from synthmri.training.checkpoint import resume_state, save_checkpoint
+from synthmri.training.distributed import Context
 from synthmri.training.runtime import rng_state, set_rng_state
 
 log = get_logger(__name__)
@@ -60,15 +61,17 @@ class ResumableTrainer:
 
 
 def train_loop(trainer: Trainer, schedule: TrainParams, checkpoint_dir: Path, desc: str,
-               validate: Callable[[], None], mlflow: Any | None = None, postfix: tuple[str, ...] = ()) -> float:
+               validate: Callable[[], None], mlflow: Any | None = None, postfix: tuple[str, ...] = (),
+               ctx: Context = Context()) -> float:
     """Run ``trainer`` from its current step to ``schedule.steps``; returns volumes (samples) per second.
 
     Losses are recorded every ``log_every`` steps (history + MLflow), ``validate`` runs every
     ``val_every`` steps, and a checkpoint is written atomically every ``checkpoint_every`` steps.
+    Under DDP every rank steps; only rank 0 shows progress, validates, logs and checkpoints.
     """
-    batch = schedule.batch_size
+    batch = schedule.batch_size * schedule.grad_accumulation * ctx.world_size  # volumes per optimizer step
     bar = tqdm(total=schedule.steps * batch, initial=trainer.step * batch, unit="vol", desc=desc,
-               dynamic_ncols=True, mininterval=1.0)
+               dynamic_ncols=True, mininterval=1.0, disable=not ctx.is_main)
     started, seen = time.perf_counter(), 0
     while trainer.step < schedule.steps:
         losses = trainer.next_step()
@@ -78,9 +81,9 @@ def train_loop(trainer: Trainer, schedule: TrainParams, checkpoint_dir: Path, de
         bar.set_postfix({k: f"{losses[k]:.4f}" for k in postfix if k in losses}, refresh=False)
         if trainer.step % schedule.log_every == 0 or trainer.step == schedule.steps:
             trainer.history.append({"step": trainer.step, **losses})
-            if mlflow is not None:
+            if mlflow is not None and ctx.is_main:
                 mlflow.log_metrics(losses, step=trainer.step)
-        if trainer.step < schedule.steps:
+        if trainer.step < schedule.steps and ctx.is_main:
             if trainer.step % schedule.val_every == 0:
                 validate()
             if trainer.step % schedule.checkpoint_every == 0:

@@ -26,9 +26,10 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (fp16 + accumulation gave NaNs in 3D VQ-GANs); full precision on CPU."""
-    if device.type == "cuda":
+def autocast(device: torch.device, precision: str = "bf16") -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (fp16 + accumulation gave NaNs in 3D VQ-GANs); full precision on CPU or
+    when ``precision`` is fp32."""
+    if device.type == "cuda" and precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -50,3 +51,14 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
     """The batch of a step depends only on (seed, step): a resumed run sees the same batches."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     return torch.randint(n, (batch_size,), generator=generator)
+
+
+def to_device(batch: torch.Tensor, device: torch.device, pin_memory: bool = True,
+              channels_last: bool = False) -> torch.Tensor:
+    """Host batch → device: page-locked and asynchronous on CUDA; optionally channels-last-3d."""
+    if device.type == "cuda":
+        batch = (batch.pin_memory() if pin_memory else batch).to(device, non_blocking=pin_memory)
+    if channels_last and batch.dim() == 5:
+        batch = batch.contiguous(memory_format=torch.channels_last_3d)
+    return batch
+

@@ -30,7 +30,9 @@ from synthmri.logs import get_logger
 from synthmri.models.loading import build_ldm, load_vqgan, save_weights
 from synthmri.training.checkpoint import config_fingerprint
 from synthmri.training.loop import ResumableTrainer, train_loop
-from synthmri.training.runtime import autocast, batch_indices, pick_device, seed_everything
+from synthmri.training import distributed
+from synthmri.training.distributed import Context
+from synthmri.training.runtime import autocast, batch_indices, pick_device, seed_everything, to_device
 from synthmri.viz import three_plane_grid
 
 log = get_logger(__name__)
@@ -60,14 +62,17 @@ class DiffusionTrainer(ResumableTrainer):
     name = "diffusion"
 
     def __init__(self, params: Params, train: LatentSet, val: LatentSet | None, checkpoint_dir: Path,
-                 fingerprint: str) -> None:
+                 fingerprint: str, ctx: Context | None = None) -> None:
         self.params, self.cfg = params, params.diffusion
-        self.device = pick_device(self.cfg.train.device)
+        t = self.cfg.train
+        self.ctx = ctx or Context(device=pick_device(t.device))
+        self.device = self.ctx.device
         seed_everything(params.seed)
         self.train, self.val = train, val
-        self.model = build_ldm(self.cfg.unet, params.covariates, train.latents.shape[1]).to(self.device)
-        self.ema = make_ema(self.model, self.cfg.train.ema_decay)
-        t = self.cfg.train
+        self.model = build_ldm(self.cfg.unet, params.covariates, train.latents.shape[1],
+                               checkpointing=t.activation_checkpointing).to(self.device)
+        self.ema = make_ema(self.model, t.ema_decay)
+        self.train_model = self.ctx.prepare(self.model, t.channels_last, t.compile)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         self.scheduler = make_training_scheduler(self.cfg.schedule)
         self.train_covariates = self.model.encoder.encode_values(covariate_rows(train.manifest, params))
@@ -77,29 +82,47 @@ class DiffusionTrainer(ResumableTrainer):
     def stateful(self) -> dict:
         return {"model": self.model, "ema": self.ema, "optimizer": self.optimizer}
 
-    def loss(self, model: ConditionedUNet, x0: torch.Tensor, covariates: CovariateBatch,
-             generator: torch.Generator, dropout: float) -> torch.Tensor:
-        """L2 between the network's prediction and the target (noise or v) at random timesteps."""
-        noise = torch.randn(x0.shape, generator=generator).to(self.device)
-        t = sample_timesteps(self.scheduler, x0.shape[0], generator, self.device)
-        covariates = CovariateEncoder.drop(covariates, dropout, generator).to(self.device)
-        with autocast(self.device):
+    def draw(self, shape: torch.Size, covariates: CovariateBatch, generator: torch.Generator,
+             dropout: float) -> tuple[torch.Tensor, torch.Tensor, CovariateBatch]:
+        """Noise, timesteps and condition dropout of a whole (global) batch, from one CPU generator:
+        every rank draws the same and takes its rows, so N processes train exactly like one."""
+        noise = torch.randn(shape, generator=generator)
+        t = sample_timesteps(self.scheduler, shape[0], generator)
+        return noise, t, CovariateEncoder.drop(covariates, dropout, generator)
+
+    def loss(self, model: torch.nn.Module, x0: torch.Tensor, covariates: CovariateBatch, noise: torch.Tensor,
+             t: torch.Tensor) -> torch.Tensor:
+        """L2 between the network's prediction and the target (noise or v) at timesteps ``t``."""
+        cfg = self.cfg.train
+        x0, noise = (to_device(v, self.device, cfg.pin_memory, cfg.channels_last) for v in (x0, noise))
+        t, covariates = t.to(self.device), covariates.to(self.device)
+        with autocast(self.device, cfg.precision):
             prediction = model(add_noise(self.scheduler, x0, noise, t), t, covariates)
         return F.mse_loss(prediction.float(), training_target(self.scheduler, x0, noise, t))
 
     def next_step(self) -> dict[str, float]:
-        t = self.cfg.train
-        indices = batch_indices(len(self.train), t.batch_size, self.params.seed, self.step)
+        """One optimizer step on the global batch: ``grad_accumulation`` micro-batches per rank."""
+        t, ctx = self.cfg.train, self.ctx
+        global_batch = t.batch_size * ctx.world_size * t.grad_accumulation
+        indices = batch_indices(len(self.train), global_batch, self.params.seed, self.step)
         generator = torch.Generator().manual_seed(sample_seed(self.params.seed, 10_000_000 + self.step))
+        noise, timesteps, covariates = self.draw(self.train.latents[indices].shape,
+                                                 self.train_covariates.select(indices), generator,
+                                                 t.condition_dropout)
         self.model.train()
-        loss = self.loss(self.model, self.train.latents[indices].to(self.device), self.train_covariates.select(indices),
-                         generator, t.condition_dropout)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_value = 0.0
+        for micro in range(t.grad_accumulation):
+            rows = ctx.micro_batch(torch.arange(global_batch), micro, t.batch_size)
+            with ctx.no_sync(self.train_model, sync=micro == t.grad_accumulation - 1):
+                loss = self.loss(self.train_model, self.train.latents[indices[rows]], covariates.select(rows),
+                                 noise[rows], timesteps[rows])
+                (loss / t.grad_accumulation).backward()
+            loss_value += float(loss.detach()) / t.grad_accumulation
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.optimizer.step()
         self.ema.update_parameters(self.model)
-        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm)}
+        return ctx.mean({"loss": loss_value, "grad_norm": float(grad_norm)})
 
     @torch.inference_mode()
     def validation_loss(self) -> float:
@@ -109,7 +132,8 @@ class DiffusionTrainer(ResumableTrainer):
         generator = torch.Generator().manual_seed(self.params.seed)
         ema = self.ema.module.eval()
         rows = ema.encoder.encode_values(covariate_rows(self.val.manifest, self.params))
-        return float(self.loss(ema, self.val.latents.to(self.device), rows, generator, dropout=0.0))
+        noise, t, rows = self.draw(self.val.latents.shape, rows, generator, dropout=0.0)
+        return float(self.loss(ema, self.val.latents, rows, noise, t))
 
 
 def decode_preview(trainer: DiffusionTrainer, vqgan, rows: list[dict], path: Path, steps: int = 10) -> Path:
@@ -135,11 +159,24 @@ def run_train_diffusion(params: Params, latent_dir: Path = LATENT_DIR, vqgan_dir
     train, val = LatentSet(latent_dir, "train"), LatentSet(latent_dir, "val")
     if len(train) == 0:
         raise StageError("no training latents: run `synthmri encode` first")
-    trainer = DiffusionTrainer(params, train, val, checkpoint_dir,
-                               config_fingerprint({"diffusion": params.diffusion.model_dump(mode="json"),
-                                                   "covariates": [c.model_dump(mode="json") for c in params.covariates]},
-                                                  params.seed, latent_dir / "latents.safetensors"))
-    vqgan = load_vqgan(vqgan_dir, trainer.device)
+    ctx = distributed.initialize(params.diffusion.train.device)
+    try:
+        trainer = DiffusionTrainer(params, train, val, checkpoint_dir,
+                                   config_fingerprint({"diffusion": params.diffusion.model_dump(mode="json"),
+                                                       "covariates": [c.model_dump(mode="json") for c in params.covariates]},
+                                                      params.seed, latent_dir / "latents.safetensors"), ctx)
+        return _train(trainer, vqgan_dir, model_dir, checkpoint_dir, report_dir, metrics_file, track and ctx.is_main)
+    finally:
+        distributed.shutdown()
+
+
+def _train(trainer: DiffusionTrainer, vqgan_dir: Path, model_dir: Path, checkpoint_dir: Path, report_dir: Path,
+           metrics_file: Path, track: bool) -> dict:
+    """The training run of one rank; rank 0 also validates, logs and writes every output."""
+    from synthmri import tracking
+
+    params, train, ctx = trainer.params, trainer.train, trainer.ctx
+    vqgan = load_vqgan(vqgan_dir, trainer.device) if ctx.is_main else None
     preview_rows = covariate_rows(train.manifest.iloc[:3], params)
     t = trainer.cfg.train
     mlflow = importlib.import_module("mlflow") if track else None
@@ -158,10 +195,14 @@ def run_train_diffusion(params: Params, latent_dir: Path = LATENT_DIR, vqgan_dir
         trainer.resume()
         n_params = sum(p.numel() for p in trainer.model.parameters()) / 1e6
         log.info("Training the latent diffusion model (%.2f M parameters, %s prediction, %s schedule) on %d "
-                 "latents of shape %s for %d steps on %s", n_params, trainer.cfg.schedule.prediction,
-                 trainer.cfg.schedule.beta_schedule, len(train), tuple(train.latents.shape[1:]), t.steps, trainer.device)
+                 "latents of shape %s for %d steps on %s, %d process(es) x %d x %d latents per step",
+                 n_params, trainer.cfg.schedule.prediction, trainer.cfg.schedule.beta_schedule, len(train),
+                 tuple(train.latents.shape[1:]), t.steps, trainer.device, ctx.world_size, t.grad_accumulation,
+                 t.batch_size)
         throughput = train_loop(trainer, t, checkpoint_dir, "Training diffusion", validate=validate, mlflow=mlflow,
-                                postfix=("loss",))
+                                postfix=("loss",), ctx=ctx)
+        if not ctx.is_main:
+            return {}
         validate()
         decode_preview(trainer, vqgan, preview_rows, report_dir / "samples.png")
         config = {"diffusion": params.diffusion.model_dump(mode="json"),
@@ -174,7 +215,7 @@ def run_train_diffusion(params: Params, latent_dir: Path = LATENT_DIR, vqgan_dir
         recent = [h["loss"] for h in trainer.history[-5:]]
         metrics = {"train_loss": float(np.mean(recent)) if recent else float("nan"),
                    "val_loss": trainer.val_history[-1]["val_loss"], "steps": trainer.step,
-                   "train_latents_per_s": throughput, "parameters_M": n_params}
+                   "train_latents_per_s": throughput, "parameters_M": n_params, "processes": ctx.world_size}
         write_text_atomic(metrics_file, json.dumps(metrics, indent=2))
         log.info("Diffusion training done: train loss %.4f, validation loss %.4f", metrics["train_loss"],
                  metrics["val_loss"])

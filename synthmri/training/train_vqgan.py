@@ -33,7 +33,9 @@ from synthmri.models.discriminator import PatchDiscriminator, SliceDiscriminator
 from synthmri.models.vqgan import VQGAN
 from synthmri.training.checkpoint import config_fingerprint
 from synthmri.training.loop import ResumableTrainer, train_loop
-from synthmri.training.runtime import autocast, batch_indices, pick_device, seed_everything
+from synthmri.training import distributed
+from synthmri.training.distributed import Context
+from synthmri.training.runtime import autocast, batch_indices, pick_device, seed_everything, to_device
 from synthmri.viz import three_plane_grid
 
 log = get_logger(__name__)
@@ -44,9 +46,10 @@ REPORT_DIR = Path("reports/vqgan")
 METRICS_FILE = Path("reports/vqgan.json")
 
 
-def build_models(params: Params, device: torch.device) -> tuple[VQGAN, torch.nn.ModuleList]:
+def build_models(params: Params, device: torch.device,
+                 checkpointing: bool = False) -> tuple[VQGAN, torch.nn.ModuleList]:
     cfg = params.vqgan
-    model = VQGAN.from_params(cfg.model, cfg.quantizer).to(device)
+    model = VQGAN.from_params(cfg.model, cfg.quantizer, checkpointing=checkpointing).to(device)
     discriminators = torch.nn.ModuleList()
     if cfg.loss.adversarial > 0:
         discriminators.append(PatchDiscriminator.from_params(cfg.discriminator))
@@ -81,14 +84,17 @@ class VQGANTrainer(ResumableTrainer):
 
     def __init__(self, params: Params, train_set: ProcessedVolumes | None = None,
                  val_set: ProcessedVolumes | None = None, checkpoint_dir: Path = CHECKPOINT_DIR,
-                 fingerprint: str = "") -> None:
+                 fingerprint: str = "", ctx: Context | None = None) -> None:
         self.params, self.cfg = params, params.vqgan
-        self.device = pick_device(self.cfg.train.device)
+        t = self.cfg.train
+        self.ctx = ctx or Context(device=pick_device(t.device))
+        self.device = self.ctx.device
         seed_everything(params.seed)
         self.train_set, self.val_set = train_set, val_set
         self.data_range = float(np.diff(params.normalize.out_range)[0])
-        self.model, self.discriminators = build_models(params, self.device)
-        t = self.cfg.train
+        self.model, self.discriminators = build_models(params, self.device, t.activation_checkpointing)
+        self.train_model = self.ctx.prepare(self.model, t.channels_last, t.compile)
+        self.train_discriminators = [self.ctx.prepare(d, t.channels_last, t.compile) for d in self.discriminators]
         self.opt_g = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         self.opt_d = (torch.optim.AdamW(self.discriminators.parameters(), lr=t.lr_discriminator, betas=t.betas,
                                         weight_decay=t.weight_decay) if len(self.discriminators) else None)
@@ -107,45 +113,69 @@ class VQGANTrainer(ResumableTrainer):
     # -- one step --------------------------------------------------------------------------------
 
     def next_step(self) -> dict[str, float]:
-        indices = batch_indices(len(self.train_set), self.cfg.train.batch_size, self.params.seed, self.step)
-        return self.train_step(self.train_set.batch(indices).to(self.device))
+        """One optimizer step on the global batch of this step: this rank's ``grad_accumulation`` micro-batches."""
+        t, ctx = self.cfg.train, self.ctx
+        global_batch = t.batch_size * ctx.world_size * t.grad_accumulation
+        indices = batch_indices(len(self.train_set), global_batch, self.params.seed, self.step)
+        rows = torch.arange(global_batch)
+        micro_batches = [self.train_set.batch(indices[ctx.micro_batch(rows, m, t.batch_size)])
+                         for m in range(t.grad_accumulation)]
+        return ctx.mean(self.train_step(*micro_batches))
 
-    def train_step(self, x: torch.Tensor) -> dict[str, float]:
-        loss_cfg, t = self.cfg.loss, self.cfg.train
+    def train_step(self, *micro_batches: torch.Tensor) -> dict[str, float]:
+        """Generator step, then discriminator step, each accumulating gradients over ``micro_batches``;
+        returns the losses averaged over them."""
+        loss_cfg, t, ctx = self.cfg.loss, self.cfg.train, self.ctx
         gan_on = self.opt_d is not None and disc_factor(self.step, loss_cfg.disc_start_step) > 0
         generator = torch.Generator().manual_seed(self.params.seed + self.step)
-        with autocast(self.device):
-            recon, vq_loss, stats = self.model(x)
-            l1 = (recon - x).abs().mean()
-            perceptual = self.lpips_loss(x, recon, generator) if loss_cfg.perceptual > 0 else torch.zeros(())
-            rec_loss = loss_cfg.l1 * l1 + loss_cfg.perceptual * perceptual
-            g_adv = fm = gan_weight = torch.zeros((), device=x.device)
-            if gan_on:
-                outputs_fake = [d(recon) for d in self.discriminators]
-                with torch.no_grad():
-                    outputs_real = [d(x) for d in self.discriminators]
-                g_adv = sum(hinge_g_loss(logits) for logits, _ in outputs_fake)
-                fm = sum(feature_matching_loss(real_f, fake_f)
-                         for (_, real_f), (_, fake_f) in zip(outputs_real, outputs_fake))
-                gan_weight = adaptive_gan_weight(rec_loss, g_adv, self.model.last_layer_weight) * loss_cfg.adversarial
-            loss = rec_loss + vq_loss + gan_weight * g_adv + loss_cfg.feature_matching * fm
+        n = len(micro_batches)
+        inputs = [to_device(x, self.device, t.pin_memory, t.channels_last) for x in micro_batches]
+        totals: dict[str, float] = {}
+        recons = []
         self.opt_g.zero_grad(set_to_none=True)
-        loss.backward()
+        for i, x in enumerate(inputs):
+            with ctx.no_sync(self.train_model, sync=i == n - 1):
+                with autocast(self.device, t.precision):
+                    recon, vq_loss, stats = self.train_model(x)
+                    l1 = (recon - x).abs().mean()
+                    perceptual = self.lpips_loss(x, recon, generator) if loss_cfg.perceptual > 0 else torch.zeros(())
+                    rec_loss = loss_cfg.l1 * l1 + loss_cfg.perceptual * perceptual
+                    g_adv = fm = gan_weight = torch.zeros((), device=x.device)
+                    if gan_on:  # the generator's view of the critics: plain modules, their gradients are discarded
+                        outputs_fake = [d(recon) for d in self.discriminators]
+                        with torch.no_grad():
+                            outputs_real = [d(x) for d in self.discriminators]
+                        g_adv = sum(hinge_g_loss(logits) for logits, _ in outputs_fake)
+                        fm = sum(feature_matching_loss(real_f, fake_f)
+                                 for (_, real_f), (_, fake_f) in zip(outputs_real, outputs_fake))
+                        gan_weight = adaptive_gan_weight(rec_loss, g_adv, self.model.last_layer_weight) * loss_cfg.adversarial
+                    loss = rec_loss + vq_loss + gan_weight * g_adv + loss_cfg.feature_matching * fm
+                (loss / n).backward()
+            recons.append(recon.detach())
+            values = {"loss": loss, "l1": l1, "perceptual": perceptual, "vq": vq_loss, "g_adv": g_adv,
+                      "feature_matching": fm, "gan_weight": gan_weight,
+                      "perplexity": stats["perplexity"], "codebook_usage": stats["usage"]}
+            for name, value in values.items():
+                totals[name] = totals.get(name, 0.0) + float(value.detach()) / n
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.opt_g.step()
 
-        d_loss = torch.zeros(())
+        totals["d_loss"] = 0.0
         if gan_on:
-            with autocast(self.device):
-                d_loss = sum(hinge_d_loss(d(x)[0], d(recon.detach())[0]) for d in self.discriminators)
             self.opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
+            for i, (x, recon) in enumerate(zip(inputs, recons)):
+                with contextlib.ExitStack() as stack:
+                    for d in self.train_discriminators:
+                        stack.enter_context(ctx.no_sync(d, sync=i == n - 1))
+                    with autocast(self.device, t.precision):
+                        # real and fake in one forward: one DDP forward per backward
+                        d_loss = sum(hinge_d_loss(*d(torch.cat([x, recon]))[0].chunk(2))
+                                     for d in self.train_discriminators)
+                    (d_loss / n).backward()
+                totals["d_loss"] += float(d_loss.detach()) / n
             torch.nn.utils.clip_grad_norm_(self.discriminators.parameters(), t.grad_clip)
             self.opt_d.step()
-        values = {"loss": loss, "l1": l1, "perceptual": perceptual, "vq": vq_loss, "g_adv": g_adv,
-                  "feature_matching": fm, "gan_weight": gan_weight, "d_loss": d_loss,
-                  "perplexity": stats["perplexity"], "codebook_usage": stats["usage"]}
-        return {name: float(value.detach()) for name, value in values.items()}
+        return totals
 
 
 def _write_outputs(trainer: VQGANTrainer, model_dir: Path, report_dir: Path, metrics_file: Path,
@@ -187,22 +217,38 @@ def run_train_vqgan(params: Params, processed_dir: Path = PROCESSED_DIR, model_d
     train_set, val_set = ProcessedVolumes(processed_dir, "train"), ProcessedVolumes(processed_dir, "val")
     if len(train_set) == 0:
         raise StageError("the training split is empty: check normalize.split")
-    trainer = VQGANTrainer(params, train_set, val_set, checkpoint_dir,
-                           config_fingerprint(params.vqgan.model_dump(mode="json"), params.seed,
-                                              Path(processed_dir) / "manifest.csv"))
-    t = trainer.cfg.train
+    ctx = distributed.initialize(params.vqgan.train.device)
+    try:
+        trainer = VQGANTrainer(params, train_set, val_set, checkpoint_dir,
+                               config_fingerprint(params.vqgan.model_dump(mode="json"), params.seed,
+                                                  Path(processed_dir) / "manifest.csv"), ctx)
+        return _train(trainer, model_dir, checkpoint_dir, report_dir, metrics_file, track and ctx.is_main)
+    finally:
+        distributed.shutdown()
+
+
+def _train(trainer: VQGANTrainer, model_dir: Path, checkpoint_dir: Path, report_dir: Path, metrics_file: Path,
+           track: bool) -> dict:
+    """The training run of one rank; rank 0 also validates, logs and writes every output."""
+    from synthmri import tracking
+
+    t, ctx = trainer.cfg.train, trainer.ctx
     mlflow = importlib.import_module("mlflow") if track else None
-    run_ctx = tracking.stage_run("train_vqgan", params.model_dump(mode="json"),
+    run_ctx = tracking.stage_run("train_vqgan", trainer.params.model_dump(mode="json"),
                                  tags={"lpips_backbone": trainer.backbone}) if track else contextlib.nullcontext()
     with run_ctx as run:
         trainer.resume()
-        log.info("Training the %s on %d volumes (%d validation) for %d steps on %s; LPIPS backbone: %s",
-                 "VQ-GAN" if trainer.opt_d else "VQ-VAE", len(trainer.train_set), len(trainer.val_set), t.steps,
-                 trainer.device, trainer.backbone)
+        log.info("Training the %s on %d volumes (%d validation) for %d steps on %s, %d process(es) x %d x %d "
+                 "volumes per step; LPIPS backbone: %s", "VQ-GAN" if trainer.opt_d else "VQ-VAE",
+                 len(trainer.train_set), len(trainer.val_set), t.steps, trainer.device, ctx.world_size,
+                 t.grad_accumulation, t.batch_size, trainer.backbone)
         trainer.model.train()
         throughput = train_loop(
             trainer, t, checkpoint_dir, "Training VQ-GAN", mlflow=mlflow, postfix=("l1", "vq", "codebook_usage"),
-            validate=lambda: _log_validation(trainer, mlflow, report_dir, trainer.val_set) if len(trainer.val_set) else None)
+            validate=lambda: _log_validation(trainer, mlflow, report_dir, trainer.val_set) if len(trainer.val_set) else None,
+            ctx=ctx)
+        if not ctx.is_main:
+            return {}
         scores = _log_validation(trainer, mlflow, report_dir,
                                  trainer.val_set if len(trainer.val_set) else trainer.train_set)
         metrics = _write_outputs(trainer, model_dir, report_dir, metrics_file, scores, throughput)
