@@ -8,7 +8,6 @@ private Agg canvases (no pyplot), as in :mod:`synthmri.viz`.
 from __future__ import annotations
 
 import base64
-import datetime as _dt
 import html
 import math
 from pathlib import Path
@@ -353,8 +352,9 @@ def build_html(metrics: dict, checks: list[Check], result: ReportResult, figures
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              "<title>SynthMRI quality and privacy report</title>", f"<style>{CSS}</style></head><body>",
              "<h1>SynthMRI quality and privacy report</h1>"]
-    info = [("generated", _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
-            ("synthetic volumes", _fmt(metrics.get("n_synthetic"))),
+    # no wall-clock "generated" time: the page depends on its inputs only (reproducible dvc.lock hash);
+    # when it was made is in git, dvc.lock and the MLflow report run
+    info = [("synthetic volumes", _fmt(metrics.get("n_synthetic"))),
             ("real held-out volumes", f"{_fmt(metrics.get('n_reference'))} ({metrics.get('reference_splits', '')})"),
             ("real training volumes", _fmt(metrics.get("n_train"))),
             ("feature extractor", str(metrics.get("extractor", ""))),
