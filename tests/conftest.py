@@ -111,3 +111,50 @@ def make_processed(work: Path, n: int = 8, shape=(16, 16, 16), *overrides: str) 
     run_ingest(params, out_dir=work / "ingested")
     run_normalize(params, in_dir=work / "ingested", out_dir=work / "processed")
     return params, work / "processed"
+
+
+def stage_command(stage: str, *overrides: str) -> list[str]:
+    """``synthmri <stage>`` as a child process, on the repository's params.yaml plus ``-S`` overrides."""
+    import sys
+
+    cmd = [sys.executable, "-m", "synthmri.cli", stage, "--params", str(REPO / "params.yaml")]
+    for override in overrides:
+        cmd += ["-S", override]
+    return cmd
+
+
+def stage_env(work: Path) -> dict[str, str]:
+    """Environment of a stage child process: its own MLflow store in ``work``, one thread (reproducible
+    and fast for tiny tensors on a shared machine)."""
+    return dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}", OMP_NUM_THREADS="1",
+                MKL_NUM_THREADS="1", DVC_NO_ANALYTICS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+
+
+def kill_after_checkpoint(cmd: list[str], cwd: Path, env: dict[str, str], checkpoint_dir: Path, min_step: int,
+                          timeout_s: float = 300) -> int:
+    """Start a training stage, SIGKILL it once it has written a checkpoint at ``min_step`` or later, and
+    check that every checkpoint left under its final name is complete (loads with ``weights_only``).
+    Returns the step of the newest checkpoint, where the rerun must resume."""
+    import signal
+    import subprocess
+    import time
+
+    from synthmri.training.checkpoint import list_checkpoints, load_checkpoint
+
+    def newest() -> int:
+        found = list_checkpoints(checkpoint_dir)
+        return int(found[-1].stem.split("-")[1]) if found else -1
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and newest() < min_step and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the stage ended on its own (exit {proc.returncode}) before the kill"
+    saved = list_checkpoints(checkpoint_dir)
+    assert saved, "no checkpoint was written before the kill"
+    for path in saved:
+        state = load_checkpoint(path)  # torch.load(weights_only=True): whatever has a final name is complete
+        assert state["step"] == int(path.stem.split("-")[1])
+    return newest()

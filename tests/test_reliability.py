@@ -1,7 +1,9 @@
-"""Faults and privacy: unreachable tracking server, full disk, identifiers in input headers."""
+"""Faults and privacy: SIGKILL during diffusion training, unreachable tracking server, full disk, identifiers
+in input headers."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -9,6 +11,8 @@ import subprocess
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from synthmri.data.ingest import run_ingest
 from synthmri.data.normalize import run_normalize
@@ -16,7 +20,7 @@ from synthmri.errors import StageError
 from synthmri.io import save_nifti
 from synthmri.tracking import check_reachable
 
-from conftest import blob_volume, make_params, make_processed
+from conftest import blob_volume, kill_after_checkpoint, make_params, make_processed, stage_command, stage_env
 
 
 def test_unreachable_tracking_server_fails_fast_with_clear_message(tmp_path, monkeypatch):
@@ -81,3 +85,61 @@ def test_identifiers_in_input_headers_never_reach_outputs(tmp_path):
         blob = raw.binaryblock
         for secret in (b"DOE", b"MRN123456", b"HOSPITAL", b"ACC998877", b"1950"):
             assert secret not in blob, f"{secret!r} leaked into {path.name}"
+
+
+TINY_LDM_RUN = ("diffusion.unet.channels=[16,32]", "diffusion.train.batch_size=4", "diffusion.train.log_every=1",
+                "diffusion.train.checkpoint_every=2", "diffusion.train.val_every=3", "diffusion.train.sample_every=1000",
+                "diffusion.sampler.steps=2")
+
+
+@pytest.mark.slow
+def test_sigkill_during_train_diffusion_then_rerun_resumes_to_identical_weights(tmp_path):
+    """Really kill ``synthmri train_diffusion`` (SIGKILL, no cleanup) after a checkpoint was written: no
+    half-written checkpoint remains, the rerun resumes from the newest one, and it ends with bitwise the
+    same EMA weights and loss history as a run that was never interrupted (CPU, one thread: the batch,
+    noise and timesteps of a step depend only on (seed, step) and the checkpoint holds model, EMA,
+    optimizer and RNG state)."""
+    from synthmri.data.latents import run_encode
+    from synthmri.training.train_vqgan import run_train_vqgan
+
+    params, processed = make_processed(tmp_path, 6, (16, 16, 16), "vqgan.train.steps=2", "vqgan.loss.adversarial=0",
+                                       "vqgan.loss.perceptual=0")
+    shared = tmp_path / "shared"
+    run_train_vqgan(params, processed, shared / "vqgan", tmp_path / "ckpt-vq", tmp_path / "rep-vq",
+                    tmp_path / "vq.json", track=False)
+    run_encode(params, processed, shared / "vqgan", shared / "latents")
+    runs = {}
+    for name in ("killed", "reference"):  # two stage folders on the same VQ-GAN and latents
+        work = runs[name] = tmp_path / name
+        (work / "data").mkdir(parents=True)
+        (work / "models").mkdir()
+        os.symlink(shared / "latents", work / "data" / "latents")
+        os.symlink(shared / "vqgan", work / "models" / "vqgan")
+
+    # the stage as `dvc repro` reruns it: same command and parameters
+    total = 60
+    cmd = stage_command("train_diffusion", *TINY_LDM_RUN, f"diffusion.train.steps={total}")
+    killed, env = runs["killed"], stage_env(runs["killed"])
+    ckpt_dir = killed / "models" / "checkpoints" / "ldm"
+    killed_at = kill_after_checkpoint(cmd, killed, env, ckpt_dir, min_step=4)
+    assert killed_at < total
+
+    done = subprocess.run(cmd, cwd=killed, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Discarding checkpoints" not in done.stderr, done.stderr[-2000:]
+    assert f"Resuming diffusion training from the checkpoint at step {killed_at}" in done.stderr, done.stderr[-2000:]
+    assert not ckpt_dir.exists(), "checkpoints (and any temporary file the kill left) are cleared at the end"
+    reference = runs["reference"]
+    ref = subprocess.run(cmd, cwd=reference, env=stage_env(reference), capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert "Resuming" not in ref.stderr
+
+    for work in (killed, reference):
+        assert json.loads((work / "reports" / "ldm.json").read_text())["steps"] == total
+    resumed = load_file(str(killed / "models" / "ldm" / "model.safetensors"))
+    uninterrupted = load_file(str(reference / "models" / "ldm" / "model.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    different = [k for k in resumed if not torch.equal(resumed[k], uninterrupted[k])]
+    assert not different, f"resumed EMA weights differ from the uninterrupted run in {different[:5]}"
+    for curve in ("losses.csv", "validation.csv"):  # every step's loss, before and after the kill
+        assert (killed / "reports" / "ldm" / curve).read_text() == (reference / "reports" / "ldm" / curve).read_text()

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ from synthmri.errors import StageError
 from synthmri.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from synthmri.training.train_vqgan import run_train_vqgan
 
-from conftest import REPO, TINY_VQGAN, make_processed
+from conftest import TINY_VQGAN, kill_after_checkpoint, make_processed, stage_command, stage_env
 
 
 def _train(params, work: Path, **kw) -> dict:
@@ -109,25 +106,11 @@ def test_sigkill_then_rerun_resumes_from_checkpoint(tmp_path):
     make_processed(tmp_path, 6, (16, 16, 16))
     (tmp_path / "data").mkdir()
     os.replace(tmp_path / "processed", tmp_path / "data" / "processed")
-    base = [sys.executable, "-m", "synthmri.cli", "train_vqgan", "--params", str(REPO / "params.yaml")]
-    for o in (*TINY_VQGAN, "vqgan.train.checkpoint_every=5", "vqgan.loss.disc_start_step=10",
-              "vqgan.train.val_every=1000", "normalize.shape=[16,16,16]"):
-        base += ["-S", o]
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    base = stage_command("train_vqgan", *TINY_VQGAN, "vqgan.train.checkpoint_every=5", "vqgan.loss.disc_start_step=10",
+                         "vqgan.train.val_every=1000", "normalize.shape=[16,16,16]")
+    env = stage_env(tmp_path)
     ckpt_dir = tmp_path / "models" / "checkpoints" / "vqgan"
-
-    proc = subprocess.Popen([*base, "-S", "vqgan.train.steps=1000"], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(int(p.stem.split("-")[1]) >= 15 for p in list_checkpoints(ckpt_dir)):
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    saved = list_checkpoints(ckpt_dir)
-    assert saved, "no checkpoint was written before the kill"
-    for path in saved:
-        load_checkpoint(path)  # whatever survived the kill under a final name is complete
-    killed_at = int(saved[-1].stem.split("-")[1])
+    killed_at = kill_after_checkpoint([*base, "-S", "vqgan.train.steps=1000"], tmp_path, env, ckpt_dir, min_step=15)
 
     # extending or finishing a run keeps its checkpoints: the step budget is not part of the configuration
     done = subprocess.run([*base, "-S", f"vqgan.train.steps={killed_at + 3}"], cwd=tmp_path, env=env,
