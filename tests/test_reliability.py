@@ -20,7 +20,7 @@ from synthmri.errors import StageError
 from synthmri.io import save_nifti
 from synthmri.tracking import check_reachable
 
-from conftest import blob_volume, kill_after_checkpoint, make_params, make_processed, stage_command, stage_env
+from conftest import REPO, blob_volume, kill_after_checkpoint, make_params, make_processed, stage_command, stage_env
 
 
 def test_unreachable_tracking_server_fails_fast_with_clear_message(tmp_path, monkeypatch):
@@ -143,3 +143,34 @@ def test_sigkill_during_train_diffusion_then_rerun_resumes_to_identical_weights(
     assert not different, f"resumed EMA weights differ from the uninterrupted run in {different[:5]}"
     for curve in ("losses.csv", "validation.csv"):  # every step's loss, before and after the kill
         assert (killed / "reports" / "ldm" / curve).read_text() == (reference / "reports" / "ldm" / curve).read_text()
+
+
+def test_every_torch_load_in_the_package_is_weights_only():
+    """Static check: no code path unpickles arbitrary objects (checkpoints, LPIPS and MedicalNet weights)."""
+    import ast
+
+    calls = []
+    for path in (REPO / "synthmri").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                           for k in node.keywords)
+                calls.append((f"{path.relative_to(REPO)}:{node.lineno}", safe))
+    assert calls, "expected torch.load calls to check"
+    assert [where for where, safe in calls if not safe] == []
+
+
+def test_servers_we_start_or_document_bind_to_loopback_only():
+    """Static check: every server command (Prefect, MLflow) in scripts, Makefile and README names
+    --host 127.0.0.1, and none mentions 0.0.0.0."""
+    import re
+
+    texts = {p: p.read_text() for p in [*(REPO / "scripts").glob("*.sh"), REPO / "Makefile", REPO / "README.md",
+                                        REPO / "prefect.yaml"] if p.is_file()}
+    servers = [(p.name, line) for p, text in texts.items() for line in text.splitlines()
+               if re.search(r"\b(prefect server start|mlflow (server|ui))\b", line) and not line.lstrip().startswith("#")]
+    assert servers, "expected server commands to check"
+    for name, line in servers:
+        assert "--host 127.0.0.1" in line, f"{name}: {line.strip()}"
+    assert not [p.name for p, text in texts.items() if "0.0.0.0" in text]
