@@ -1,7 +1,9 @@
-"""Data-parallel training: N gloo processes must train exactly like one process with an N-times batch.
+"""Scaling training: N gloo processes must train exactly like one process with an N-times batch,
+gradient accumulation like the larger batch, and the execution options (activation checkpointing,
+channels-last-3d) must not change what is learned.
 
 The ranks are real processes joined in a gloo process group on 127.0.0.1 (what torchrun sets up);
-the last test goes through the CLI, which relaunches itself under torchrun.
+the CLI test goes through the stage command, which relaunches itself under torchrun.
 """
 
 from __future__ import annotations
@@ -140,6 +142,16 @@ def test_vqgan_two_gloo_processes_train_like_one_with_the_doubled_batch(cohort, 
     assert_same_trajectory(single, ddp, columns, rtol=0.1)
     # learned weights within a few Adam steps of lr 2e-4 (codebook buffers: covered by vq/perplexity above)
     assert_same_weights(tmp_path / "single", tmp_path / "ddp", atol=2e-3, skip="quantizer.")
+
+
+@pytest.mark.parametrize("option", ["activation_checkpointing", "channels_last"])
+@pytest.mark.parametrize("stage", ["diffusion", "vqgan"])
+def test_execution_options_do_not_change_what_is_learned(cohort, tmp_path, stage, option):
+    work, _ = cohort
+    base = DIFFUSION if stage == "diffusion" else VQGAN
+    plain = train(stage, work, tmp_path / "plain", base)
+    with_option = train(stage, work, tmp_path / "option", (*base, f"{stage}.train.{option}=true"))
+    assert_same_trajectory(plain, with_option, ["loss"], rtol=1e-3 if stage == "vqgan" else 1e-4)
 
 
 @pytest.mark.slow
