@@ -33,6 +33,7 @@ bench: setup
 	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,bench]'
 	$(BIN)/python benchmarks/bench_monai.py
 	$(BIN)/python benchmarks/bench_flops.py
+	$(BIN)/python benchmarks/bench_memory.py
 
 clean-demo:
 	rm -rf data/raw/demo data/ingested data/processed
