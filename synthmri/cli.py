@@ -151,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as exc:
         print(f"synthmri {args.stage}: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a full disk, a read-only or vanished folder: finished outputs are intact (atomic writes)
+        print(f"synthmri {args.stage}: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"synthmri {args.stage}: interrupted", file=sys.stderr)
         return 130

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -174,3 +175,18 @@ def test_servers_we_start_or_document_bind_to_loopback_only():
     for name, line in servers:
         assert "--host 127.0.0.1" in line, f"{name}: {line.strip()}"
     assert not [p.name for p, text in texts.items() if "0.0.0.0" in text]
+
+
+def test_full_disk_during_a_stage_is_one_line_and_leaves_no_partial_output(tiny_tmpfs, tmp_path):
+    """`synthmri demo` into a full filesystem: exit 1, one line naming the cause, no traceback, and no
+    half-written cohort under the final name."""
+    work = tmp_path / "work"
+    work.mkdir()
+    os.symlink(tiny_tmpfs, work / "data")  # data/ (raw and every stage output) on the full filesystem
+    result = subprocess.run([sys.executable, "-m", "synthmri.cli", "demo", "-S", "demo.n_subjects=4"], cwd=work,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("synthmri demo: No space left on device"), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not any(tiny_tmpfs.rglob("*.nii.gz")), "no volume may be left as if complete"

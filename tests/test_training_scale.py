@@ -173,3 +173,17 @@ def test_cli_relaunches_itself_under_torchrun_when_processes_is_above_one(cohort
     assert json.loads((tmp_path / "reports" / "ldm.json").read_text())["processes"] == 2
     assert (tmp_path / "models" / "ldm" / "model.safetensors").is_file()
     assert not (tmp_path / "models" / "checkpoints" / "ldm").exists()
+
+
+def test_extending_or_resampling_a_run_keeps_its_identity_but_changing_what_it_learns_does_not(cohort):
+    from conftest import make_params
+    from synthmri.training.train_diffusion import run_fingerprint
+
+    work, _ = cohort
+    base = run_fingerprint(make_params(*DIFFUSION), work / "latents")
+    for same in ("diffusion.train.steps=500", "diffusion.train.checkpoint_every=7", "diffusion.sampler.steps=5",
+                 "diffusion.train.activation_checkpointing=true"):
+        assert run_fingerprint(make_params(*DIFFUSION, same), work / "latents") == base, same
+    for other in ("diffusion.train.lr=0.001", "diffusion.train.batch_size=3", "diffusion.train.processes=2",
+                  "diffusion.unet.num_heads=4", "seed=7"):
+        assert run_fingerprint(make_params(*DIFFUSION, other), work / "latents") != base, other

@@ -150,6 +150,14 @@ def decode_preview(trainer: DiffusionTrainer, vqgan, rows: list[dict], path: Pat
     return three_plane_grid(volumes, [f"step {trainer.step}: {t}" for t in titles], path)
 
 
+def run_fingerprint(params: Params, latent_dir: Path = LATENT_DIR) -> str:
+    """Identity of a training run for resuming: what it learns (U-Net, schedule, optimisation, covariates,
+    seed, latents), not its step budget, cadence or sampler, so extending a killed run resumes it."""
+    return config_fingerprint({**params.diffusion.model_dump(mode="json", exclude={"sampler"}),
+                               "covariates": [c.model_dump(mode="json") for c in params.covariates]},
+                              params.seed, Path(latent_dir) / "latents.safetensors")
+
+
 def run_train_diffusion(params: Params, latent_dir: Path = LATENT_DIR, vqgan_dir: Path = VQGAN_DIR,
                         model_dir: Path = MODEL_DIR, checkpoint_dir: Path = CHECKPOINT_DIR,
                         report_dir: Path = REPORT_DIR, metrics_file: Path = METRICS_FILE, track: bool = True) -> dict:
@@ -161,10 +169,7 @@ def run_train_diffusion(params: Params, latent_dir: Path = LATENT_DIR, vqgan_dir
         raise StageError("no training latents: run `synthmri encode` first")
     ctx = distributed.initialize(params.diffusion.train.device)
     try:
-        trainer = DiffusionTrainer(params, train, val, checkpoint_dir,
-                                   config_fingerprint({"diffusion": params.diffusion.model_dump(mode="json"),
-                                                       "covariates": [c.model_dump(mode="json") for c in params.covariates]},
-                                                      params.seed, latent_dir / "latents.safetensors"), ctx)
+        trainer = DiffusionTrainer(params, train, val, checkpoint_dir, run_fingerprint(params, latent_dir), ctx)
         return _train(trainer, vqgan_dir, model_dir, checkpoint_dir, report_dir, metrics_file, track and ctx.is_main)
     finally:
         distributed.shutdown()
@@ -215,11 +220,12 @@ def _train(trainer: DiffusionTrainer, vqgan_dir: Path, model_dir: Path, checkpoi
         recent = [h["loss"] for h in trainer.history[-5:]]
         metrics = {"train_loss": float(np.mean(recent)) if recent else float("nan"),
                    "val_loss": trainer.val_history[-1]["val_loss"], "steps": trainer.step,
-                   "train_latents_per_s": throughput, "parameters_M": n_params, "processes": ctx.world_size}
-        write_text_atomic(metrics_file, json.dumps(metrics, indent=2))
-        log.info("Diffusion training done: train loss %.4f, validation loss %.4f", metrics["train_loss"],
-                 metrics["val_loss"])
+                   "parameters_M": n_params, "processes": ctx.world_size}
+        write_text_atomic(metrics_file, json.dumps(metrics, indent=2))  # no wall-clock figure: dvc.lock reproduces
+        log.info("Diffusion training done: train loss %.4f, validation loss %.4f, %.1f latents/s",
+                 metrics["train_loss"], metrics["val_loss"], throughput)
         if mlflow is not None:
+            mlflow.log_metric("train_latents_per_s", throughput, step=trainer.step)
             mlflow.log_artifact(str(report_dir / "samples.png"), artifact_path="samples/final")
             version = tracking.register_model("synthmri-ldm", model_dir, run,
                                               {"sha256": sha256_file(model_dir / "model.safetensors")})

@@ -179,7 +179,9 @@ class VQGANTrainer(ResumableTrainer):
 
 
 def _write_outputs(trainer: VQGANTrainer, model_dir: Path, report_dir: Path, metrics_file: Path,
-                   val_scores: dict[str, float], throughput: float) -> dict:
+                   val_scores: dict[str, float]) -> dict:
+    """Weights, curves and the DVC metrics: only what the inputs determine (no wall-clock figures), so a
+    rerun reproduces every hash in dvc.lock."""
     config = {"vqgan": trainer.params.vqgan.model_dump(mode="json"),
               "normalize": trainer.params.normalize.model_dump(mode="json"),
               "lpips_backbone": trainer.backbone, "steps": trainer.step}
@@ -189,7 +191,7 @@ def _write_outputs(trainer: VQGANTrainer, model_dir: Path, report_dir: Path, met
     last = trainer.history[-1] if trainer.history else {}
     metrics = {"val_psnr": val_scores["psnr"], "val_ssim": val_scores["ssim"], "val_lpips": val_scores["lpips"],
                "codebook_usage": last.get("codebook_usage", 0.0), "perplexity": last.get("perplexity", 0.0),
-               "steps": trainer.step, "train_volumes_per_s": throughput,
+               "steps": trainer.step,
                "model": "vqvae" if trainer.opt_d is None and trainer.cfg.loss.perceptual == 0 else "vqgan",
                "lpips_backbone": trainer.backbone}
     write_text_atomic(metrics_file, json.dumps(metrics, indent=2))
@@ -251,11 +253,13 @@ def _train(trainer: VQGANTrainer, model_dir: Path, checkpoint_dir: Path, report_
             return {}
         scores = _log_validation(trainer, mlflow, report_dir,
                                  trainer.val_set if len(trainer.val_set) else trainer.train_set)
-        metrics = _write_outputs(trainer, model_dir, report_dir, metrics_file, scores, throughput)
-        log.info("Validation after %d steps: PSNR %.2f dB, SSIM %.3f, LPIPS %.3f; codebook usage %.0f%%",
-                 trainer.step, scores["psnr"], scores["ssim"], scores["lpips"], 100 * metrics["codebook_usage"])
+        metrics = _write_outputs(trainer, model_dir, report_dir, metrics_file, scores)
+        log.info("Validation after %d steps: PSNR %.2f dB, SSIM %.3f, LPIPS %.3f; codebook usage %.0f%%; "
+                 "%.2f volumes/s", trainer.step, scores["psnr"], scores["ssim"], scores["lpips"],
+                 100 * metrics["codebook_usage"], throughput)
         if mlflow is not None:
             mlflow.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=trainer.step)
+            mlflow.log_metric("train_volumes_per_s", throughput, step=trainer.step)
             version = tracking.register_model("synthmri-vqgan", model_dir, run,
                                               {"sha256": sha256_file(model_dir / "model.safetensors")})
             write_text_atomic(model_dir / "registry.json",
