@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
 import time
 import warnings
 
 import torch
 
+from common import cpu_model, peak_memory_now_mb
 from synthmri.config import load_params
 from synthmri.training.train_vqgan import VQGANTrainer
 
@@ -42,14 +41,13 @@ def main() -> None:
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if trainer.device.type == "cuda"
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak_mb = peak_memory_now_mb(trainer.device)
     result = {
         "benchmark": "vqgan_train_step", "shape": list(params.normalize.shape), "batch_size": batch,
         "channels": params.vqgan.model.channels, "generator_params_M": round(sum(p.numel() for p in trainer.model.parameters()) / 1e6, 3),
         "seconds_per_step": round(elapsed / args.steps, 3), "volumes_per_s": round(batch * args.steps / elapsed, 3),
         "peak_memory_MB": round(peak_mb, 1), "device": str(trainer.device), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "torch": torch.__version__, "machine": cpu_model(),
     }
     print(json.dumps(result, indent=2))
 

@@ -1,0 +1,48 @@
+"""Smoke runs of the issue-7 benchmarks at tiny sizes (``--quick``): each script runs end to end in a
+subprocess, as ``make bench`` runs it, and writes JSON with a positive throughput for every row.
+
+The MONAI side by side is skipped where MONAI is not installed (CI installs the ``dev`` extra only,
+MONAI comes with the ``bench`` extra); the FLOP/s benchmark measures our models without MONAI.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, out: Path, *extra: str) -> dict:
+    # one thread: a smoke run on a shared machine stays fast (2 OpenMP threads stall when a core is busy)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick", "--device", "cpu",
+                           "--threads", "1", "--out", str(out), *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_bench_monai_quick(tmp_path):
+    pytest.importorskip("monai", reason="MONAI is in the 'bench' extra (pip install -e '.[bench]')")
+    result = _run("bench_monai.py", tmp_path / "monai.json", "--repeats", "1", "--profile", "never")
+    names = {(r["name"], r["variant"]) for r in result["rows"]}
+    for kind in ("vqgan", "unet", "sample"):
+        assert {(f"{kind}/ours", "eager"), (f"{kind}/monai", "eager")} <= names
+    assert ("vqgan/monai_ourwidths", "eager") in names  # the second matched MONAI VQ-GAN
+    assert all(r["throughput"] > 0 and r["seconds_median"] > 0 for r in result["rows"])
+    assert {q["workload"] for q in result["ratios"]} == {"vqgan", "unet", "sample"}
+    assert all(q["ratio"] > 0 for q in result["ratios"])
+    # matched sizes: MONAI's free knobs give parameter counts within 10 % of ours
+    assert all(0.9 <= q["params_ratio"] <= 1.1 for q in result["ratios"] if q["workload"] != "sample")
+    assert result["machine"]["load_average_before"] and result["machine"]["torch_threads"] >= 1
+
+
+def test_bench_flops_quick(tmp_path):
+    result = _run("bench_flops.py", tmp_path / "flops.json", "--repeats", "1")
+    assert result["peak_gflops"] > 0
+    assert {r["name"] for r in result["rows"]} >= {"vqgan/ours", "unet/ours"}
+    for r in result["rows"]:
+        assert r["throughput"] > 0 and r["gflop_per_step"] > 0 and r["achieved_gflops"] > 0
