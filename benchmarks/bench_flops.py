@@ -26,7 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import (  # benchmarks/common.py: a script's own folder is on sys.path
-    RESULTS_DIR, ROOT, CpuMonitor, build, contended, load_bench_params, machine_info, median, pick_device,
+    RESULTS_DIR, ROOT, build, contended, load_bench_params, machine_info, median, pick_device,
     sync, time_interleaved)
 
 
@@ -88,9 +88,9 @@ def main() -> None:
         works[name] = build(name, params, device)
         works[name].run()  # warm-up, and the quantizer's codebook initialisation out of the counted step
         counted[name] = step_flops(works[name].run)
-    monitor = CpuMonitor()
-    all_times = time_interleaved({name: work.run for name, work in works.items()}, repeats, 0, device)
-    others = monitor.others_cores()
+    record: dict = {}
+    all_times = time_interleaved({name: work.run for name, work in works.items()}, repeats, 0, device, record)
+    others = record["other_processes_cores"]
     rows = []
     for name, work in works.items():
         flops, per_op = counted[name]
@@ -113,7 +113,7 @@ def main() -> None:
     info = machine_info(device)
     load_after = list(os.getloadavg())
     info.update(load_average_before=load_before, load_average_after=load_after, other_processes_cores=others,
-                contended=contended(others))
+                rounds_discarded=record["rounds_discarded"], contended=contended(others))
     result = {"benchmark": "flops", "machine": info, "settings": {"repeats": repeats, "quick": args.quick,
                                                                   "matmul_sizes": sizes, "dtype": "float32"},
               "matmul_peak_before": peak_before, "matmul_peak_after": peak_after, "peak_gflops": peak, "rows": rows}
@@ -136,7 +136,8 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, device {m['device']}; "
                   f"load average before {m['load_average_before']}, after {m['load_average_after']}; other processes used "
-                  f"{m['other_processes_cores']} cores on average while the steps were timed"
+                  f"{m['other_processes_cores']} cores on average over the kept timing rounds ({m['rounds_discarded']} "
+                  "contended rounds discarded)"
                   f"{' (contended)' if m['contended'] else ''}."]
     return "\n".join(lines)
 

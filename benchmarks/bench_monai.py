@@ -9,11 +9,13 @@ same input resolution, batch, optimizer (AdamW) and loss code, and parameter cou
 
 - ``vqgan``: VQ-GAN generator + discriminator train step vs MONAI ``VQVAE`` + ``PatchDiscriminator``
   (L1 + quantizer loss + hinge adversarial, then the discriminator step; no LPIPS on either side);
+  two matched MONAI VQVAEs (closest parameter count; our residual widths), the faster is the opponent;
 - ``unet``: diffusion U-Net train step (v-prediction MSE) vs MONAI ``DiffusionModelUNet``;
 - ``sample``: DDIM sampling with the same step count and latent shape, decoded by each side's
   autoencoder, no classifier-free guidance, vs MONAI's ``LatentDiffusionInferer.sample``.
 
-Timing: warm-up, then repeats interleaved (A B A B ...), medians. Peak memory: each configuration
+Timing: warm-up, then repeats interleaved (A B A B ...), medians; a round during which other
+processes were busy is repeated (benchmarks/common.py). Peak memory: each configuration
 in a fresh spawned process (peak RSS above the post-import baseline; max allocated on CUDA). Ours
 also runs in channels-last-3d memory format and under ``torch.compile`` (a child process with a
 time limit; failures are reported, not raised). Where a ratio misses its target, both sides' steps
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 
 from common import (  # benchmarks/common.py: a script's own folder is on sys.path
-    RESULTS_DIR, ROOT, CpuMonitor, build, compile_speedup, contended, load_bench_params, machine_info,
+    RESULTS_DIR, ROOT, build, compile_speedup, contended, load_bench_params, machine_info,
     median, peak_memory_mb, pick_device, time_interleaved, top_ops)
 
 TARGETS = {"vqgan": 1.3, "unet": 1.3, "sample": 1.5}  # ours / MONAI throughput, issue 7
@@ -84,9 +86,9 @@ def main() -> None:
         built = {f"{name}@{variant}": build(name, params, device, variant, **sample_kwargs)
                  for name, variant in candidates}
         works.update(built)
-        monitor = CpuMonitor()
-        times = time_interleaved({key: w.run for key, w in built.items()}, repeats, args.warmup, device)
-        others[kind] = monitor.others_cores()
+        record: dict = {}
+        times = time_interleaved({key: w.run for key, w in built.items()}, repeats, args.warmup, device, record)
+        others[kind] = record
         for key, work in built.items():
             name, variant = key.split("@")
             seconds = median(times[key])
@@ -98,7 +100,8 @@ def main() -> None:
                          "throughput": round(per * work.items / seconds, 4), "unit": UNITS[kind],
                          "throughput_best": round(per * work.items / min(times[key]), 4)})
         print(f"timed {kind}: " + ", ".join(f"{k} {median(v):.3f} s" for k, v in times.items())
-              + f"; other processes: {others[kind]} cores", flush=True)
+              + f"; other processes: {record['other_processes_cores']} cores, {record['rounds_discarded']} "
+              "contended rounds discarded", flush=True)
 
     def row(name: str, variant: str = "eager") -> dict:
         return next(r for r in rows if r["name"] == name and r["variant"] == variant)
@@ -155,9 +158,10 @@ def main() -> None:
 
     load_after = list(os.getloadavg())
     info = machine_info(device)
-    busiest = max((v for v in others.values() if v is not None), default=None)
+    busiest = max((r["other_processes_cores"] for r in others.values() if r["other_processes_cores"] is not None),
+                  default=None)
     info.update(load_average_before=load_before, load_average_after=load_after,
-                other_processes_cores_while_timing=others, contended=contended(busiest))
+                timing_rounds=others, contended=contended(busiest))
     result = {
         "benchmark": "monai_side_by_side", "machine": info, "wall_s": round(time.perf_counter() - started, 1),
         "settings": {"repeats": repeats, "warmup": args.warmup, "quick": args.quick, "shape": list(params.normalize.shape),
@@ -203,15 +207,17 @@ def markdown(result: dict) -> str:
             else:
                 lines.append(f"| {name} | {c['compile_first_call_s']} s | {c['eager_s']:.3f} | {c['compile_s']:.3f} | "
                              f"{c['speedup']:.2f}x | {c['eager_min_s'] / c['compile_min_s']:.2f}x | "
-                             f"{c['other_processes_cores']} |")
+                             f"{c['other_processes_cores']} ({c['rounds_discarded']} rounds discarded) |")
     for name, ops in result["profiles"].items():
         lines += ["", f"Top ops by self CPU time, {name} (per call):", "", "| op | ms | % | calls |", "|---|---|---|---|"]
         lines += [f"| {o['op']} | {o['self_cpu_ms_per_call']} | {o['self_cpu_pct']} | {o['calls_per_step']} |" for o in ops]
     m = result["machine"]
     lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, device {m['device']}, "
                   f"torch {m['torch']}, MONAI {m['monai']}; load average before {m['load_average_before']}, after "
-                  f"{m['load_average_after']}; cores used by other processes while timing: "
-                  f"{m['other_processes_cores_while_timing']}{' (contended)' if m['contended'] else ''}."]
+                  f"{m['load_average_after']}; other processes' mean cores over the kept timing rounds: "
+                  + ", ".join(f"{k} {r['other_processes_cores']} ({r['rounds_discarded']} contended rounds discarded)"
+                              for k, r in m["timing_rounds"].items())
+                  + f"{' (contended)' if m['contended'] else ''}."]
     return "\n".join(lines)
 
 

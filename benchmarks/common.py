@@ -115,9 +115,12 @@ class CpuMonitor:
         return round(max(0.0, others) / (end[2] - self.start[2]), 2)
 
 
+CONTENDED_CORES = 0.25  # other processes' mean CPU use above which a measurement counts as contended
+
+
 def contended(other_cores: float | None) -> bool | None:
-    """Contended: other processes used more than a quarter of a core on average while we measured."""
-    return None if other_cores is None else other_cores > 0.25
+    """Contended: other processes used more than ``CONTENDED_CORES`` on average while we measured."""
+    return None if other_cores is None else other_cores > CONTENDED_CORES
 
 
 def sync(device: torch.device) -> None:
@@ -126,20 +129,40 @@ def sync(device: torch.device) -> None:
 
 
 def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int,
-                     device: torch.device) -> dict[str, list[float]]:
+                     device: torch.device, record: dict | None = None) -> dict[str, list[float]]:
     """Seconds per call of each candidate: ``warmup`` untimed calls each, then ``repeats`` rounds of
-    one call per candidate in turn (A B A B ...), so drifting background load hits all alike."""
+    one call per candidate in turn (A B A B ...), so drifting background load hits all alike.
+
+    A round during which other processes used more than ``CONTENDED_CORES`` is discarded and run
+    again, at most ``repeats`` times in all: on a shared 2-core machine a second busy process makes
+    2-thread steps several times slower (OpenMP threads wait for each other at every barrier), which
+    no median of a few rounds survives. ``record`` (if given) receives the counts and the other
+    processes' mean cores over the kept rounds."""
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
     sync(device)
     times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
+    kept, discarded, others = 0, 0, []
+    while kept < repeats:
+        monitor = CpuMonitor()
+        round_times = {}
         for name, fn in candidates.items():
             start = time.perf_counter()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            round_times[name] = time.perf_counter() - start
+        busy = monitor.others_cores()
+        if busy is not None and busy > CONTENDED_CORES and discarded < repeats:
+            discarded += 1
+            continue
+        kept += 1
+        others.append(busy or 0.0)
+        for name, seconds in round_times.items():
+            times[name].append(seconds)
+    if record is not None:
+        record.update(rounds=kept, rounds_discarded=discarded,
+                      other_processes_cores=round(sum(others) / len(others), 2) if others else None)
     return times
 
 
@@ -504,9 +527,10 @@ def _compile_child(queue, name: str, params: Params, device: str, repeats: int, 
         compiled.run()
         sync(dev)
         first = time.perf_counter() - start
-        monitor = CpuMonitor()
-        times = time_interleaved({"eager": eager.run, "compile": compiled.run}, repeats, 1, dev)
-        queue.put({"compile_first_call_s": round(first, 1), "other_processes_cores": monitor.others_cores(),
+        record: dict = {}
+        times = time_interleaved({"eager": eager.run, "compile": compiled.run}, repeats, 1, dev, record)
+        queue.put({"compile_first_call_s": round(first, 1), "other_processes_cores": record["other_processes_cores"],
+                   "rounds_discarded": record["rounds_discarded"],
                    "eager_s": round(median(times["eager"]), 4),
                    "compile_s": round(median(times["compile"]), 4), "eager_min_s": round(min(times["eager"]), 4),
                    "compile_min_s": round(min(times["compile"]), 4)})
