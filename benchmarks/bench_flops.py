@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import time
 import warnings
@@ -27,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import (  # benchmarks/common.py: a script's own folder is on sys.path
     RESULTS_DIR, ROOT, build, contended, load_bench_params, machine_info, median, pick_device,
-    sync, time_interleaved)
+    sync, time_interleaved, write_result)
 
 
 def matmul_peak(device: torch.device, sizes: list[int], repeats: int) -> dict:
@@ -117,11 +116,7 @@ def main() -> None:
     result = {"benchmark": "flops", "machine": info, "settings": {"repeats": repeats, "quick": args.quick,
                                                                   "matmul_sizes": sizes, "dtype": "float32"},
               "matmul_peak_before": peak_before, "matmul_peak_after": peak_after, "peak_gflops": peak, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(result))
-    print(f"\nwritten: {out}")
+    write_result(result, Path(args.out), markdown(result))
 
 
 def markdown(result: dict) -> str:

@@ -25,7 +25,6 @@ are profiled (top ops by self CPU time). Prints markdown; writes benchmarks/resu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 import warnings
@@ -35,7 +34,7 @@ import torch
 
 from common import (  # benchmarks/common.py: a script's own folder is on sys.path
     RESULTS_DIR, ROOT, build, compile_speedup, contended, load_bench_params, machine_info,
-    median, peak_memory_mb, pick_device, time_interleaved, top_ops)
+    median, peak_memory_mb, pick_device, time_interleaved, top_ops, write_result)
 
 TARGETS = {"vqgan": 1.3, "unet": 1.3, "sample": 1.5}  # ours / MONAI throughput, issue 7
 TITLES = {"vqgan": "VQ-GAN G+D train step", "unet": "diffusion U-Net train step",
@@ -172,11 +171,7 @@ def main() -> None:
                                    "matching, fixed adversarial weight, both sides); unet: v-prediction MSE, no EMA"},
         "rows": rows, "ratios": ratios, "compile": compiled, "profiles": profiles,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(result))
-    print(f"\nwritten: {out}")
+    write_result(result, Path(args.out), markdown(result))
 
 
 def markdown(result: dict) -> str:

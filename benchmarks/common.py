@@ -25,6 +25,7 @@ import platform
 import queue
 import resource
 import shutil
+import json
 import statistics
 import tempfile
 import time
@@ -576,3 +577,11 @@ def compile_speedup(name: str, params: Params, device: torch.device, repeats: in
                     **kwargs) -> dict:
     return run_in_child(_compile_child, (name, params, str(device), repeats, kwargs, torch.get_num_threads()),
                         timeout)
+
+
+def write_result(result: dict, out: Path, table: str) -> None:
+    """Write a benchmark's JSON (the record RESULTS.md cites) and print its markdown tables."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table)
+    print(f"\nwritten: {out}")
