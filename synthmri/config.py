@@ -267,6 +267,9 @@ class SampleParams(_Section):
     workers: int = Field(1, ge=1)
     dask_address: str | None = None
     release: str = "dev"
+    # intra-op CPU threads of every generating task, wherever it runs: part of a volume's recipe
+    # (a reduction's last bits depend on it), so it is recorded in the manifest
+    torch_threads: int = Field(1, ge=1)
 
 
 class ReportThresholds(_Section):

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -224,11 +223,12 @@ def test_pipeline_files_come_from_dvc_yaml(tmp_path):
 
 
 HOLD = textwrap.dedent("""\
-    import sys, time
+    import pathlib, sys, time
     from synthmri.publish import pipeline_lock
     with pipeline_lock(sys.argv[1], owner={"flow_run": "first-run"}):
         print("locked", flush=True)
         time.sleep(float(sys.argv[2]))
+        pathlib.Path(sys.argv[1], "holder-done").touch()
     """)
 
 
@@ -243,13 +243,12 @@ def test_lock_second_run_fails_clearly_or_waits(tmp_path):
         with pytest.raises(pub.PipelineBusy, match="gave up after waiting"):
             with pub.pipeline_lock(tmp_path, wait=True, timeout_s=0.5, poll_s=0.1):
                 pytest.fail("the lock was taken twice")
-        start = time.monotonic()
         with pub.pipeline_lock(tmp_path, wait=True, poll_s=0.1):
-            waited = time.monotonic() - start
+            # we got the lock only after the holder was done with it (an event, not a duration)
+            assert (tmp_path / "holder-done").is_file()
             # the holder released the lock on leaving its `with`; its interpreter may still be shutting
             # down on a loaded machine, so wait for the exit instead of polling once
             assert holder.wait(timeout=60) == 0
-        assert waited > 1.0
     finally:
         holder.kill()
         holder.wait()

@@ -7,19 +7,23 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from synthmri.data.latents import run_encode
 from synthmri.data.synthetic import SyntheticDataset
 from synthmri.synthesis.plan import make_plan
 from synthmri.synthesis.sample_stage import SampleJob, generate_shard, run_sample
 from synthmri.training.train_diffusion import run_train_diffusion
+from synthmri.training.runtime import intra_op_threads
 from synthmri.training.train_vqgan import run_train_vqgan
 
 from conftest import REPO, make_processed
@@ -37,17 +41,29 @@ def prefect_server():
         yield
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def _train_chain(work: Path, shape: tuple[int, int, int], *overrides: str):
     """A tiny but complete model chain in ``work`` (processed → vqgan → latents → ldm)."""
-    work = tmp_path_factory.mktemp("sample")
-    params, processed = make_processed(work, 8, (16, 16, 16), "vqgan.train.steps=4", "vqgan.loss.adversarial=0",
-                                       "vqgan.loss.perceptual=0", *TINY_LDM)
+    params, processed = make_processed(work, 8, shape, "vqgan.train.steps=4", "vqgan.loss.adversarial=0",
+                                       "vqgan.loss.perceptual=0", *TINY_LDM, *overrides)
     run_train_vqgan(params, processed, work / "vqgan", work / "ckpt-vq", work / "rep-vq", work / "vq.json", track=False)
     run_encode(params, processed, work / "vqgan", work / "latents")
     metrics = run_train_diffusion(params, work / "latents", work / "vqgan", work / "ldm", work / "ckpt-ldm",
                                   work / "rep-ldm", work / "ldm.json", track=False)
     return params, work, metrics
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return _train_chain(tmp_path_factory.mktemp("sample"), (16, 16, 16))
+
+
+@pytest.fixture(scope="module")
+def trained_8cubed_latents(tmp_path_factory):
+    """32³ volumes, 8³ latents and the default decoder widths: large enough that torch splits the
+    decoder's kernels across threads, so a volume's last bits would differ between processes if its
+    thread count were not fixed (measured: with 4³ latents, or widths 8/16/32, the decoder gives the
+    same bytes on 1 and 2 threads; with 8³ latents and widths 16/32/64 it does not)."""
+    return _train_chain(tmp_path_factory.mktemp("sample32"), (32, 32, 32), "vqgan.model.channels=[16,32,64]")
 
 
 def _sample(params, work: Path, out: Path):
@@ -104,6 +120,39 @@ def test_same_seed_gives_bitwise_identical_volumes_and_one_index_regenerates_alo
     assert np.array_equal(alone, nib.load(tmp_path / "a" / "volumes" / "sample-000003.nii.gz").get_fdata())
 
 
+def test_volume_bytes_do_not_depend_on_the_thread_count_of_the_process_that_runs_them(trained_8cubed_latents,
+                                                                                     tmp_path):
+    """A Dask worker starts with one intra-op thread, the main process with one per core: the job's own
+    ``torch_threads`` decides, so the bytes are the same wherever the shard runs."""
+    params, work, _ = trained_8cubed_latents
+    plan = make_plan(params, pd.read_csv(work / "latents" / "manifest.csv").query("split == 'train'"))
+    space = json.loads((work / "processed" / "space.json").read_text())
+    digests = {}
+    for ambient in (1, 2):
+        job = SampleJob(str(work / "ldm"), str(work / "vqgan"), str(work / "latents"), str(tmp_path / f"{ambient}"),
+                        space["affine"], "dpm_solver", 3, 2.0, params.sample.seed, "dev", {}, torch_threads=1)
+        with intra_op_threads(ambient):
+            generate_shard(job, 0, list(enumerate(plan))[:2])
+            assert torch.get_num_threads() == ambient, "the caller's thread count is restored"
+        records = json.loads((tmp_path / f"{ambient}" / "shards" / "shard-00000.json").read_text())
+        digests[ambient] = [r["sha256"] for r in records]
+        assert all(r["numerics"].endswith("1 thread(s)") and torch.__version__ in r["numerics"] for r in records)
+    assert digests[1] == digests[2]
+
+
+def test_intra_op_threads_is_per_os_thread():
+    """Concurrent shards of the thread-pool runner each keep their own count."""
+    barrier = threading.Barrier(2)
+
+    def seen(threads: int) -> int:
+        with intra_op_threads(threads):
+            barrier.wait()  # both counts are set before either is read
+            return torch.get_num_threads()
+
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(seen, (1, 3))) == [1, 3]
+
+
 def test_rerun_skips_finished_shards_and_cleans_partial_ones(trained, prefect_server, tmp_path):
     params, work, _ = trained
     out = tmp_path / "syn"
@@ -120,8 +169,8 @@ def test_rerun_skips_finished_shards_and_cleans_partial_ones(trained, prefect_se
     assert len(manifest) == 5 and manifest["file"].is_unique
 
 
-def test_dask_runner_with_two_local_workers_gives_the_same_set(trained, prefect_server, tmp_path):
-    params, work, _ = trained
+def test_dask_runner_with_two_local_workers_gives_the_same_set(trained_8cubed_latents, prefect_server, tmp_path):
+    params, work, _ = trained_8cubed_latents
     threads = _sample(params, work, tmp_path / "threads")
     dask_params = params.model_copy(update={"sample": params.sample.model_copy(update={"task_runner": "dask",
                                                                                       "workers": 2})})

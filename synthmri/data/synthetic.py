@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from synthmri.io import sha256_file
 
-_NOT_COVARIATES = {"file", "sample_index", "seed", "sampler", "steps", "guidance_scale", "sha256", "vqgan_version",
+_NOT_COVARIATES = {"file", "sample_index", "seed", "sampler", "steps", "guidance_scale", "numerics", "sha256", "vqgan_version",
                    "vqgan_sha256", "ldm_version", "ldm_sha256", "synthmri_version"}
 
 

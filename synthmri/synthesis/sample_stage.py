@@ -3,7 +3,8 @@
 Each shard of ``sample.shard_size`` volumes is generated, its NIfTI files written atomically, and
 only then recorded (``shards/shard-XXXXX.json``, also atomic). A rerun skips recorded shards, so a
 kill loses at most the shards that were running. Sample ``i`` uses the seed derived from
-``(sample.seed, i)``: any single volume can be regenerated alone, bit for bit on CPU.
+``(sample.seed, i)`` and every shard runs on ``sample.torch_threads`` CPU threads, so any single volume
+can be regenerated alone, bit for bit (README, "What bit for bit covers").
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from synthmri.io import save_nifti, sha256_file, write_csv_atomic, write_text_at
 from synthmri.logs import get_logger
 from synthmri.models.loading import load_ldm, load_vqgan, read_config
 from synthmri.synthesis.plan import make_plan
-from synthmri.training.runtime import pick_device
+from synthmri.training.runtime import cpu_numerics, intra_op_threads, pick_device
 from synthmri.training.train_diffusion import MODEL_DIR as LDM_DIR
 
 log = get_logger(__name__)
@@ -56,6 +57,7 @@ class SampleJob:
     seed: int
     release: str
     provenance: dict
+    torch_threads: int = 1
 
 
 @functools.lru_cache(maxsize=2)
@@ -72,12 +74,18 @@ def sample_volume_name(index: int) -> str:
 
 def generate_shard(job: SampleJob, shard: int, items: list[tuple[int, dict]]) -> dict:
     """Generate, decode and write the volumes of one shard; record it only when all are on disk."""
+    with intra_op_threads(job.torch_threads):  # the bytes must not depend on the process it runs in
+        return _generate_shard(job, shard, items)
+
+
+def _generate_shard(job: SampleJob, shard: int, items: list[tuple[int, dict]]) -> dict:
     ldm, config, vqgan, latents, device = _models(job.ldm_dir, job.vqgan_dir, job.latent_dir)
     seeds = [sample_seed(job.seed, index) for index, _ in items]
     rows = [row for _, row in items]
     z = sample_latents(ldm.unet, ldm.encoder, make_sampler(job.sampler, ldm_schedule(config)), rows,
                        tuple(config["latent_shape"]), job.steps, job.guidance_scale, seeds=seeds, device=device)
     out_dir = Path(job.out_dir)
+    numerics = "cuda" if device.type == "cuda" else f"{cpu_numerics()}, {job.torch_threads} thread(s)"
     records = []
     for (index, row), seed, latent in zip(items, seeds, z):
         with torch.inference_mode():  # one volume at a time: decoding is then batch-size invariant
@@ -88,7 +96,7 @@ def generate_shard(job: SampleJob, shard: int, items: list[tuple[int, dict]]) ->
                    descrip=f"SynthMRI synthetic T1w, not a real subject; release {job.release}")
         records.append({"file": name.as_posix(), "sample_index": index, "seed": seed, **row,
                         "sampler": job.sampler, "steps": job.steps, "guidance_scale": job.guidance_scale,
-                        "sha256": sha256_file(out_dir / name), **job.provenance})
+                        "numerics": numerics, "sha256": sha256_file(out_dir / name), **job.provenance})
     write_text_atomic(out_dir / "shards" / f"shard-{shard:05d}.json", json.dumps(records, indent=1))
     return {"shard": shard, "n": len(records)}
 
@@ -229,7 +237,8 @@ def _generate(params: Params, latent_dir: Path, processed_dir: Path, ldm_dir: Pa
     done = sum(len(items) for s, items in shards) - sum(len(items) for _, items in pending)
     sampler = params.diffusion.sampler
     job = SampleJob(str(ldm_dir), str(vqgan_dir), str(latent_dir), str(out_dir), space["affine"], sampler.sampler,
-                    sampler.steps, sampler.guidance_scale, params.sample.seed, params.sample.release, provenance)
+                    sampler.steps, sampler.guidance_scale, params.sample.seed, params.sample.release, provenance,
+                    params.sample.torch_threads)
     log.info("Sampling %d volumes in %d shards (%d already done) with %s, %d steps, guidance %.1f, on %s x%d",
              len(plan), len(shards), done, sampler.sampler, sampler.steps, sampler.guidance_scale,
              params.sample.task_runner, params.sample.workers)

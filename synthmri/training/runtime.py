@@ -62,3 +62,25 @@ def to_device(batch: torch.Tensor, device: torch.device, pin_memory: bool = True
         batch = batch.contiguous(memory_format=torch.channels_last_3d)
     return batch
 
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int):
+    """Run torch's CPU kernels of the calling thread on exactly ``threads`` intra-op threads.
+
+    A CPU reduction's summation order (and so its last bits) depends on how many threads split it, and
+    the ambient count differs between processes (a Dask worker starts with OMP_NUM_THREADS=1, the main
+    process with one per core). Fixing it makes a result independent of where it ran. torch keeps the
+    count per OS thread, so concurrent callers (a thread-pool task runner) do not disturb each other.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def cpu_numerics() -> str:
+    """What besides the inputs decides a CPU result's bits: torch version and the vector ISA it dispatched to."""
+    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"
