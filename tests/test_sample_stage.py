@@ -174,9 +174,22 @@ def test_dask_runner_with_two_local_workers_gives_the_same_set(trained_8cubed_la
     threads = _sample(params, work, tmp_path / "threads")
     dask_params = params.model_copy(update={"sample": params.sample.model_copy(update={"task_runner": "dask",
                                                                                       "workers": 2})})
+    servers_before = _prefect_servers()
     dask = run_sample(dask_params, work / "latents", work / "processed", work / "ldm", work / "vqgan",
                       tmp_path / "dask", track=False)
     assert list(dask["sha256"]) == list(threads["sha256"])
+    # the workers reported to this process's Prefect API: none started a server that outlives it
+    assert _prefect_servers() <= servers_before
+
+
+def _prefect_servers() -> set[int]:
+    import psutil
+
+    servers = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        if "prefect.server.api.server:create_app" in " ".join(proc.info["cmdline"] or []):
+            servers.add(proc.pid)
+    return servers
 
 
 @pytest.mark.slow
