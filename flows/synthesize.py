@@ -1,7 +1,7 @@
 """Prefect flow ``synthesize``: the DVC pipeline stage by stage, the quality report, then publishing.
 
 Thin on purpose: every stage is ``dvc repro --single-item <stage>`` (so DVC's cache decides what
-re-runs, exactly as a plain ``dvc repro``), in the order of ``dvc.yaml`` (``dvc stage list``); the
+re-runs, exactly as a plain ``dvc repro``), in the order a plain ``dvc repro`` runs them; the
 release steps are :func:`synthmri.publish.publish`; MLflow bookkeeping is in :mod:`synthmri.tracking`.
 
 - One task per stage, retried on transient failures (a DVC lock held by a manual ``dvc repro``, a
@@ -65,9 +65,18 @@ class StageFailed(RuntimeError):
 
 
 def list_stages(repo: Path) -> list[str]:
-    """The stages of ``dvc.yaml`` in file order (templated ``foreach`` stages expanded by DVC)."""
-    done = pub.dvc(repo, "stage", "list", "--name-only", "--fail", "dvc.yaml")
-    return [line.strip() for line in done.stdout.splitlines() if line.strip()]
+    """The stages that a plain ``dvc repro`` runs, upstream first: those of ``dvc.yaml`` in file order
+    (templated ``foreach`` stages expanded), preceded by the stages of other pipeline files that they
+    depend on (the demo cohort's ``demo/dvc.yaml:demo`` while ``ingest.root`` is ``data/raw/demo``)."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with contextlib.chdir(repo), Repo(".") as dvc_repo:  # DVC reads targets and writes addresses cwd-relative
+        file_order = {stage: i for i, stage in enumerate(dvc_repo.stage.collect("dvc.yaml"))}
+        needed = set(dvc_repo.stage.collect("dvc.yaml", with_deps=True))
+        upstream_first = dvc_repo.index.graph.reverse().subgraph(needed)  # DVC's edges point to dependencies
+        ordered = nx.lexicographical_topological_sort(upstream_first, key=lambda s: (file_order.get(s, -1), s.addressing))
+        return [stage.addressing for stage in ordered]
 
 
 def stage_env(parent_run_id: str | None) -> dict[str, str]:
@@ -256,7 +265,7 @@ def synthesize(stages: list[str] | None = None, publish: bool = True, on_busy: L
     """Run the pipeline and publish a data-set version when the quality gate passes.
 
     Args:
-        stages: a subset of the dvc.yaml stages to run (default: all, in dvc.yaml order).
+        stages: a subset of the stages to run (default: all that a plain `dvc repro` runs, in its order).
         publish: publish when the gate passes; with False the flow only builds and reports.
         on_busy: another run holds the pipeline lock: "fail" (end now, with a message) or "wait".
         wait_timeout_s: with on_busy="wait", give up after this many seconds (default: never).
@@ -275,11 +284,11 @@ def synthesize(stages: list[str] | None = None, publish: bool = True, on_busy: L
         chosen = all_stages if not stages else [s for s in all_stages if s in set(stages)]
         unknown = sorted(set(stages or []) - set(all_stages))
         if unknown:
-            raise pub.PublishError(f"unknown stage(s) {', '.join(unknown)}; dvc.yaml has {', '.join(all_stages)}")
+            raise pub.PublishError(f"unknown stage(s) {', '.join(unknown)}; the pipeline has {', '.join(all_stages)}")
         name = f"pipeline-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
         with _mlflow_parent(name, {"prefect.flow_run_id": run_id, "prefect.flow_run_name": owner["flow_run_name"]},
                             logger) as (parent, mlflow_state):
-            logger.info("Pipeline stages (dvc.yaml order): %s; MLflow parent run %s", ", ".join(chosen), parent)
+            logger.info("Pipeline stages (dvc repro order): %s; MLflow parent run %s", ", ".join(chosen), parent)
             outcomes: dict[str, str] = {}
             for stage in chosen:
                 stage_task = run_stage.with_options(name=stage, task_run_name=stage, retries=retries,

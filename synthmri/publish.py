@@ -178,6 +178,9 @@ def pipeline_files(repo: Path) -> tuple[set[str], set[str]]:
     root = repo.resolve()
     with Repo(str(root)) as dvc_repo:
         for stage in dvc_repo.index.stages:
+            lock = Path(os.path.relpath(stage.dvcfile.path, root)).with_name("dvc.lock")
+            if (root / lock).is_file():  # each pipeline file has its own (demo/dvc.lock for the demo)
+                files.add(lock.as_posix())
             for out in stage.outs:
                 rel = Path(os.path.relpath(out.fs_path, root)).as_posix()
                 if out.use_cache:

@@ -100,6 +100,11 @@ TINY_VQGAN = ("vqgan.model.channels=[8,16,32]", "vqgan.model.latent_channels=4",
               "vqgan.loss.lpips_slices_per_axis=1")
 
 
+# A cohort of 8-12 subjects holds 1 val and 1 test subject: the report's k-NN metrics can use k = 1 only
+# (normalize refuses a cohort too small for report.prdc_k; synthmri.data.split.split_minimums).
+SMALL_COHORT = ("report.prdc_k=1",)
+
+
 def make_processed(work: Path, n: int = 8, shape=(16, 16, 16), *overrides: str) -> tuple[Params, Path]:
     """Ingest + normalize a tiny cohort into ``work``; returns the params and the processed folder."""
     from synthmri.data.ingest import run_ingest
@@ -107,7 +112,7 @@ def make_processed(work: Path, n: int = 8, shape=(16, 16, 16), *overrides: str) 
 
     make_bids(work / "bids", n)
     params = make_params("ingest.source=bids", f"ingest.root={work / 'bids'}", "ingest.min_subjects=2",
-                         "normalize.spacing=[3,3,3]", f"normalize.shape={list(shape)}", *TINY_VQGAN, *overrides)
+                         *SMALL_COHORT, "normalize.spacing=[3,3,3]", f"normalize.shape={list(shape)}", *TINY_VQGAN, *overrides)
     run_ingest(params, out_dir=work / "ingested")
     run_normalize(params, in_dir=work / "ingested", out_dir=work / "processed")
     return params, work / "processed"

@@ -74,10 +74,21 @@ def test_gate_markdown_lists_failures_and_metrics():
     assert "gate FAILED" in text and "- coverage" in text and "| `fd` | 1.235 |" in text and "`sample` ran" in text
 
 
-def test_stages_come_from_dvc_yaml_in_order():
-    names = flow_module.list_stages(REPO)
+def test_stages_are_those_of_a_plain_dvc_repro_in_order(tmp_path):
     declared = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
-    assert names == declared and names[:3] == ["demo", "ingest", "normalize"]
+    # the demo (default params): its cohort stage, from its own pipeline file, runs first
+    assert flow_module.list_stages(REPO) == ["demo/dvc.yaml:demo", *declared]
+    assert declared[:2] == ["ingest", "normalize"]
+    # your own data: nothing depends on the demo stage, so the flow does not run it
+    work = tmp_path / "repo"
+    for name in ("dvc.yaml", "demo/dvc.yaml", ".dvc/config"):
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text((REPO / name).read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["ingest"].update(source="bids", root=str(tmp_path / "bids"))
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    sh("git", "init", "-q", cwd=work)
+    assert flow_module.list_stages(work) == declared
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,8 +14,9 @@ from synthmri.config import SplitParams
 from synthmri.data.ingest import run_ingest
 from synthmri.data.normalize import LANDMARKS_FILE, fit_histogram_landmarks, head_mask, run_normalize
 from synthmri.data.split import assign_splits
+from synthmri.errors import StageError
 
-from conftest import blob_volume, make_params, write_nifti
+from conftest import SMALL_COHORT, blob_volume, make_params, write_nifti
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def ingested(tmp_path_factory) -> tuple[Path, Path]:
 def _normalize(ingested, tmp_path, *overrides):
     root, in_dir = ingested
     params = make_params("ingest.source=bids", f"ingest.root={root}", "normalize.spacing=[3,3,3]",
-                         "normalize.shape=[16,20,16]", *overrides)
+                         "normalize.shape=[16,20,16]", *SMALL_COHORT, *overrides)
     return params, run_normalize(params, in_dir=in_dir, out_dir=tmp_path / "processed")
 
 
@@ -120,3 +121,18 @@ def test_nyul_landmarks_fitted_on_training_split_only(ingested, tmp_path):
     np.testing.assert_allclose(saved, expected)
     everything = fit_histogram_landmarks([in_dir / p for p in manifest["path"]], tmp_path / "all.npy")
     assert not np.allclose(saved, everything), "landmarks must not see val/test volumes"
+
+
+def test_a_cohort_too_small_for_a_later_stage_is_refused_before_anything_is_written(ingested, tmp_path):
+    """12 subjects, 80/10/10: 2 held-out subjects, fewer than the 6 that k-NN metrics with k = 5 need."""
+    with pytest.raises(StageError) as info:
+        _normalize(ingested, tmp_path, "report.prdc_k=5")
+    message = str(info.value)
+    assert "\n" not in message and "cohort of 12 subject(s)" in message
+    assert "split val+test holds 2 subject(s)" in message and "report.prdc_k=5" in message and "at least 6" in message
+    assert "split train" not in message, "the training split (9-10 subjects) is large enough"
+    assert not (tmp_path / "processed").exists()
+    # every reader's minimum is checked: an empty test split fails the reconstruction scores
+    with pytest.raises(StageError, match=r"split test holds 0 subject\(s\), the report's VQ-GAN reconstruction"):
+        _normalize(ingested, tmp_path, "normalize.split={train: 0.9, val: 0.1, test: 0.0, seed: 0, stratify: []}",
+                   "report.reference_splits=[val]", "report.prdc_k=1")

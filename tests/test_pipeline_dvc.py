@@ -78,8 +78,10 @@ NOT_REPRODUCIBLE: dict[str, str] = {}
 
 
 def _lock_outs(work: Path) -> dict[str, dict[str, str]]:
-    """{stage: {out path: md5}} from dvc.lock."""
-    stages = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
+    """{stage: {out path: md5}} from dvc.lock and demo/dvc.lock (the demo cohort's pipeline file)."""
+    stages = {}
+    for lock in ("dvc.lock", "demo/dvc.lock"):
+        stages.update(yaml.safe_load((work / lock).read_text())["stages"])
     return {name: {out["path"]: out["md5"] for out in stage.get("outs", [])} for name, stage in stages.items()}
 
 

@@ -21,7 +21,8 @@ from synthmri.errors import StageError
 from synthmri.io import save_nifti
 from synthmri.tracking import check_reachable
 
-from conftest import REPO, blob_volume, kill_after_checkpoint, make_params, make_processed, stage_command, stage_env
+from conftest import (REPO, SMALL_COHORT, blob_volume, kill_after_checkpoint, make_params, make_processed, stage_command,
+                      stage_env)
 
 
 def test_unreachable_tracking_server_fails_fast_with_clear_message(tmp_path, monkeypatch):
@@ -75,7 +76,8 @@ def test_identifiers_in_input_headers_never_reach_outputs(tmp_path):
         rows.append(f"{sub}\t{40 + i}\tF")
     (root / "participants.tsv").write_text("participant_id\tage\tsex\n" + "\n".join(rows) + "\n")
     params = make_params("ingest.source=bids", f"ingest.root={root}", "ingest.min_subjects=1",
-                         "normalize.shape=[16,16,16]")
+                         "normalize.shape=[16,16,16]", *SMALL_COHORT,
+                         "normalize.split={train: 0.5, val: 0.25, test: 0.25, seed: 0, stratify: []}")
     run_ingest(params, out_dir=tmp_path / "ingested")
     run_normalize(params, in_dir=tmp_path / "ingested", out_dir=tmp_path / "processed")
     outputs = [*tmp_path.joinpath("ingested").rglob("*.nii.gz"), *tmp_path.joinpath("processed").rglob("*.nii.gz")]

@@ -20,7 +20,7 @@ from skimage.filters import threshold_otsu
 
 from synthmri.config import Params
 from synthmri.data.ingest import INGESTED_DIR
-from synthmri.data.split import assign_splits
+from synthmri.data.split import assign_splits, check_split_sizes
 from synthmri.errors import StageError
 from synthmri.io import save_nifti, write_csv_atomic, write_text_atomic
 from synthmri.logs import get_logger, progress
@@ -95,6 +95,7 @@ def run_normalize(params: Params, in_dir: Path = INGESTED_DIR, out_dir: Path = P
     counts = manifest.drop_duplicates("subject_id")["split"].value_counts().to_dict()
     log.info("Split %d subjects (seed %d): %s", len(splits), cfg.split.seed,
              ", ".join(f"{counts.get(s, 0)} {s}" for s in ("train", "val", "test")))
+    check_split_sizes(splits, params)  # before anything is written or trained
 
     shutil.rmtree(out_dir / "volumes", ignore_errors=True)
     (out_dir / "volumes").mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from synthmri.config import SplitParams
+from synthmri.config import Params, SplitParams
 
 SPLITS = ("train", "val", "test")
 
@@ -37,3 +37,39 @@ def assign_splits(subjects: pd.DataFrame, split: SplitParams, id_column: str = "
         counts[choice] += 1
         assigned[subject] = SPLITS[choice]
     return pd.Series(assigned, name="split").reindex(per_subject.index)
+
+
+def split_minimums(params: Params) -> list[tuple[tuple[str, ...], int, str]]:
+    """What each later stage needs of the split, as ``(splits, minimum subjects, who reads them)``.
+
+    One list, so that a cohort too small for any reader is refused at ``normalize``, before minutes of
+    training are spent on a run whose report could never be computed.
+    """
+    rp = params.report
+    reference = tuple(rp.reference_splits)
+    k = rp.prdc_k
+    return [
+        (("train",), 2, "training, and the report's Fréchet baseline (random real training subsets)"),
+        (("val",), 1, "validation of train_vqgan and train_diffusion"),
+        ((rp.recon_split,), 1, f"the report's VQ-GAN reconstruction scores (report.recon_split={rp.recon_split})"),
+        (reference, k + 1, f"the report's k-NN metrics on the held-out set (report.prdc_k={k}, "
+                           f"report.reference_splits={list(reference)})"),
+        (("train",), k + 1, f"the report's Fréchet baseline, whose real subsets are scored with the same k-NN "
+                            f"metrics (report.prdc_k={k})"),
+    ]
+
+
+def check_split_sizes(subject_splits: pd.Series, params: Params) -> None:
+    """Raise :class:`StageError` (one line: split, count, minimum, reader) if any split is too small."""
+    from synthmri.errors import StageError
+
+    counts = subject_splits.value_counts()
+    problems = []
+    for splits, minimum, reader in split_minimums(params):
+        have = int(sum(counts.get(s, 0) for s in splits))
+        if have < minimum:
+            problems.append(f"split {'+'.join(splits)} holds {have} subject(s), {reader} need(s) at least {minimum}")
+    if problems:
+        total = len(subject_splits)
+        raise StageError(f"the cohort of {total} subject(s) is too small for this pipeline: " + "; ".join(problems)
+                         + " (add subjects, or change normalize.split / report.prdc_k)")
