@@ -136,9 +136,10 @@ def test_cortex_thins_and_csf_widens_with_age(table):
     assert np.corrcoef(table.age, table.brain_ml / table.icv_ml)[0, 1] < -0.7
 
 
-def test_men_have_larger_heads(table):
+def test_men_have_larger_heads_by_a_realistic_margin(table):
+    """Male/female ICV ratio of real adult cohorts: about 1.12-1.15 (simulated: 1.13 in expectation)."""
     by_sex = table.groupby("sex").icv_ml.mean()
-    assert by_sex["M"] > 1.1 * by_sex["F"]
+    assert 1.05 < by_sex["M"] / by_sex["F"] < 1.22, by_sex
 
 
 def test_tissue_intensities_follow_t1_contrast(simulated):

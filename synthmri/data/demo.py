@@ -10,7 +10,7 @@ matter, lateral ventricles). Each subject then gets, deterministically from
   0 mm at 20 years to about 6 mm at 90 years, and cortical grey matter next to external CSF turns
   into CSF (thinner cortex, wider sulci), both modulated by a smooth random field so that the
   atrophy pattern differs between subjects;
-* sex-driven head size: a global scale of about 0.95 (F) or 1.05 (M), plus a small random affine
+* sex-driven head size: a global scale of about 0.98 (F) or 1.02 (M) (ICV ratio 1.13), plus a small random affine
   and a smooth random elastic deformation of amplitude ``demo.deformation_mm`` (torchio);
 * a label-to-image contrast model in the spirit of SynthSeg: per-site tissue intensities
   (WM > GM > CSF, fixed by the site name), per-subject jitter, within-tissue noise, partial-volume
@@ -61,7 +61,7 @@ LABEL_NAMES = {BACKGROUND: "background", CSF: "external CSF", GM: "grey matter",
 DESCRIP = "SynthMRI demo cohort (simulated)"
 STAMP_KEY = "SynthMRIDemo"
 # Bump when the simulation changes, so that ensure_demo_cohort regenerates existing cohorts.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # anatomy model (ages in years, distances in mm)
 ATROPHY_START_AGE = 20.0
@@ -76,7 +76,10 @@ EXTERNAL_CSF_RIM_MM = 2.0          # subarachnoid CSF added around the skull-str
 ATROPHY_FIELD_SPACING_MM = 8.0    # grid of the smooth random field that modulates atrophy locally
 ATROPHY_FIELD_SMOOTHING = 1.5     # its Gaussian smoothing, in grid cells (12 mm)
 ATROPHY_FIELD_LOG_STD = 0.35      # local atrophy distance = age-driven distance x exp(0.35 x field)
-SEX_SCALE = {"f": 0.95, "female": 0.95, "m": 1.05, "male": 1.05}
+# Linear head scale by sex: (1.02 / 0.98)^3 = 1.13, the male/female intracranial-volume ratio of real
+# adult cohorts (about 1.12-1.15; e.g. Ruigrok et al. 2014, Neurosci Biobehav Rev 39:34). It was
+# 1.05 / 0.95, i.e. 1.35 in volume, an effect no real cohort shows.
+SEX_SCALE = {"f": 0.98, "female": 0.98, "m": 1.02, "male": 1.02}
 HEAD_SCALE_NOISE = 0.02            # log-normal per-subject noise of the global scale
 AXIS_SCALE_NOISE = 0.01
 ROTATION_DEG = 2.0

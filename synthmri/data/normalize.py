@@ -56,7 +56,9 @@ def build_transform(params: Params, landmarks: np.ndarray | None) -> tio.Compose
     cfg = params.normalize
     steps: list[tio.Transform] = [
         tio.ToCanonical(),
-        tio.Resample(tuple(cfg.spacing)),
+        # antialias: a Gaussian low-pass before downsampling (torchio's default is plain interpolation,
+        # which aliases every tissue edge and the noise into a speckled label map at the coarse grid)
+        tio.Resample(tuple(cfg.spacing), antialias=True),
         tio.CropOrPad(tuple(cfg.shape), mask_name="head"),
     ]
     if landmarks is not None:
