@@ -49,13 +49,12 @@ def split_minimums(params: Params) -> list[tuple[tuple[str, ...], int, str]]:
     reference = tuple(rp.reference_splits)
     k = rp.prdc_k
     return [
-        (("train",), 2, "training, and the report's Fréchet baseline (random real training subsets)"),
+        (("train",), max(2, k + 1), f"training, and the report's Fréchet baseline (random real training subsets, "
+                                    f"scored with the same k-NN metrics, report.prdc_k={k})"),
         (("val",), 1, "validation of train_vqgan and train_diffusion"),
         ((rp.recon_split,), 1, f"the report's VQ-GAN reconstruction scores (report.recon_split={rp.recon_split})"),
         (reference, k + 1, f"the report's k-NN metrics on the held-out set (report.prdc_k={k}, "
                            f"report.reference_splits={list(reference)})"),
-        (("train",), k + 1, f"the report's Fréchet baseline, whose real subsets are scored with the same k-NN "
-                            f"metrics (report.prdc_k={k})"),
     ]
 
 
