@@ -182,6 +182,15 @@ def test_dask_runner_with_two_local_workers_gives_the_same_set(trained_8cubed_la
     assert _prefect_servers() <= servers_before
 
 
+def _wait_until(condition, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def _prefect_servers() -> set[int]:
     import psutil
 
@@ -208,17 +217,22 @@ def test_sigkill_during_sample_then_rerun_finishes_consistently(trained, tmp_pat
                MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     env.pop("PREFECT_API_URL", None)
     shards = tmp_path / "data" / "synthetic" / "shards"
+    servers_before = _prefect_servers()
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and len(list(shards.glob("shard-*.json"))) < 2:
         time.sleep(0.05)
+    assert _prefect_servers() - servers_before, "the stage runs its flow on a temporary Prefect server"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # its temporary Prefect server dies with it (parent-death signal), SIGKILL included
+    assert _wait_until(lambda: not _prefect_servers() - servers_before), _prefect_servers() - servers_before
     finished = len(list(shards.glob("shard-*.json")))
     assert 1 <= finished < 6, f"kill came too late to test resume ({finished} shards done)"
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"({2 * finished} already done)" in done.stderr, done.stderr[-2000:]
+    assert not _prefect_servers() - servers_before, "a stage that ends normally stops its server too"
     out = tmp_path / "data" / "synthetic"
     manifest = pd.read_csv(out / "manifest.csv")
     assert list(manifest["sample_index"]) == list(range(12))

@@ -32,13 +32,13 @@ from synthmri.io import save_nifti, sha256_file, write_csv_atomic, write_text_at
 from synthmri.logs import get_logger
 from synthmri.models.loading import load_ldm, load_vqgan, read_config
 from synthmri.synthesis.plan import make_plan
+from synthmri.synthesis.prefect_api import prefect_api
 from synthmri.training.runtime import cpu_numerics, intra_op_threads, pick_device
 from synthmri.training.train_diffusion import MODEL_DIR as LDM_DIR
 
 log = get_logger(__name__)
 
 SYNTHETIC_DIR = Path("data/synthetic")
-EPHEMERAL_STARTUP_TIMEOUT_S = 120
 INTENSITY_NOTE = ("float32 in [0, 1]: 0 is background, values are the training space's intensities "
                   "(clipped at percentiles inside the head and scaled), mapped linearly from [-1, 1]")
 
@@ -108,25 +108,17 @@ def ldm_schedule(config: dict):
     return ScheduleParams(**config["diffusion"]["schedule"])
 
 
-def _prefect_api_url() -> str:
-    """The API this process talks to (a configured server, or the ephemeral one it starts on demand)."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return str(client.api_url)
-
-
-def _task_runner(params: Params):
+def _task_runner(params: Params, api_url: str):
     if params.sample.task_runner == "dask":
         from prefect_dask import DaskTaskRunner
 
         if params.sample.dask_address:
             return DaskTaskRunner(address=params.sample.dask_address)
-        # The worker processes must report to this process's Prefect API: without its address each one
-        # starts an ephemeral server of its own, which outlives the worker when the cluster closes.
+        # The worker processes must report to this stage's Prefect API: without its address each one
+        # starts a temporary server of its own, which outlives the worker when the cluster closes.
         return DaskTaskRunner(cluster_kwargs={"n_workers": params.sample.workers, "threads_per_worker": 1,
                                               "processes": True, "dashboard_address": None,
-                                              "env": {"PREFECT_API_URL": _prefect_api_url()}})
+                                              "env": {"PREFECT_API_URL": api_url}})
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=params.sample.workers)
@@ -135,23 +127,17 @@ def _task_runner(params: Params):
 def run_shards(params: Params, job: SampleJob, pending: list[tuple[int, list[tuple[int, dict]]]],
                total_volumes: int, done_volumes: int) -> None:
     """Fan the pending shards out as Prefect tasks on the configured task runner."""
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP_TIMEOUT
-    from prefect.settings import temporary_settings
-
-    # With no PREFECT_API_URL, Prefect starts a temporary server; on a fresh PREFECT_HOME it first creates
-    # and migrates its database, which overran Prefect's 20 s default once here on a 2-core machine
-    # ("Timed out while attempting to connect to ephemeral Prefect API server").
-    with temporary_settings({STARTUP_TIMEOUT: max(STARTUP_TIMEOUT.value(), EPHEMERAL_STARTUP_TIMEOUT_S)}):
-        _run_shard_flow(params, job, pending, total_volumes, done_volumes)
+    with prefect_api() as api_url:
+        _run_shard_flow(params, job, pending, total_volumes, done_volumes, api_url)
 
 
 def _run_shard_flow(params: Params, job: SampleJob, pending: list[tuple[int, list[tuple[int, dict]]]],
-                    total_volumes: int, done_volumes: int) -> None:
+                    total_volumes: int, done_volumes: int, api_url: str) -> None:
     from prefect import flow, task
 
     shard_task = task(generate_shard, name="generate-shard", retries=1, retry_delay_seconds=2)
 
-    @flow(name="sample-shards", task_runner=_task_runner(params))
+    @flow(name="sample-shards", task_runner=_task_runner(params, api_url))
     def sample_shards() -> None:
         bar = tqdm(total=total_volumes, initial=done_volumes, unit="vol", desc="Sampling volumes",
                    dynamic_ncols=True)
