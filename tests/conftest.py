@@ -103,6 +103,8 @@ TINY_VQGAN = ("vqgan.model.channels=[8,16,32]", "vqgan.model.latent_channels=4",
 # A cohort of 8-12 subjects holds 1 val and 1 test subject: the report's k-NN metrics can use k = 1 only
 # (normalize refuses a cohort too small for report.prdc_k; synthmri.data.split.split_minimums).
 SMALL_COHORT = ("report.prdc_k=1",)
+# Fewer than 8 subjects: 80/10/10 leaves the test split empty; half/quarter/quarter gives 2/1/1 from 4.
+SMALL_SPLIT = "normalize.split={train: 0.5, val: 0.25, test: 0.25, seed: 0, stratify: []}"
 
 
 def make_processed(work: Path, n: int = 8, shape=(16, 16, 16), *overrides: str) -> tuple[Params, Path]:
@@ -112,7 +114,7 @@ def make_processed(work: Path, n: int = 8, shape=(16, 16, 16), *overrides: str) 
 
     make_bids(work / "bids", n)
     params = make_params("ingest.source=bids", f"ingest.root={work / 'bids'}", "ingest.min_subjects=2",
-                         *SMALL_COHORT, "normalize.spacing=[3,3,3]", f"normalize.shape={list(shape)}", *TINY_VQGAN, *overrides)
+                         *SMALL_COHORT, *([SMALL_SPLIT] if n < 8 else []), "normalize.spacing=[3,3,3]", f"normalize.shape={list(shape)}", *TINY_VQGAN, *overrides)
     run_ingest(params, out_dir=work / "ingested")
     run_normalize(params, in_dir=work / "ingested", out_dir=work / "processed")
     return params, work / "processed"

@@ -80,8 +80,9 @@ NOT_REPRODUCIBLE: dict[str, str] = {}
 def _lock_outs(work: Path) -> dict[str, dict[str, str]]:
     """{stage: {out path: md5}} from dvc.lock and demo/dvc.lock (the demo cohort's pipeline file)."""
     stages = {}
-    for lock in ("dvc.lock", "demo/dvc.lock"):
-        stages.update(yaml.safe_load((work / lock).read_text())["stages"])
+    for lock, address in (("dvc.lock", "{}"), ("demo/dvc.lock", "demo/dvc.yaml:{}")):  # as `dvc repro` names them
+        for name, stage in yaml.safe_load((work / lock).read_text())["stages"].items():
+            stages[address.format(name)] = stage
     return {name: {out["path"]: out["md5"] for out in stage.get("outs", [])} for name, stage in stages.items()}
 
 

@@ -21,7 +21,7 @@ from synthmri.errors import StageError
 from synthmri.io import save_nifti
 from synthmri.tracking import check_reachable
 
-from conftest import (REPO, SMALL_COHORT, blob_volume, kill_after_checkpoint, make_params, make_processed, stage_command,
+from conftest import (REPO, SMALL_COHORT, SMALL_SPLIT, blob_volume, kill_after_checkpoint, make_params, make_processed, stage_command,
                       stage_env)
 
 
@@ -61,7 +61,7 @@ def test_full_disk_leaves_no_truncated_file(tiny_tmpfs):
 def test_identifiers_in_input_headers_never_reach_outputs(tmp_path):
     root = tmp_path / "bids"
     rows = []
-    for i in range(3):
+    for i in range(4):
         sub = f"sub-{i}"
         image = nib.Nifti1Image(blob_volume(seed=i), np.diag([2.0, 2.0, 2.0, 1.0]))
         header = image.header
@@ -76,12 +76,11 @@ def test_identifiers_in_input_headers_never_reach_outputs(tmp_path):
         rows.append(f"{sub}\t{40 + i}\tF")
     (root / "participants.tsv").write_text("participant_id\tage\tsex\n" + "\n".join(rows) + "\n")
     params = make_params("ingest.source=bids", f"ingest.root={root}", "ingest.min_subjects=1",
-                         "normalize.shape=[16,16,16]", *SMALL_COHORT,
-                         "normalize.split={train: 0.5, val: 0.25, test: 0.25, seed: 0, stratify: []}")
+                         "normalize.shape=[16,16,16]", *SMALL_COHORT, SMALL_SPLIT)
     run_ingest(params, out_dir=tmp_path / "ingested")
     run_normalize(params, in_dir=tmp_path / "ingested", out_dir=tmp_path / "processed")
     outputs = [*tmp_path.joinpath("ingested").rglob("*.nii.gz"), *tmp_path.joinpath("processed").rglob("*.nii.gz")]
-    assert len(outputs) == 6
+    assert len(outputs) == 8
     for path in outputs:
         raw = nib.load(path).header
         assert len(raw.extensions) == 0
