@@ -35,7 +35,7 @@ class Covariate(_Section):
     required: bool = True
 
     @model_validator(mode="after")
-    def _kind_matches_constraints(self) -> "Covariate":
+    def _kind_matches_constraints(self) -> Covariate:
         if self.kind == "continuous" and self.levels is not None:
             raise ValueError(f"continuous covariate '{self.name}' cannot have 'levels'")
         if self.kind == "categorical":
@@ -82,10 +82,10 @@ class SplitParams(_Section):
     val: float = Field(0.1, ge=0)
     test: float = Field(0.1, ge=0)
     seed: int = 0
-    stratify: list[str] = []
+    stratify: list[str] = ["sex", "site"]  # declared covariates; the Params check names any that is not
 
     @model_validator(mode="after")
-    def _fractions_sum_to_one(self) -> "SplitParams":
+    def _fractions_sum_to_one(self) -> SplitParams:
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"train + val + test must be 1, got {total:g}")
@@ -103,7 +103,7 @@ class NormalizeParams(_Section):
     split: SplitParams = SplitParams()
 
     @model_validator(mode="after")
-    def _valid_ranges(self) -> "NormalizeParams":
+    def _valid_ranges(self) -> NormalizeParams:
         if not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
             raise ValueError("percentiles must satisfy 0 <= low < high <= 100")
         if self.out_range[0] >= self.out_range[1]:
@@ -118,14 +118,14 @@ class VQGANModelParams(_Section):
 
     channels: list[int] = [16, 32, 64]
     num_res_blocks: int = Field(1, ge=1)
-    downsample_factor: Literal[4, 8] = 4
+    downsample_factor: Literal[2, 4, 8] = 4
     latent_channels: int = Field(4, ge=1)
     attention: bool = True
     norm_groups: int = Field(8, ge=1)
 
     @model_validator(mode="after")
-    def _levels_match_factor(self) -> "VQGANModelParams":
-        expected = self.downsample_factor.bit_length()  # 4 -> 3 levels, 8 -> 4 levels
+    def _levels_match_factor(self) -> VQGANModelParams:
+        expected = self.downsample_factor.bit_length()  # 2 -> 2 levels, 4 -> 3, 8 -> 4
         if len(self.channels) != expected:
             raise ValueError(f"downsample_factor {self.downsample_factor} needs {expected} channel entries, "
                              f"got {len(self.channels)}")
@@ -166,6 +166,9 @@ class TrainParams(_Section):
     steps: int = Field(400, ge=1)
     batch_size: int = Field(2, ge=1)
     lr: float = Field(2e-4, gt=0)
+    # diffusers' schedules: the peak lr after warmup_steps of linear warm-up, then constant or decaying to 0 at `steps`
+    lr_schedule: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
     betas: tuple[float, float] = (0.5, 0.9)
     weight_decay: float = Field(1e-4, ge=0)
     grad_clip: float = Field(1.0, gt=0)
@@ -188,6 +191,7 @@ class TrainParams(_Section):
 
 class VQGANTrainParams(TrainParams):
     lr_discriminator: float = Field(2e-4, gt=0)
+    flip_lr: float = Field(0.0, ge=0, le=1)  # probability of mirroring a training volume left-right (augmentation)
 
 
 class VQGANParams(_Section):
@@ -214,7 +218,7 @@ class UNetParams(_Section):
     cross_attention: bool = False
 
     @model_validator(mode="after")
-    def _levels_agree(self) -> "UNetParams":
+    def _levels_agree(self) -> UNetParams:
         if len(self.attention) != len(self.channels):
             raise ValueError(f"attention needs one flag per level ({len(self.channels)}), got {len(self.attention)}")
         if any(c % self.norm_groups for c in self.channels):
@@ -227,12 +231,13 @@ class ScheduleParams(_Section):
     beta_schedule: Literal["linear", "cosine"] = "linear"
     beta_start: float = Field(1e-4, gt=0)
     beta_end: float = Field(0.02, gt=0, lt=1)
-    prediction: Literal["epsilon", "v_prediction"] = "epsilon"
+    prediction: Literal["epsilon", "v_prediction"] = "v_prediction"
 
 
 class DiffusionTrainParams(TrainParams):
     steps: int = Field(800, ge=1)
     batch_size: int = Field(8, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
     condition_dropout: float = Field(0.1, ge=0, le=1)
@@ -264,7 +269,7 @@ class SampleParams(_Section):
     seed: int = 0
     shard_size: int = Field(4, ge=1)
     task_runner: Literal["threads", "dask"] = "threads"
-    workers: int = Field(1, ge=1)
+    workers: int = Field(2, ge=1)
     dask_address: str | None = None
     release: str = "dev"
     # intra-op CPU threads of every generating task, wherever it runs: part of a volume's recipe
@@ -346,7 +351,7 @@ class Params(_Section):
     report: ReportParams = ReportParams()
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Params":
+    def _cross_checks(self) -> Params:
         names = [c.name for c in self.covariates]
         if len(set(names)) != len(names):
             raise ValueError(f"covariate names must be unique, got {names}")
@@ -432,7 +437,8 @@ def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     elif path == DEFAULT_PARAMS_FILE:
-        tree = {}
+        raise ConfigError(f"no {DEFAULT_PARAMS_FILE} in {Path.cwd()}: run from the repository root (where dvc.yaml "
+                          "and params.yaml are) or pass --params FILE")
     else:
         raise ConfigError(f"params file '{path}' does not exist")
     for text in overrides:

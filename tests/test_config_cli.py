@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
 from synthmri.cli import STAGES, main
 from synthmri.config import ConfigError, Params, load_params
-
-from conftest import REPO
 
 
 def test_repository_params_and_profiles_are_valid():
@@ -20,12 +19,13 @@ def test_repository_params_and_profiles_are_valid():
         assert isinstance(load_params(path), Params), path
 
 
-def test_params_yaml_spells_out_every_default():
-    """params.yaml is the user's map of every knob: each section key of the model appears in it."""
+def test_params_yaml_spells_out_every_default_with_the_code_default():
+    """params.yaml is the user's map of every knob: each section key of the model appears in it, with the
+    value the code would use without it (one default, written out), so neither can drift from the other."""
     tree = yaml.safe_load((REPO / "params.yaml").read_text())
 
     def keys(model, prefix=""):
-        for name, field in type(model).model_fields.items():
+        for name in type(model).model_fields:
             value = getattr(model, name)
             if hasattr(value, "model_fields"):
                 yield from keys(value, f"{prefix}{name}.")
@@ -39,6 +39,15 @@ def test_params_yaml_spells_out_every_default():
 
     for key in keys(Params()):
         lookup(tree, key)  # KeyError names the missing key
+    defaults, written = Params().model_dump(mode="json"), load_params(REPO / "params.yaml").model_dump(mode="json")
+    for key in keys(Params()):
+        assert lookup(written, key) == lookup(defaults, key), f"{key}: params.yaml and synthmri/config.py disagree"
+
+
+def test_a_stage_without_params_yaml_says_so(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="no params.yaml in .*pass --params"):
+        load_params()
 
 
 @pytest.mark.parametrize("override,fragment", [

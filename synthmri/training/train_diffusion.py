@@ -19,19 +19,27 @@ import torch
 import torch.nn.functional as F
 
 from synthmri.config import Params
+from synthmri.data.covariates import covariate_rows
 from synthmri.data.latents import LATENT_DIR, VQGAN_DIR, LatentSet
-from synthmri.diffusion.conditioning import ConditionedUNet, CovariateBatch, CovariateEncoder
+from synthmri.diffusion.conditioning import CovariateBatch, CovariateEncoder
 from synthmri.diffusion.ema import make_ema
 from synthmri.diffusion.sampling import sample_latents, sample_seed
-from synthmri.diffusion.schedulers import add_noise, make_sampler, make_training_scheduler, sample_timesteps, training_target
+from synthmri.diffusion.schedulers import (
+    add_noise,
+    make_sampler,
+    make_training_scheduler,
+    sample_timesteps,
+    training_target,
+)
 from synthmri.errors import StageError
 from synthmri.io import sha256_file, write_csv_atomic, write_text_atomic
 from synthmri.logs import get_logger
 from synthmri.models.loading import build_ldm, load_vqgan, save_weights
-from synthmri.training.checkpoint import config_fingerprint
-from synthmri.training.loop import ResumableTrainer, train_loop
 from synthmri.training import distributed
+from synthmri.training.checkpoint import config_fingerprint
 from synthmri.training.distributed import Context
+from synthmri.training.loop import ResumableTrainer, train_loop
+from synthmri.training.optim import adamw, lr_scheduler
 from synthmri.training.runtime import autocast, batch_indices, pick_device, seed_everything, to_device
 from synthmri.viz import three_plane_grid
 
@@ -41,19 +49,6 @@ MODEL_DIR = Path("models/ldm")
 CHECKPOINT_DIR = Path("models/checkpoints/ldm")
 REPORT_DIR = Path("reports/ldm")
 METRICS_FILE = Path("reports/ldm.json")
-
-
-def covariate_rows(manifest: pd.DataFrame, params: Params) -> list[dict]:
-    """The declared covariates of each subject, missing values as None (partial conditioning)."""
-    rows = []
-    for record in manifest.to_dict("records"):
-        row = {}
-        for cov in params.covariates:
-            value = record.get(cov.name)
-            missing = value is None or (isinstance(value, float) and np.isnan(value)) or value == ""
-            row[cov.name] = None if missing else (float(value) if cov.kind == "continuous" else str(value))
-        rows.append(row)
-    return rows
 
 
 class DiffusionTrainer(ResumableTrainer):
@@ -73,14 +68,15 @@ class DiffusionTrainer(ResumableTrainer):
                                checkpointing=t.activation_checkpointing).to(self.device)
         self.ema = make_ema(self.model, t.ema_decay)
         self.train_model = self.ctx.prepare(self.model, t.channels_last, t.compile)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        self.optimizer = adamw(self.model.parameters(), t)
+        self.lr_schedule = lr_scheduler(self.optimizer, t)
         self.scheduler = make_training_scheduler(self.cfg.schedule)
-        self.train_covariates = self.model.encoder.encode_values(covariate_rows(train.manifest, params))
+        self.train_covariates = self.model.encoder.encode_values(covariate_rows(train.manifest, params.covariates))
         self.checkpoint_dir, self.fingerprint = checkpoint_dir, fingerprint
         self.step, self.history, self.val_history = 0, [], []
 
     def stateful(self) -> dict:
-        return {"model": self.model, "ema": self.ema, "optimizer": self.optimizer}
+        return {"model": self.model, "ema": self.ema, "optimizer": self.optimizer, "lr_schedule": self.lr_schedule}
 
     def draw(self, shape: torch.Size, covariates: CovariateBatch, generator: torch.Generator,
              dropout: float) -> tuple[torch.Tensor, torch.Tensor, CovariateBatch]:
@@ -121,6 +117,7 @@ class DiffusionTrainer(ResumableTrainer):
             loss_value += float(loss.detach()) / t.grad_accumulation
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.optimizer.step()
+        self.lr_schedule.step()
         self.ema.update_parameters(self.model)
         return ctx.mean({"loss": loss_value, "grad_norm": float(grad_norm)})
 
@@ -131,7 +128,7 @@ class DiffusionTrainer(ResumableTrainer):
             return float("nan")
         generator = torch.Generator().manual_seed(self.params.seed)
         ema = self.ema.module.eval()
-        rows = ema.encoder.encode_values(covariate_rows(self.val.manifest, self.params))
+        rows = ema.encoder.encode_values(covariate_rows(self.val.manifest, self.params.covariates))
         noise, t, rows = self.draw(self.val.latents.shape, rows, generator, dropout=0.0)
         return float(self.loss(ema, self.val.latents, rows, noise, t))
 
@@ -162,7 +159,6 @@ def run_train_diffusion(params: Params, latent_dir: Path = LATENT_DIR, vqgan_dir
                         model_dir: Path = MODEL_DIR, checkpoint_dir: Path = CHECKPOINT_DIR,
                         report_dir: Path = REPORT_DIR, metrics_file: Path = METRICS_FILE, track: bool = True) -> dict:
     """Train (or resume) the latent diffusion model; write EMA weights, curves and metrics."""
-    from synthmri import tracking
 
     train, val = LatentSet(latent_dir, "train"), LatentSet(latent_dir, "val")
     if len(train) == 0:
@@ -182,7 +178,7 @@ def _train(trainer: DiffusionTrainer, vqgan_dir: Path, model_dir: Path, checkpoi
 
     params, train, ctx = trainer.params, trainer.train, trainer.ctx
     vqgan = load_vqgan(vqgan_dir, trainer.device) if ctx.is_main else None
-    preview_rows = covariate_rows(train.manifest.iloc[:3], params)
+    preview_rows = covariate_rows(train.manifest.iloc[:3], params.covariates)
     t = trainer.cfg.train
     mlflow = importlib.import_module("mlflow") if track else None
     run_ctx = tracking.stage_run("train_diffusion", params.model_dump(mode="json")) if track else contextlib.nullcontext()

@@ -24,17 +24,23 @@ from synthmri.data.normalize import PROCESSED_DIR
 from synthmri.errors import StageError
 from synthmri.io import sha256_file, write_csv_atomic, write_text_atomic
 from synthmri.logs import get_logger
-from synthmri.losses.adversarial import (adaptive_gan_weight, disc_factor, feature_matching_loss, hinge_d_loss,
-                                         hinge_g_loss)
+from synthmri.losses.adversarial import (
+    adaptive_gan_weight,
+    disc_factor,
+    feature_matching_loss,
+    hinge_d_loss,
+    hinge_g_loss,
+)
 from synthmri.losses.perceptual import LPIPS25D
 from synthmri.metrics.image import psnr, ssim3d
-from synthmri.models.loading import save_weights
 from synthmri.models.discriminator import PatchDiscriminator, SliceDiscriminator
+from synthmri.models.loading import save_weights
 from synthmri.models.vqgan import VQGAN
-from synthmri.training.checkpoint import config_fingerprint
-from synthmri.training.loop import ResumableTrainer, train_loop
 from synthmri.training import distributed
+from synthmri.training.checkpoint import config_fingerprint
 from synthmri.training.distributed import Context
+from synthmri.training.loop import ResumableTrainer, train_loop
+from synthmri.training.optim import adamw, lr_scheduler
 from synthmri.training.runtime import autocast, batch_indices, pick_device, seed_everything, to_device
 from synthmri.viz import three_plane_grid
 
@@ -77,6 +83,14 @@ def validate(model: VQGAN, volumes: ProcessedVolumes, lpips: LPIPS25D, device: t
     return {k: float(np.mean(v)) for k, v in scores.items()}, example
 
 
+def mirror_left_right(volumes: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    """Mirror the volumes selected by the boolean ``which`` along the first spatial axis (left-right in
+    the pipeline's RAS space): a brain's mirror image is a plausible brain, so it is free extra data."""
+    if not bool(which.any()):
+        return volumes
+    return torch.where(which.view(-1, *[1] * (volumes.dim() - 1)), volumes.flip(2), volumes)
+
+
 class VQGANTrainer(ResumableTrainer):
     """One training run: holds the models, optimizers and history so that resume is one load."""
 
@@ -95,9 +109,9 @@ class VQGANTrainer(ResumableTrainer):
         self.model, self.discriminators = build_models(params, self.device, t.activation_checkpointing)
         self.train_model = self.ctx.prepare(self.model, t.channels_last, t.compile)
         self.train_discriminators = [self.ctx.prepare(d, t.channels_last, t.compile) for d in self.discriminators]
-        self.opt_g = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-        self.opt_d = (torch.optim.AdamW(self.discriminators.parameters(), lr=t.lr_discriminator, betas=t.betas,
-                                        weight_decay=t.weight_decay) if len(self.discriminators) else None)
+        self.opt_g = adamw(self.model.parameters(), t)
+        self.lr_schedule_g = lr_scheduler(self.opt_g, t)
+        self.opt_d = adamw(self.discriminators.parameters(), t, t.lr_discriminator) if len(self.discriminators) else None
         self.lpips_metric, self.backbone = LPIPS25D.from_params(self.cfg.loss, random_slices=False)
         self.lpips_loss = LPIPS25D(self.lpips_metric.net, self.cfg.loss.lpips_slices_per_axis, random_slices=True)
         self.lpips_metric.to(self.device), self.lpips_loss.to(self.device)
@@ -107,7 +121,8 @@ class VQGANTrainer(ResumableTrainer):
     # -- state -----------------------------------------------------------------------------------
 
     def stateful(self) -> dict:
-        parts = {"model": self.model, "discriminators": self.discriminators, "opt_g": self.opt_g}
+        parts = {"model": self.model, "discriminators": self.discriminators, "opt_g": self.opt_g,
+                 "lr_schedule_g": self.lr_schedule_g}
         return {**parts, "opt_d": self.opt_d} if self.opt_d else parts
 
     # -- one step --------------------------------------------------------------------------------
@@ -118,8 +133,11 @@ class VQGANTrainer(ResumableTrainer):
         global_batch = t.batch_size * ctx.world_size * t.grad_accumulation
         indices = batch_indices(len(self.train_set), global_batch, self.params.seed, self.step)
         rows = torch.arange(global_batch)
-        micro_batches = [self.train_set.batch(indices[ctx.micro_batch(rows, m, t.batch_size)])
-                         for m in range(t.grad_accumulation)]
+        flips = torch.rand(global_batch, generator=torch.Generator().manual_seed(self.params.seed + self.step)) < t.flip_lr
+        micro_batches = []
+        for m in range(t.grad_accumulation):
+            mine = ctx.micro_batch(rows, m, t.batch_size)
+            micro_batches.append(mirror_left_right(self.train_set.batch(indices[mine]), flips[mine]))
         return ctx.mean(self.train_step(*micro_batches))
 
     def train_step(self, *micro_batches: torch.Tensor) -> dict[str, float]:
@@ -159,6 +177,8 @@ class VQGANTrainer(ResumableTrainer):
                 totals[name] = totals.get(name, 0.0) + float(value.detach()) / n
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.opt_g.step()
+        self.lr_schedule_g.step()
+        totals["lr"] = self.lr_schedule_g.get_last_lr()[0]
 
         totals["d_loss"] = 0.0
         if gan_on:
@@ -198,7 +218,7 @@ def _write_outputs(trainer: VQGANTrainer, model_dir: Path, report_dir: Path, met
     return metrics
 
 
-def _log_validation(trainer: "VQGANTrainer", mlflow, report_dir: Path, val_set: ProcessedVolumes):
+def _log_validation(trainer: VQGANTrainer, mlflow, report_dir: Path, val_set: ProcessedVolumes):
     """Validate, record the scores, and show real vs reconstruction in MLflow."""
     scores, example = validate(trainer.model, val_set, trainer.lpips_metric, trainer.device, trainer.data_range)
     trainer.val_history.append({"step": trainer.step, **scores})
@@ -214,7 +234,6 @@ def run_train_vqgan(params: Params, processed_dir: Path = PROCESSED_DIR, model_d
                     checkpoint_dir: Path = CHECKPOINT_DIR, report_dir: Path = REPORT_DIR,
                     metrics_file: Path = METRICS_FILE, track: bool = True) -> dict:
     """Train (or resume), validate, write ``model_dir`` and the metrics; log everything to MLflow."""
-    from synthmri import tracking
 
     train_set, val_set = ProcessedVolumes(processed_dir, "train"), ProcessedVolumes(processed_dir, "val")
     if len(train_set) == 0:

@@ -1,0 +1,136 @@
+"""Autoencoder quality against CPU-minutes: validation PSNR/SSIM along a time-budgeted training run.
+
+    .venv/bin/python benchmarks/bench_vqgan_curve.py --label base --cpu-minutes 8 --seeds 0 1 \\
+        [--threads 1] [--points 8] [-S vqgan.train.lr_schedule=cosine ...]
+
+Trains the VQ-GAN of ``--params`` (plus overrides) on ``data/processed`` (run ``dvc repro normalize``
+first) for ``--cpu-minutes`` of *process CPU time* per repeat, so runs can share a busy machine and still
+be compared. The schedule length (``vqgan.train.steps``, which a cosine decay and the GAN start refer to)
+is set from a timed probe of the step cost, unless ``--steps`` is given. ``--points`` times along the run
+the model is scored on the validation split (time not counted); the last point also scores the split's
+edge sharpness: mean in-head gradient magnitude of the reconstructions over that of the originals.
+
+Appends one row per point to ``benchmarks/results/vqgan_curve.csv`` (label, seed, step, CPU minutes,
+PSNR, SSIM, LPIPS, losses, overrides, machine) and prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from common import cpu_model
+
+from synthmri.config import load_params
+from synthmri.data.datasets import ProcessedVolumes
+from synthmri.data.normalize import PROCESSED_DIR
+from synthmri.training.train_vqgan import VQGANTrainer, validate
+
+OUT = Path(__file__).parent / "results" / "vqgan_curve.csv"
+
+
+def step_cost(params, train_set, probe_steps: int = 4) -> float:
+    """CPU seconds of one reconstruction-phase and one adversarial-phase step, weighted by the schedule."""
+    costs = {}
+    for phase, start in (("rec", 10**9), ("gan", 0)):
+        trainer = VQGANTrainer(load_params(params[0], [*params[1], f"vqgan.loss.disc_start_step={start}"]), train_set)
+        trainer.next_step()  # warm-up
+        began = time.process_time()
+        for _ in range(probe_steps):
+            trainer.next_step()
+            trainer.step += 1
+        costs[phase] = (time.process_time() - began) / probe_steps
+    return costs
+
+
+def steps_for_budget(costs: dict[str, float], budget_s: float, disc_start: int, gan_on: bool) -> int:
+    if not gan_on or budget_s <= disc_start * costs["rec"]:
+        return max(1, int(budget_s / costs["rec"]))
+    return disc_start + int((budget_s - disc_start * costs["rec"]) / costs["gan"])
+
+
+def sharpness_ratio(model, volumes: ProcessedVolumes, device) -> float:
+    """Mean in-head gradient magnitude of the reconstructions over that of the originals: < 1 is blur."""
+    ratios = []
+    with torch.inference_mode():
+        for i in range(len(volumes)):
+            x = volumes.batch([i]).to(device)
+            real, recon = x[0, 0].cpu().numpy(), model.decode(model.encode(x)).clamp(-1, 1)[0, 0].cpu().numpy()
+            head = real > -0.95
+            grad = [np.linalg.norm(np.stack(np.gradient(v)), axis=0)[head].mean() for v in (real, recon)]
+            ratios.append(grad[1] / grad[0])
+    return float(np.mean(ratios))
+
+
+def run(label: str, seed: int, params_file: str, overrides: list[str], budget_s: float, points: int,
+        fixed_steps: int | None) -> list[dict]:
+    train_set, val_set = ProcessedVolumes(PROCESSED_DIR, "train"), ProcessedVolumes(PROCESSED_DIR, "val")
+    overrides = [*overrides, f"seed={seed}"]
+    base = load_params(params_file, overrides)
+    loss = base.vqgan.loss
+    gan_on = loss.adversarial > 0
+    if fixed_steps is None:
+        costs = step_cost((params_file, overrides), train_set)
+        steps = steps_for_budget(costs, budget_s, loss.disc_start_step, gan_on)
+        print(f"[{label} seed {seed}] step cost {costs}, schedule: {steps} steps", flush=True)
+    else:
+        steps = fixed_steps
+    params = load_params(params_file, [*overrides, f"vqgan.train.steps={steps}"])
+    trainer = VQGANTrainer(params, train_set, val_set)
+    trainer.model.train()
+    marks = sorted({max(1, round(steps * (k + 1) / points)) for k in range(points)})
+    rows, cpu_s, wall_s = [], 0.0, 0.0
+    while trainer.step < steps:
+        c0, w0 = time.process_time(), time.perf_counter()
+        losses = trainer.next_step()
+        trainer.step += 1
+        cpu_s += time.process_time() - c0
+        wall_s += time.perf_counter() - w0
+        if trainer.step in marks:
+            scores, _ = validate(trainer.model, val_set, trainer.lpips_metric, trainer.device, trainer.data_range)
+            row = {"label": label, "seed": seed, "step": trainer.step, "steps": steps,
+                   "cpu_minutes": round(cpu_s / 60, 3), "wall_minutes": round(wall_s / 60, 3),
+                   "val_psnr": round(scores["psnr"], 3), "val_ssim": round(scores["ssim"], 4),
+                   "val_lpips": round(scores["lpips"], 4), "l1": round(losses["l1"], 4),
+                   "codebook_usage": round(losses["codebook_usage"], 3), "lr": losses.get("lr")}
+            if trainer.step == steps:
+                trainer.model.eval()
+                row["val_sharpness_ratio"] = round(sharpness_ratio(trainer.model, val_set, trainer.device), 4)
+                trainer.model.train()
+            row.update(overrides=" ".join(overrides), threads=torch.get_num_threads(), machine=cpu_model(),
+                       torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M"))
+            rows.append(row)
+            print(json.dumps({k: row[k] for k in row if k not in ("overrides", "machine", "torch", "date")}),
+                  flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--label", required=True)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--cpu-minutes", type=float, default=8.0)
+    parser.add_argument("--steps", type=int, default=None, help="fixed schedule length instead of a CPU budget")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--points", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("-S", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(args.threads)
+    for seed in args.seeds:
+        rows = run(args.label, seed, args.params, args.overrides, args.cpu_minutes * 60, args.points, args.steps)
+        frame = pd.DataFrame(rows)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(args.out, mode="a", header=not args.out.exists(), index=False)
+
+
+if __name__ == "__main__":
+    main()
