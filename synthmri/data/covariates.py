@@ -1,20 +1,98 @@
-"""Validation of subject covariates against their declaration in ``params.yaml``.
+"""Subject covariates: the one owner of what a value means, from ingest to the report.
 
-Covariates are the conditioning variables of the diffusion model, so a wrong value here becomes a
-wrong condition later: each row is checked (missing required value, not a number, out of range,
-unknown level) and rejected with a one-line reason instead of being coerced.
+The covariates are declared in ``params.yaml`` (``synthmri.config.Covariate``). This module decides
+what a *missing* value is (:func:`is_missing`, the same at ingest, in training, in sample plans and in
+the report), parses raw table values (:func:`parse_covariates`: a wrong value becomes a one-line
+quarantine reason, never a coerced condition), reads typed rows back from any manifest
+(:func:`covariate_rows`, :func:`covariate_column`) and maps continuous values to the [-1, 1] scale the
+diffusion model is conditioned on (:func:`scale_continuous`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from synthmri.config import Covariate
 from synthmri.errors import InvalidInput, StageError
 
-MISSING = {"", "n/a", "na", "nan", "none", "null"}
+MISSING = frozenset({"", "n/a", "na", "nan", "none", "null"})  # compared lower-cased and stripped
+BIDS_MISSING = "n/a"  # how BIDS (and our demo's participants.tsv) writes a missing value
+
+
+def is_missing(value: object) -> bool:
+    """None, NaN (float, numpy or pandas) or one of the :data:`MISSING` markers."""
+    if value is None or value is pd.NA:
+        return True
+    if isinstance(value, (float, np.floating)):
+        return math.isnan(value)
+    return isinstance(value, str) and value.strip().lower() in MISSING
+
+
+def level_text(value: object) -> str:
+    """A categorical value as its level string: a level "2" read back by pandas as 2.0 is "2" again."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def covariate_rows(table: pd.DataFrame, covariates: Sequence[Covariate]) -> list[dict[str, float | str | None]]:
+    """The declared covariates of each row of a manifest or plan table, typed (continuous: float,
+    categorical: level string), missing values as None (unspecified: partial conditioning)."""
+    rows = []
+    for record in table.to_dict("records"):
+        row: dict[str, float | str | None] = {}
+        for cov in covariates:
+            value = record.get(cov.name)
+            if is_missing(value):
+                row[cov.name] = None
+            else:
+                row[cov.name] = float(value) if cov.kind == "continuous" else level_text(value)
+        rows.append(row)
+    return rows
+
+
+def covariate_column(table: pd.DataFrame, cov: Covariate) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(values, valid)`` of one covariate column (floats, or level strings), or None if absent."""
+    if cov.name not in table.columns:
+        return None
+    column = table[cov.name]
+    if cov.kind == "continuous":
+        values = pd.to_numeric(column.map(lambda v: None if is_missing(v) else v), errors="coerce")
+        values = values.to_numpy(dtype=np.float64)
+        return values, np.isfinite(values)
+    valid = np.array([not is_missing(v) for v in column], dtype=bool)
+    values = np.array([level_text(v) if ok else "" for v, ok in zip(column, valid)], dtype=object)
+    return values, valid
+
+
+def continuous_range(cov: Covariate, ranges: Mapping[str, tuple[float, float]] | None = None) -> tuple[float, float]:
+    """The declared ``range`` of a continuous covariate (or its override in ``ranges``), checked."""
+    low_high = (ranges or {}).get(cov.name, cov.range)
+    if low_high is None:
+        raise ValueError(f"continuous covariate '{cov.name}' needs a 'range' in params.yaml (or in `ranges`) "
+                         "to be normalised for the diffusion model")
+    low, high = float(low_high[0]), float(low_high[1])
+    if not high > low:
+        raise ValueError(f"continuous covariate '{cov.name}': range [{low:g}, {high:g}] is empty")
+    return low, high
+
+
+def scale_continuous(cov: Covariate, raw: Any, ranges: Mapping[str, tuple[float, float]] | None = None) -> float:
+    """A continuous value mapped from its range to [-1, 1]; ``ValueError`` naming the covariate if it is
+    not a number or lies outside the range (a wrong condition would give a plausible but wrong volume)."""
+    low, high = continuous_range(cov, ranges)
+    try:
+        number = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"covariate '{cov.name}' = {raw!r} is not a number") from None
+    if not low <= number <= high:
+        raise ValueError(f"covariate '{cov.name}' = {number:g} is outside its range [{low:g}, {high:g}]")
+    return 2.0 * (number - low) / (high - low) - 1.0
 
 
 def read_table(path, sep: str | None = None) -> pd.DataFrame:
@@ -40,7 +118,7 @@ def parse_covariates(row: pd.Series, covariates: list[Covariate]) -> dict[str, f
     values: dict[str, float | str | None] = {}
     for cov in covariates:
         raw = str(row.get(cov.name, "")).strip()
-        if raw.lower() in MISSING:
+        if is_missing(raw):
             if cov.required:
                 raise InvalidInput(f"missing required covariate '{cov.name}'")
             values[cov.name] = None

@@ -44,6 +44,7 @@ import torchio as tio
 from scipy import ndimage as ndi
 
 from synthmri import __version__
+from synthmri.data.covariates import BIDS_MISSING
 from synthmri.io import atomic_path, save_nifti, write_text_atomic
 from synthmri.logs import get_logger, progress
 from synthmri.viz import three_plane_grid
@@ -461,7 +462,7 @@ def _write_cohort(params: "Params", out_dir: Path) -> None:
         rows.append(subject.row())
     table = pd.DataFrame(rows, columns=COLUMNS)
     with atomic_path(out_dir / "participants.tsv") as tmp:
-        table.to_csv(tmp, sep="\t", index=False, na_rep="n/a", float_format="%.3f")
+        table.to_csv(tmp, sep="\t", index=False, na_rep=BIDS_MISSING, float_format="%.3f")
     descriptions = json.loads(json.dumps(COLUMN_DESCRIPTIONS))
     descriptions["sex"]["Levels"] = {level: descriptions["sex"]["Levels"].get(level, f"{level} (simulated)")
                                      for level in _sex_levels(params)}

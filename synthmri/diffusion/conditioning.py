@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from synthmri.config import Covariate
-from synthmri.data.covariates import MISSING
+from synthmri.data.covariates import continuous_range, is_missing, level_text, scale_continuous
 
 
 class CovariateBatch(NamedTuple):
@@ -44,35 +44,16 @@ class CovariateBatch(NamedTuple):
     def batch_size(self) -> int:
         return self.continuous.shape[0]
 
-    def to(self, device: torch.device | str) -> "CovariateBatch":
+    def to(self, device: torch.device | str) -> CovariateBatch:
         return CovariateBatch(*(t.to(device) for t in self))
 
-    def select(self, index: torch.Tensor | slice | Sequence[int]) -> "CovariateBatch":
+    def select(self, index: torch.Tensor | slice | Sequence[int]) -> CovariateBatch:
         """Rows ``index`` of every tensor (e.g. one sample of a batch)."""
         return CovariateBatch(*(t[index] for t in self))
 
     @staticmethod
-    def cat(batches: Sequence["CovariateBatch"]) -> "CovariateBatch":
+    def cat(batches: Sequence[CovariateBatch]) -> CovariateBatch:
         return CovariateBatch(*(torch.cat(parts) for parts in zip(*batches, strict=True)))
-
-
-def _is_missing(value: object) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    return isinstance(value, str) and value.strip().lower() in MISSING
-
-
-def _continuous_range(cov: Covariate, ranges: Mapping[str, tuple[float, float]] | None) -> tuple[float, float]:
-    low_high = (ranges or {}).get(cov.name, cov.range)
-    if low_high is None:
-        raise ValueError(f"continuous covariate '{cov.name}' needs a 'range' in params.yaml (or in `ranges`) "
-                         "to be normalised for the diffusion model")
-    low, high = float(low_high[0]), float(low_high[1])
-    if not high > low:
-        raise ValueError(f"continuous covariate '{cov.name}': range [{low:g}, {high:g}] is empty")
-    return low, high
 
 
 def encode_covariates(covariates: Sequence[Covariate], rows: Sequence[Mapping[str, object]],
@@ -98,25 +79,18 @@ def encode_covariates(covariates: Sequence[Covariate], rows: Sequence[Mapping[st
     for r, row in enumerate(rows):
         for j, cov in enumerate(continuous):
             raw = row.get(cov.name)
-            if _is_missing(raw):
+            if is_missing(raw):
                 continue
-            low, high = _continuous_range(cov, ranges)
-            try:
-                number = float(raw)  # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                raise ValueError(f"covariate '{cov.name}' = {raw!r} is not a number") from None
-            if not low <= number <= high:
-                raise ValueError(f"covariate '{cov.name}' = {number:g} is outside its range [{low:g}, {high:g}]")
-            values[r, j] = 2.0 * (number - low) / (high - low) - 1.0
+            values[r, j] = scale_continuous(cov, raw, ranges)
             present[r, j] = True
         for j, cov in enumerate(categorical):
             raw = row.get(cov.name)
-            if _is_missing(raw):
+            if is_missing(raw):
                 continue
             levels = cov.levels or []
-            if str(raw) not in levels:
+            if level_text(raw) not in levels:
                 raise ValueError(f"covariate '{cov.name}' = {raw!r} is not one of {levels}")
-            indices[r, j] = levels.index(str(raw)) + 1
+            indices[r, j] = levels.index(level_text(raw)) + 1
     return CovariateBatch(values, present, indices)
 
 
@@ -161,7 +135,7 @@ class CovariateEncoder(nn.Module):
         super().__init__()
         self.covariates = list(covariates)
         self.emb_dim = emb_dim
-        self.ranges = {c.name: _continuous_range(c, ranges) for c in self.covariates if c.kind == "continuous"}
+        self.ranges = {c.name: continuous_range(c, ranges) for c in self.covariates if c.kind == "continuous"}
         self.continuous = nn.ModuleList(_ContinuousEmbedding(emb_dim) for c in self.covariates
                                         if c.kind == "continuous")
         self.categorical = nn.ModuleList(nn.Embedding(len(c.levels or []) + 1, emb_dim) for c in self.covariates

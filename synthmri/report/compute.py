@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from synthmri.config import Covariate, Params, ReportParams, ReportThresholds, VQGANLossParams
+from synthmri.data.covariates import covariate_column
 from synthmri.errors import StageError
 from synthmri.logs import get_logger
 
@@ -45,7 +46,6 @@ DEMO_TRUTH_COLUMN = "ventricle_ml"
 FD_BASELINE_DRAWS = 5
 #: A real effect must be significant at this level before a synthetic/real effect ratio is judged.
 EFFECT_P_VALUE = 0.05
-_MISSING = {"", "nan", "none", "n/a", "null"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,25 +172,6 @@ def clean_number(value: Any) -> Any:
 def _put(metrics: dict, prefix: str, values: dict) -> None:
     for key, value in values.items():
         metrics[f"{prefix}.{key}"] = clean_number(value)
-
-
-def _level(value: Any) -> str:
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        return str(int(value))
-    return str(value).strip()
-
-
-def covariate_values(frame: pd.DataFrame, cov: Covariate) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(values, valid)`` of one covariate column (numbers or level strings), or None if absent."""
-    if cov.name not in frame.columns:
-        return None
-    column = frame[cov.name]
-    if cov.kind == "continuous":
-        values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
-        return values, np.isfinite(values)
-    values = np.array([_level(v) if not (isinstance(v, float) and math.isnan(v)) else "" for v in column], dtype=object)
-    valid = np.array([v.lower() not in _MISSING for v in values], dtype=bool)
-    return values, valid
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,8 +343,8 @@ def conditioning_metrics(data: ReportData, covariates: list[Covariate], f_train:
 
     age = by_name.get("age")
     if age is not None and age.kind == "continuous":
-        real_age, real_ok = covariate_values(data.real, age) or (None, None)
-        syn = covariate_values(data.synthetic, age)
+        real_age, real_ok = covariate_column(data.real, age) or (None, None)
+        syn = covariate_column(data.synthetic, age)
         if real_age is not None and syn is not None:
             syn_age, syn_ok = syn
             csf_real = np.array([cond.csf_fraction(v, low_high) for v in data.real_volumes])
@@ -392,7 +373,7 @@ def conditioning_metrics(data: ReportData, covariates: list[Covariate], f_train:
 
     sex = by_name.get("sex")
     if sex is not None and sex.kind == "categorical" and len(sex.levels or []) >= 2:
-        real_sex, syn_sex = covariate_values(data.real, sex), covariate_values(data.synthetic, sex)
+        real_sex, syn_sex = covariate_column(data.real, sex), covariate_column(data.synthetic, sex)
         if real_sex is not None and syn_sex is not None:
             def head_ml(volumes: np.ndarray) -> np.ndarray:
                 return np.array([head_mask_normalized(v, low_high).sum() for v in volumes]) * data.voxel_ml
@@ -419,9 +400,9 @@ def conditioning_metrics(data: ReportData, covariates: list[Covariate], f_train:
 
     predictors = {}
     for cov in covariates:
-        train_v = covariate_values(data.real.iloc[data.train_index], cov)
-        ref_v = covariate_values(data.real.iloc[data.reference_index], cov)
-        syn_v = covariate_values(data.synthetic, cov)
+        train_v = covariate_column(data.real.iloc[data.train_index], cov)
+        ref_v = covariate_column(data.real.iloc[data.reference_index], cov)
+        syn_v = covariate_column(data.synthetic, cov)
         if train_v is None or ref_v is None or syn_v is None:
             continue
         (tv, tok), (rv, rok), (sv, sok) = train_v, ref_v, syn_v

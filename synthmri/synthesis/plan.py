@@ -13,10 +13,9 @@ import numpy as np
 import pandas as pd
 
 from synthmri.config import Params
-from synthmri.data.covariates import read_table
+from synthmri.data.covariates import covariate_rows, read_table
 from synthmri.diffusion.conditioning import encode_covariates
 from synthmri.errors import StageError
-from synthmri.training.train_diffusion import covariate_rows
 
 
 def make_plan(params: Params, training_manifest: pd.DataFrame) -> list[dict]:
@@ -24,7 +23,7 @@ def make_plan(params: Params, training_manifest: pd.DataFrame) -> list[dict]:
     cfg = params.sample
     names = [c.name for c in params.covariates]
     if cfg.plan == "match_training":
-        rows = covariate_rows(training_manifest, params)
+        rows = covariate_rows(training_manifest, params.covariates)
         if not rows:
             raise StageError("match_training needs training subjects, and the training split is empty")
         picks = np.random.default_rng(cfg.seed).integers(len(rows), size=cfg.n_samples)
@@ -33,8 +32,9 @@ def make_plan(params: Params, training_manifest: pd.DataFrame) -> list[dict]:
         if not cfg.grid:
             raise StageError("sample.plan is 'grid' but sample.grid lists no covariate values")
         keys = list(cfg.grid)
-        plan = [{**{n: None for n in names}, **dict(zip(keys, combo))}
-                for combo in itertools.product(*(cfg.grid[k] for k in keys)) for _ in range(cfg.per_cell)]
+        combos = [{**{n: None for n in names}, **dict(zip(keys, combo))}
+                  for combo in itertools.product(*(cfg.grid[k] for k in keys)) for _ in range(cfg.per_cell)]
+        plan = covariate_rows(pd.DataFrame(combos, columns=names, dtype=object), params.covariates)
     else:
         if not cfg.csv:
             raise StageError("sample.plan is 'csv' but sample.csv is not set")
@@ -42,11 +42,8 @@ def make_plan(params: Params, training_manifest: pd.DataFrame) -> list[dict]:
         unknown = [c for c in table.columns if c not in names]
         if unknown:
             raise StageError(f"{cfg.csv}: columns {unknown} are not declared covariates ({names})")
-        plan = covariate_rows(table.replace({"n/a": ""}), params)
+        plan = covariate_rows(table, params.covariates)
     for index, row in enumerate(plan):
-        for cov in params.covariates:
-            if cov.kind == "categorical" and row.get(cov.name) is not None:
-                row[cov.name] = str(row[cov.name])
         try:
             encode_covariates(params.covariates, [row])
         except ValueError as exc:
