@@ -22,11 +22,20 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from common import (  # benchmarks/common.py: a script's own folder is on sys.path
-    RESULTS_DIR, ROOT, build, contended, load_bench_params, machine_info, median, pick_device,
-    sync, time_interleaved, write_result)
+    RESULTS_DIR,
+    ROOT,
+    build,
+    contended,
+    load_bench_params,
+    machine_info,
+    median,
+    pick_device,
+    sync,
+    time_interleaved,
+    write_result,
+)
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def matmul_peak(device: torch.device, sizes: list[int], repeats: int) -> dict:

@@ -31,10 +31,21 @@ import warnings
 from pathlib import Path
 
 import torch
-
 from common import (  # benchmarks/common.py: a script's own folder is on sys.path
-    RESULTS_DIR, ROOT, build, compile_speedup, contended, load_bench_params, machine_info,
-    median, peak_memory_mb, pick_device, time_interleaved, top_ops, write_result)
+    RESULTS_DIR,
+    ROOT,
+    build,
+    compile_speedup,
+    contended,
+    load_bench_params,
+    machine_info,
+    median,
+    peak_memory_mb,
+    pick_device,
+    time_interleaved,
+    top_ops,
+    write_result,
+)
 
 TARGETS = {"vqgan": 1.3, "unet": 1.3, "sample": 1.5}  # ours / MONAI throughput, issue 7
 TITLES = {"vqgan": "VQ-GAN G+D train step", "unet": "diffusion U-Net train step",

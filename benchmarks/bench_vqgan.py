@@ -14,8 +14,8 @@ import time
 import warnings
 
 import torch
-
 from common import cpu_model, peak_memory_now_mb
+
 from synthmri.config import load_params
 from synthmri.training.train_vqgan import VQGANTrainer
 

@@ -18,6 +18,7 @@ configurations, so that the MONAI ratios and the FLOP/s figures describe the sam
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -25,7 +26,6 @@ import platform
 import queue
 import resource
 import shutil
-import json
 import statistics
 import tempfile
 import time

@@ -285,7 +285,7 @@ def synthesize(stages: list[str] | None = None, publish: bool = True, on_busy: L
         unknown = sorted(set(stages or []) - set(all_stages))
         if unknown:
             raise pub.PublishError(f"unknown stage(s) {', '.join(unknown)}; the pipeline has {', '.join(all_stages)}")
-        name = f"pipeline-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
+        name = f"pipeline-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
         with _mlflow_parent(name, {"prefect.flow_run_id": run_id, "prefect.flow_run_name": owner["flow_run_name"]},
                             logger) as (parent, mlflow_state):
             logger.info("Pipeline stages (dvc repro order): %s; MLflow parent run %s", ", ".join(chosen), parent)

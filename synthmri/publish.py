@@ -262,7 +262,7 @@ def tags_at(repo: Path, rev: str = "HEAD") -> list[str]:
 
 def next_tag(repo: Path, day: _dt.date | None = None) -> str:
     """``synth-YYYYMMDD``, or ``synth-YYYYMMDD-N`` with the smallest free N >= 2 (UTC date)."""
-    day = day or _dt.datetime.now(_dt.timezone.utc).date()
+    day = day or _dt.datetime.now(_dt.UTC).date()
     base = f"{TAG_PREFIX}{day:%Y%m%d}"
     existing = set(git(repo, "tag", "--list", f"{base}*").stdout.split())
     if base not in existing:
@@ -315,7 +315,7 @@ def release_record(repo: Path, tag: str, gate: Gate, code_commit: str, extra: di
         n_volumes = max(0, sum(1 for _ in manifest.open(encoding="utf-8")) - 1)
     return {
         "tag": tag,
-        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "created": _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat(),
         "code_commit": code_commit,
         "dvc_lock_sha256": sha256_file(repo / "dvc.lock"),
         "dataset": {"path": SYNTHETIC_PATH, "volumes": n_volumes, **_lock_entry(repo, SYNTHETIC_PATH)},
@@ -485,7 +485,7 @@ def pipeline_lock(repo: str | Path = ".", *, wait: bool = False, timeout_s: floa
                     announced = True
                 time.sleep(poll_s)
         info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "since": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(), **(owner or {})}
+                "since": _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat(), **(owner or {})}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         try:

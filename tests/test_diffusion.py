@@ -6,9 +6,20 @@ import pytest
 import torch
 
 from synthmri.config import Covariate, Params, ScheduleParams
-from synthmri.diffusion import (CovariateBatch, CovariateEncoder, ConditionedUNet, add_noise, make_ema, make_sampler,
-                                make_training_scheduler, predicted_x0, sample_latents, sample_seed,
-                                sample_timesteps, training_target)
+from synthmri.diffusion import (
+    ConditionedUNet,
+    CovariateBatch,
+    CovariateEncoder,
+    add_noise,
+    make_ema,
+    make_sampler,
+    make_training_scheduler,
+    predicted_x0,
+    sample_latents,
+    sample_seed,
+    sample_timesteps,
+    training_target,
+)
 from synthmri.diffusion.ema import ema_decay
 from synthmri.models.unet import DiffusionUNet
 

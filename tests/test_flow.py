@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, copy_working_tree
 from test_publish import DVC, DVC_YAML, ENV, make_repo, set_params, sh, tags
 

@@ -11,11 +11,10 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import blob_volume, make_params, tree_digest, write_nifti
 
 from synthmri.data.ingest import run_ingest
 from synthmri.errors import StageError
-
-from conftest import blob_volume, make_params, tree_digest, write_nifti
 
 
 def _anat(root: Path, sub: str, suffix=".nii.gz") -> Path:

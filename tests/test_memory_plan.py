@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, make_params
 from torch import nn
 
-from conftest import REPO, make_params
 from synthmri.training.memory import GiB, SavedTensorCounter, plan_diffusion, plan_vqgan
 
 sys.path.insert(0, str(REPO / "benchmarks"))

@@ -9,14 +9,13 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SMALL_COHORT, blob_volume, make_params, write_nifti
 
 from synthmri.config import SplitParams
 from synthmri.data.ingest import run_ingest
 from synthmri.data.normalize import LANDMARKS_FILE, fit_histogram_landmarks, head_mask, run_normalize
 from synthmri.data.split import assign_splits
 from synthmri.errors import StageError
-
-from conftest import SMALL_COHORT, blob_volume, make_params, write_nifti
 
 
 @pytest.fixture(scope="module")

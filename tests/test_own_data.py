@@ -14,7 +14,6 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import copy_working_tree, tree_digest
 
 pytestmark = pytest.mark.slow

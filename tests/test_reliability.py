@@ -13,6 +13,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    REPO,
+    SMALL_COHORT,
+    SMALL_SPLIT,
+    blob_volume,
+    kill_after_checkpoint,
+    make_params,
+    make_processed,
+    stage_command,
+    stage_env,
+)
 from safetensors.torch import load_file
 
 from synthmri.data.ingest import run_ingest
@@ -20,9 +31,6 @@ from synthmri.data.normalize import run_normalize
 from synthmri.errors import StageError
 from synthmri.io import save_nifti
 from synthmri.tracking import check_reachable
-
-from conftest import (REPO, SMALL_COHORT, SMALL_SPLIT, blob_volume, kill_after_checkpoint, make_params, make_processed, stage_command,
-                      stage_env)
 
 
 def test_unreachable_tracking_server_fails_fast_with_clear_message(tmp_path, monkeypatch):

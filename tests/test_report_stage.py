@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import REPO, blob_volume, make_params, make_processed
 
 from synthmri.config import ReportThresholds
 from synthmri.io import save_nifti, sha256_file
@@ -19,8 +20,6 @@ from synthmri.models.loading import save_weights
 from synthmri.models.vqgan import VQGAN
 from synthmri.report.compute import Check, compute_set_metrics, evaluate_gate, load_report_data
 from synthmri.report.stage import run_report
-
-from conftest import REPO, blob_volume, make_params, make_processed
 
 pytestmark = pytest.mark.filterwarnings("ignore::synthmri.losses.perceptual.RandomBackboneWarning")
 

@@ -17,16 +17,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import REPO, make_processed
 
 from synthmri.data.latents import run_encode
 from synthmri.data.synthetic import SyntheticDataset
 from synthmri.synthesis.plan import make_plan
 from synthmri.synthesis.sample_stage import SampleJob, generate_shard, run_sample
-from synthmri.training.train_diffusion import run_train_diffusion
 from synthmri.training.runtime import intra_op_threads
+from synthmri.training.train_diffusion import run_train_diffusion
 from synthmri.training.train_vqgan import run_train_vqgan
-
-from conftest import REPO, make_processed
 
 TINY_LDM = ("diffusion.unet.channels=[16,32]", "diffusion.train.steps=12", "diffusion.train.batch_size=4",
             "diffusion.train.val_every=6", "diffusion.train.checkpoint_every=6", "diffusion.train.log_every=2",
@@ -240,9 +239,8 @@ def test_sigkill_during_sample_then_rerun_finishes_consistently(trained, tmp_pat
     assert SyntheticDataset(out).verify() == []
     for f in manifest["file"]:
         nib.load(out / f).get_fdata()  # every file is readable
-    from mlflow import MlflowClient
-
     import mlflow
+    from mlflow import MlflowClient
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = MlflowClient().search_runs([mlflow.get_experiment_by_name("synthmri").experiment_id],
                                       filter_string="tags.`synthmri.stage` = 'sample'")

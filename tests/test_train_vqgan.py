@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_VQGAN, kill_after_checkpoint, make_processed, stage_command, stage_env
 from safetensors.torch import load_file
 
 from synthmri.data.latents import LatentSet, run_encode
 from synthmri.errors import StageError
 from synthmri.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from synthmri.training.train_vqgan import run_train_vqgan
-
-from conftest import TINY_VQGAN, kill_after_checkpoint, make_processed, stage_command, stage_env
 
 
 def _train(params, work: Path, **kw) -> dict:

@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import make_processed
 from safetensors.torch import load_file
 
-from conftest import make_processed
 from synthmri.data.latents import run_encode
 from synthmri.training.train_diffusion import run_train_diffusion
 from synthmri.training.train_vqgan import run_train_vqgan
@@ -94,14 +94,14 @@ def assert_same_trajectory(a: pd.DataFrame, b: pd.DataFrame, columns: list[str],
     assert list(a["step"]) == list(b["step"])
     for column in columns:
         torch.testing.assert_close(torch.tensor(a[column].values), torch.tensor(b[column].values),
-                                   rtol=rtol, atol=1e-5, msg=lambda m: f"{column}: {m}")
+                                   rtol=rtol, atol=1e-5, msg=lambda m, column=column: f"{column}: {m}")
 
 
 def assert_same_weights(a: Path, b: Path, atol: float = 1e-5, skip: str = "-") -> None:
     first, second = load_file(str(a / "model" / "model.safetensors")), load_file(str(b / "model" / "model.safetensors"))
     assert first.keys() == second.keys()
     for key in (k for k in first if not k.startswith(skip)):
-        torch.testing.assert_close(first[key], second[key], rtol=1e-3, atol=atol, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(first[key], second[key], rtol=1e-3, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_diffusion_two_gloo_processes_train_like_one_with_the_doubled_batch(cohort, tmp_path):
@@ -177,6 +177,7 @@ def test_cli_relaunches_itself_under_torchrun_when_processes_is_above_one(cohort
 
 def test_extending_or_resampling_a_run_keeps_its_identity_but_changing_what_it_learns_does_not(cohort):
     from conftest import make_params
+
     from synthmri.training.train_diffusion import run_fingerprint
 
     work, _ = cohort

@@ -9,11 +9,18 @@ import pytest
 import torch
 
 from synthmri.config import VQGANLossParams
-from synthmri.losses import (LPIPS25D, RandomBackboneWarning, adaptive_gan_weight, build_lpips, disc_factor,
-                             feature_matching_loss, hinge_d_loss, hinge_g_loss)
+from synthmri.losses import (
+    LPIPS25D,
+    RandomBackboneWarning,
+    adaptive_gan_weight,
+    build_lpips,
+    disc_factor,
+    feature_matching_loss,
+    hinge_d_loss,
+    hinge_g_loss,
+)
 from synthmri.losses.perceptual import hub_weights_path
 from synthmri.models.slicing import slice_indices
-
 
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 

@@ -16,7 +16,6 @@ from synthmri.models.quantizer import VectorQuantizer
 from synthmri.models.slicing import slice_indices, take_slices
 from synthmri.models.vqgan import VQGAN
 
-
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 

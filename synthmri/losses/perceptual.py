@@ -143,12 +143,12 @@ class LPIPS25D(nn.Module):
         self.slices_per_axis, self.random_slices, self.min_size = slices_per_axis, random_slices, min_size
 
     @classmethod
-    def from_params(cls, p: VQGANLossParams, random_slices: bool = False) -> tuple["LPIPS25D", str]:
+    def from_params(cls, p: VQGANLossParams, random_slices: bool = False) -> tuple[LPIPS25D, str]:
         """Build from the ``vqgan.loss`` section; returns ``(module, backbone description)``."""
         net, description = build_lpips(p.lpips_net, p.lpips_weights)
         return cls(net, p.lpips_slices_per_axis, random_slices), description
 
-    def train(self, mode: bool = True) -> "LPIPS25D":
+    def train(self, mode: bool = True) -> LPIPS25D:
         super().train(mode)
         self.net.eval()
         return self

@@ -25,8 +25,14 @@ from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 from synthmri.config import Params
 from synthmri.io import write_text_atomic
 from synthmri.logs import get_logger
-from synthmri.report.compute import (ReportData, clean_number, compute_report, evaluate_gate, gate_summary,
-                                     load_report_data)
+from synthmri.report.compute import (
+    ReportData,
+    clean_number,
+    compute_report,
+    evaluate_gate,
+    gate_summary,
+    load_report_data,
+)
 
 log = get_logger(__name__)
 

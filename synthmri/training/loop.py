@@ -62,13 +62,14 @@ class ResumableTrainer:
 
 def train_loop(trainer: Trainer, schedule: TrainParams, checkpoint_dir: Path, desc: str,
                validate: Callable[[], None], mlflow: Any | None = None, postfix: tuple[str, ...] = (),
-               ctx: Context = Context()) -> float:
+               ctx: Context | None = None) -> float:
     """Run ``trainer`` from its current step to ``schedule.steps``; returns volumes (samples) per second.
 
     Losses are recorded every ``log_every`` steps (history + MLflow), ``validate`` runs every
     ``val_every`` steps, and a checkpoint is written atomically every ``checkpoint_every`` steps.
     Under DDP every rank steps; only rank 0 shows progress, validates, logs and checkpoints.
     """
+    ctx = ctx or Context()
     batch = schedule.batch_size * schedule.grad_accumulation * ctx.world_size  # volumes per optimizer step
     bar = tqdm(total=schedule.steps * batch, initial=trainer.step * batch, unit="vol", desc=desc,
                dynamic_ncols=True, mininterval=1.0, disable=not ctx.is_main)

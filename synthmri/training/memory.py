@@ -73,7 +73,8 @@ class SavedTensorCounter:
 
     @contextlib.contextmanager
     def tracing(self):
-        from synthmri.models import unet as unet_module, vqgan as vqgan_module
+        from synthmri.models import unet as unet_module
+        from synthmri.models import vqgan as vqgan_module
 
         with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t), \
                 mock.patch.object(vqgan_module, "checkpoint", self.checkpoint), \
