@@ -6,7 +6,7 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test test-fast bench clean-demo nightly-local
+.PHONY: setup demo lint format test test-fast bench clean-demo nightly-local
 
 setup: $(VENV)/.installed
 
@@ -22,10 +22,19 @@ demo: setup
 	@git rev-parse --git-dir >/dev/null 2>&1 || { echo "DVC needs a git repository: run 'make demo' inside a clone"; exit 1; }
 	$(BIN)/dvc repro
 
-test: setup
+# ruff (configured in pyproject.toml) before the tests: lint findings and unformatted files fail `make test`
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint
 	$(BIN)/pytest
 
-test-fast: setup
+test-fast: lint
 	$(BIN)/pytest -m "not slow"
 
 # Speed and memory benchmarks, MONAI side by side (installs the 'bench' extra); results: benchmarks/RESULTS.md

@@ -104,13 +104,22 @@ def main() -> None:
         flops, per_op = counted[name]
         times = all_times[name]
         seconds = median(times)
-        rows.append({"name": name, "params_total": sum(work.params.values()), "items": work.items,
-                     "gflop_per_step": round(flops / 1e9, 2), "gflop_per_op": per_op,
-                     "seconds_median": round(seconds, 4), "seconds_min": round(min(times), 4),
-                     "seconds_all": [round(t, 4) for t in times], "throughput": round(work.items / seconds, 3),
-                     "unit": "volumes/s" if name.startswith("vqgan") else "latents/s",
-                     "achieved_gflops": round(flops / seconds / 1e9, 1),
-                     "achieved_gflops_best": round(flops / min(times) / 1e9, 1)})
+        rows.append(
+            {
+                "name": name,
+                "params_total": sum(work.params.values()),
+                "items": work.items,
+                "gflop_per_step": round(flops / 1e9, 2),
+                "gflop_per_op": per_op,
+                "seconds_median": round(seconds, 4),
+                "seconds_min": round(min(times), 4),
+                "seconds_all": [round(t, 4) for t in times],
+                "throughput": round(work.items / seconds, 3),
+                "unit": "volumes/s" if name.startswith("vqgan") else "latents/s",
+                "achieved_gflops": round(flops / seconds / 1e9, 1),
+                "achieved_gflops_best": round(flops / min(times) / 1e9, 1),
+            }
+        )
         print(f"{name}: {flops / 1e9:.1f} GFLOP/step, {seconds:.3f} s/step", flush=True)
     peak_after = matmul_peak(device, sizes, repeats + 3)
     peak = max(peak_before["peak_gflops"], peak_after["peak_gflops"])
@@ -120,29 +129,49 @@ def main() -> None:
 
     info = machine_info(device)
     load_after = list(os.getloadavg())
-    info.update(load_average_before=load_before, load_average_after=load_after, other_processes_cores=others,
-                rounds_discarded=record["rounds_discarded"], contended=contended(others))
-    result = {"benchmark": "flops", "machine": info, "settings": {"repeats": repeats, "quick": args.quick,
-                                                                  "matmul_sizes": sizes, "dtype": "float32"},
-              "matmul_peak_before": peak_before, "matmul_peak_after": peak_after, "peak_gflops": peak, "rows": rows}
+    info.update(
+        load_average_before=load_before,
+        load_average_after=load_after,
+        other_processes_cores=others,
+        rounds_discarded=record["rounds_discarded"],
+        contended=contended(others),
+    )
+    result = {
+        "benchmark": "flops",
+        "machine": info,
+        "settings": {"repeats": repeats, "quick": args.quick, "matmul_sizes": sizes, "dtype": "float32"},
+        "matmul_peak_before": peak_before,
+        "matmul_peak_after": peak_after,
+        "peak_gflops": peak,
+        "rows": rows,
+    }
     write_result(result, Path(args.out), markdown(result))
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Measured float32 matmul peak: {result['peak_gflops']:.0f} GFLOP/s (per size, before: "
-             f"{result['matmul_peak_before']['gflops_per_size']}, after: {result['matmul_peak_after']['gflops_per_size']})",
-             "", "| train step | parameters | GFLOP/step (fwd+bwd) | median s/step | throughput | achieved GFLOP/s | "
-                 "fraction of peak | same, fastest step |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Measured float32 matmul peak: {result['peak_gflops']:.0f} GFLOP/s (per size, before: "
+        f"{result['matmul_peak_before']['gflops_per_size']}, after: {result['matmul_peak_after']['gflops_per_size']})",
+        "",
+        "| train step | parameters | GFLOP/step (fwd+bwd) | median s/step | throughput | achieved GFLOP/s | "
+        "fraction of peak | same, fastest step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['name']} | {r['params_total'] / 1e6:.3f} M | {r['gflop_per_step']:.1f} | {r['seconds_median']:.3f} | "
-                     f"{r['throughput']:.2f} {r['unit']} | {r['achieved_gflops']:.1f} | {100 * r['fraction_of_peak']:.0f} % | "
-                     f"{100 * r['fraction_of_peak_best']:.0f} % |")
+        lines.append(
+            f"| {r['name']} | {r['params_total'] / 1e6:.3f} M | {r['gflop_per_step']:.1f} | {r['seconds_median']:.3f} | "
+            f"{r['throughput']:.2f} {r['unit']} | {r['achieved_gflops']:.1f} | {100 * r['fraction_of_peak']:.0f} % | "
+            f"{100 * r['fraction_of_peak_best']:.0f} % |"
+        )
     m = result["machine"]
-    lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, device {m['device']}; "
-                  f"load average before {m['load_average_before']}, after {m['load_average_after']}; other processes used "
-                  f"{m['other_processes_cores']} cores on average over the kept timing rounds ({m['rounds_discarded']} "
-                  "contended rounds discarded)"
-                  f"{' (contended)' if m['contended'] else ''}."]
+    lines += [
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, device {m['device']}; "
+        f"load average before {m['load_average_before']}, after {m['load_average_after']}; other processes used "
+        f"{m['other_processes_cores']} cores on average over the kept timing rounds ({m['rounds_discarded']} "
+        "contended rounds discarded)"
+        f"{' (contended)' if m['contended'] else ''}.",
+    ]
     return "\n".join(lines)
 
 

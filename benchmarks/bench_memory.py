@@ -26,10 +26,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _overrides(size: int, checkpointing: bool, precision: str) -> list[str]:
     flag = str(checkpointing).lower()
-    return [f"normalize.shape=[{size},{size},{size}]", f"vqgan.train.precision={precision}",
-            f"diffusion.train.precision={precision}", f"vqgan.train.activation_checkpointing={flag}",
-            f"diffusion.train.activation_checkpointing={flag}", "vqgan.loss.perceptual=0",
-            "diffusion.train.batch_size=16", "diffusion.unet.channels=[64,128]"]
+    return [
+        f"normalize.shape=[{size},{size},{size}]",
+        f"vqgan.train.precision={precision}",
+        f"diffusion.train.precision={precision}",
+        f"vqgan.train.activation_checkpointing={flag}",
+        f"diffusion.train.activation_checkpointing={flag}",
+        "vqgan.loss.perceptual=0",
+        "diffusion.train.batch_size=16",
+        "diffusion.unet.channels=[64,128]",
+    ]
 
 
 def _warm_up(device: torch.device) -> None:
@@ -76,6 +82,7 @@ def measure(stage: str, size: int, checkpointing: bool, device: str, queue) -> N
 
         def loss():
             return model(x, torch.zeros(batch, dtype=torch.long, device=dev), covariates).square().mean()
+
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(2):
@@ -99,8 +106,15 @@ def run(stage: str, size: int, checkpointing: bool, device: str) -> dict:
     child.start()
     planned, measured = queue.get(timeout=900)
     child.join()
-    return {"stage": stage, "size": size, "activation_checkpointing": checkpointing, "device": device,
-            "planned_GiB": planned / 2**30, "measured_GiB": measured / 2**30, "ratio": measured / planned}
+    return {
+        "stage": stage,
+        "size": size,
+        "activation_checkpointing": checkpointing,
+        "device": device,
+        "planned_GiB": planned / 2**30,
+        "measured_GiB": measured / 2**30,
+        "ratio": measured / planned,
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -114,8 +128,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("| stage | volume | checkpointing | planned | measured | measured / planned |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['stage']} | {r['size']}^3 | {r['activation_checkpointing']} | {r['planned_GiB']:.3f} GiB | "
-              f"{r['measured_GiB']:.3f} GiB | {r['ratio']:.2f} |")
+        print(
+            f"| {r['stage']} | {r['size']}^3 | {r['activation_checkpointing']} | {r['planned_GiB']:.3f} GiB | "
+            f"{r['measured_GiB']:.3f} GiB | {r['ratio']:.2f} |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
     return rows

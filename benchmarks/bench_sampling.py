@@ -37,17 +37,36 @@ def main() -> None:
     rows = [{"age": 60.0, "sex": "F", "site": None}] * args.volumes
     for name, steps in CONFIGS:
         start = time.perf_counter()
-        z = sample_latents(ldm.unet, ldm.encoder, make_sampler(name, ldm_schedule(config)), rows,
-                           tuple(config["latent_shape"]), steps, params.diffusion.sampler.guidance_scale,
-                           seeds=[sample_seed(0, i) for i in range(args.volumes)])
+        z = sample_latents(
+            ldm.unet,
+            ldm.encoder,
+            make_sampler(name, ldm_schedule(config)),
+            rows,
+            tuple(config["latent_shape"]),
+            steps,
+            params.diffusion.sampler.guidance_scale,
+            seeds=[sample_seed(0, i) for i in range(args.volumes)],
+        )
         with torch.inference_mode():
             for i in range(args.volumes):
-                vqgan.decode(latents.unstandardize(z[i:i + 1]), quantize=True)
+                vqgan.decode(latents.unstandardize(z[i : i + 1]), quantize=True)
         elapsed = time.perf_counter() - start
-        print(json.dumps({"benchmark": "sampling", "sampler": name, "steps": steps, "volumes": args.volumes,
-                          "seconds": round(elapsed, 2), "volumes_per_min": round(60 * args.volumes / elapsed, 2),
-                          "latent_shape": config["latent_shape"], "torch_threads": torch.get_num_threads(),
-                          "machine": platform.machine()}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "benchmark": "sampling",
+                    "sampler": name,
+                    "steps": steps,
+                    "volumes": args.volumes,
+                    "seconds": round(elapsed, 2),
+                    "volumes_per_min": round(60 * args.volumes / elapsed, 2),
+                    "latent_shape": config["latent_shape"],
+                    "torch_threads": torch.get_num_threads(),
+                    "machine": platform.machine(),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

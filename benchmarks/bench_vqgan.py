@@ -43,11 +43,18 @@ def main() -> None:
     elapsed = time.perf_counter() - start
     peak_mb = peak_memory_now_mb(trainer.device)
     result = {
-        "benchmark": "vqgan_train_step", "shape": list(params.normalize.shape), "batch_size": batch,
-        "channels": params.vqgan.model.channels, "generator_params_M": round(sum(p.numel() for p in trainer.model.parameters()) / 1e6, 3),
-        "seconds_per_step": round(elapsed / args.steps, 3), "volumes_per_s": round(batch * args.steps / elapsed, 3),
-        "peak_memory_MB": round(peak_mb, 1), "device": str(trainer.device), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "machine": cpu_model(),
+        "benchmark": "vqgan_train_step",
+        "shape": list(params.normalize.shape),
+        "batch_size": batch,
+        "channels": params.vqgan.model.channels,
+        "generator_params_M": round(sum(p.numel() for p in trainer.model.parameters()) / 1e6, 3),
+        "seconds_per_step": round(elapsed / args.steps, 3),
+        "volumes_per_s": round(batch * args.steps / elapsed, 3),
+        "peak_memory_MB": round(peak_mb, 1),
+        "device": str(trainer.device),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": cpu_model(),
     }
     print(json.dumps(result, indent=2))
 

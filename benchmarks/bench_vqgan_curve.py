@@ -68,8 +68,9 @@ def sharpness_ratio(model, volumes: ProcessedVolumes, device) -> float:
     return float(np.mean(ratios))
 
 
-def run(label: str, seed: int, params_file: str, overrides: list[str], budget_s: float, points: int,
-        fixed_steps: int | None) -> list[dict]:
+def run(
+    label: str, seed: int, params_file: str, overrides: list[str], budget_s: float, points: int, fixed_steps: int | None
+) -> list[dict]:
     train_set, val_set = ProcessedVolumes(PROCESSED_DIR, "train"), ProcessedVolumes(PROCESSED_DIR, "val")
     overrides = [*overrides, f"seed={seed}"]
     base = load_params(params_file, overrides)
@@ -94,20 +95,35 @@ def run(label: str, seed: int, params_file: str, overrides: list[str], budget_s:
         wall_s += time.perf_counter() - w0
         if trainer.step in marks:
             scores, _ = validate(trainer.model, val_set, trainer.lpips_metric, trainer.device, trainer.data_range)
-            row = {"label": label, "seed": seed, "step": trainer.step, "steps": steps,
-                   "cpu_minutes": round(cpu_s / 60, 3), "wall_minutes": round(wall_s / 60, 3),
-                   "val_psnr": round(scores["psnr"], 3), "val_ssim": round(scores["ssim"], 4),
-                   "val_lpips": round(scores["lpips"], 4), "l1": round(losses["l1"], 4),
-                   "codebook_usage": round(losses["codebook_usage"], 3), "lr": losses.get("lr")}
+            row = {
+                "label": label,
+                "seed": seed,
+                "step": trainer.step,
+                "steps": steps,
+                "cpu_minutes": round(cpu_s / 60, 3),
+                "wall_minutes": round(wall_s / 60, 3),
+                "val_psnr": round(scores["psnr"], 3),
+                "val_ssim": round(scores["ssim"], 4),
+                "val_lpips": round(scores["lpips"], 4),
+                "l1": round(losses["l1"], 4),
+                "codebook_usage": round(losses["codebook_usage"], 3),
+                "lr": losses.get("lr"),
+            }
             if trainer.step == steps:
                 trainer.model.eval()
                 row["val_sharpness_ratio"] = round(sharpness_ratio(trainer.model, val_set, trainer.device), 4)
                 trainer.model.train()
-            row.update(overrides=" ".join(overrides), threads=torch.get_num_threads(), machine=cpu_model(),
-                       torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M"))
+            row.update(
+                overrides=" ".join(overrides),
+                threads=torch.get_num_threads(),
+                machine=cpu_model(),
+                torch=torch.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M"),
+            )
             rows.append(row)
-            print(json.dumps({k: row[k] for k in row if k not in ("overrides", "machine", "torch", "date")}),
-                  flush=True)
+            print(
+                json.dumps({k: row[k] for k in row if k not in ("overrides", "machine", "torch", "date")}), flush=True
+            )
     return rows
 
 

@@ -45,14 +45,20 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # Tiny sizes for smoke runs (tests/test_benchmarks.py): same code paths, seconds instead of minutes.
 QUICK_OVERRIDES = [
-    "normalize.shape=[16,16,16]", "vqgan.model.channels=[8,8,16]", "vqgan.quantizer.codebook_size=32",
-    "vqgan.discriminator.channels=16", "vqgan.discriminator.layers=2", "vqgan.train.batch_size=1",
-    "diffusion.unet.channels=[16,32]", "diffusion.train.batch_size=2",
+    "normalize.shape=[16,16,16]",
+    "vqgan.model.channels=[8,8,16]",
+    "vqgan.quantizer.codebook_size=32",
+    "vqgan.discriminator.channels=16",
+    "vqgan.discriminator.layers=2",
+    "vqgan.train.batch_size=1",
+    "diffusion.unet.channels=[16,32]",
+    "diffusion.train.batch_size=2",
 ]
 VARIANTS = ("eager", "channels_last", "compile")
 
 
 # -- machine and timing ------------------------------------------------------------------------------
+
 
 def pick_device(choice: str) -> torch.device:
     if choice == "auto":
@@ -60,8 +66,9 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def load_bench_params(path: str | Path = ROOT / "params.yaml", quick: bool = False,
-                      overrides: list[str] | None = None) -> Params:
+def load_bench_params(
+    path: str | Path = ROOT / "params.yaml", quick: bool = False, overrides: list[str] | None = None
+) -> Params:
     return load_params(path, [*(QUICK_OVERRIDES if quick else []), *(overrides or [])])
 
 
@@ -76,11 +83,19 @@ def cpu_model() -> str:
 
 
 def machine_info(device: torch.device) -> dict:
-    info = {"cpu": cpu_model(), "machine": platform.machine(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "device": str(device), "load_average": list(os.getloadavg())}
+    info = {
+        "cpu": cpu_model(),
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "load_average": list(os.getloadavg()),
+    }
     try:
         import monai
+
         info["monai"] = monai.__version__
     except ImportError:
         info["monai"] = None
@@ -104,8 +119,11 @@ class CpuMonitor:
         except (OSError, ValueError):
             return None
         busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
-        own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-                  for f in ("ru_utime", "ru_stime"))
+        own = sum(
+            getattr(resource.getrusage(who), f)
+            for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+            for f in ("ru_utime", "ru_stime")
+        )
         return busy, own, time.monotonic()
 
     def others_cores(self) -> float | None:
@@ -129,8 +147,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int,
-                     device: torch.device, record: dict | None = None) -> dict[str, list[float]]:
+def time_interleaved(
+    candidates: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    record: dict | None = None,
+) -> dict[str, list[float]]:
     """Seconds per call of each candidate: ``warmup`` untimed calls each, then ``repeats`` rounds of
     one call per candidate in turn (A B A B ...), so drifting background load hits all alike.
 
@@ -162,8 +185,11 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int, 
         for name, seconds in round_times.items():
             times[name].append(seconds)
     if record is not None:
-        record.update(rounds=kept, rounds_discarded=discarded,
-                      other_processes_cores=round(sum(others) / len(others), 2) if others else None)
+        record.update(
+            rounds=kept,
+            rounds_discarded=discarded,
+            other_processes_cores=round(sum(others) / len(others), 2) if others else None,
+        )
     return times
 
 
@@ -183,12 +209,19 @@ def top_ops(fn: Callable[[], object], device: torch.device, steps: int = 2, k: i
         sync(device)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) or 1.0
-    return [{"op": e.key, "self_cpu_ms_per_call": round(e.self_cpu_time_total / 1e3 / steps, 2),
-             "self_cpu_pct": round(100 * e.self_cpu_time_total / total, 1), "calls_per_step": e.count // steps}
-            for e in events[:k]]
+    return [
+        {
+            "op": e.key,
+            "self_cpu_ms_per_call": round(e.self_cpu_time_total / 1e3 / steps, 2),
+            "self_cpu_pct": round(100 * e.self_cpu_time_total / total, 1),
+            "calls_per_step": e.count // steps,
+        }
+        for e in events[:k]
+    ]
 
 
 # -- the workloads -----------------------------------------------------------------------------------
+
 
 @dataclass
 class Workload:
@@ -236,17 +269,27 @@ def monai_vqvae_kwargs(params: Params, our_widths: bool = False) -> dict:
     m, q = params.vqgan.model, params.vqgan.quantizer
     channels = tuple(m.channels)
     n = len(channels)
-    base = dict(spatial_dims=3, in_channels=1, out_channels=1, channels=channels,
-                downsample_parameters=((1, 3, 1, 1),) + ((2, 4, 1, 1),) * (n - 1),
-                upsample_parameters=((2, 4, 1, 1, 0),) * (n - 1) + ((1, 3, 1, 1, 0),),
-                num_embeddings=q.codebook_size, embedding_dim=m.latent_channels,
-                commitment_cost=q.commitment_weight, decay=q.ema_decay)
+    base = dict(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        channels=channels,
+        downsample_parameters=((1, 3, 1, 1),) + ((2, 4, 1, 1),) * (n - 1),
+        upsample_parameters=((2, 4, 1, 1, 0),) * (n - 1) + ((1, 3, 1, 1, 0),),
+        num_embeddings=q.codebook_size,
+        embedding_dim=m.latent_channels,
+        commitment_cost=q.commitment_weight,
+        decay=q.ema_decay,
+    )
     target = count(_our_vqgan(params)[0])
     best = None
     for layers in (1, 2, 3, 4):
         for frac in (1.0,) if our_widths else (0.25, 0.5, 0.75, 1.0, 1.25, 1.5):
-            kwargs = {**base, "num_res_layers": layers,
-                      "num_res_channels": tuple(max(1, round(c * frac)) for c in channels)}
+            kwargs = {
+                **base,
+                "num_res_layers": layers,
+                "num_res_channels": tuple(max(1, round(c * frac)) for c in channels),
+            }
             gap = abs(count(VQVAE(**kwargs)) - target)
             if best is None or gap < best[0]:
                 best = (gap, kwargs)
@@ -261,16 +304,21 @@ def monai_disc_channels(params: Params) -> int:
     d = params.vqgan.discriminator
     target = count(_our_vqgan(params)[1])
     widths = range(4, 4 * d.channels + 1, 4)  # deeper layers (2x, 4x, ...) divisible by the 8 GroupNorm groups
-    return min(widths, key=lambda c: abs(count(PatchDiscriminator(3, c, 1, num_layers_d=d.layers,
-                                                                  norm=("GROUP", {"num_groups": 8}))) - target))
+    return min(
+        widths,
+        key=lambda c: abs(
+            count(PatchDiscriminator(3, c, 1, num_layers_d=d.layers, norm=("GROUP", {"num_groups": 8}))) - target
+        ),
+    )
 
 
 def _monai_vqgan(params: Params, our_widths: bool = False):
     from monai.networks.nets import VQVAE, PatchDiscriminator
 
     d = params.vqgan.discriminator
-    disc = PatchDiscriminator(3, monai_disc_channels(params), 1, num_layers_d=d.layers,
-                              norm=("GROUP", {"num_groups": 8}))
+    disc = PatchDiscriminator(
+        3, monai_disc_channels(params), 1, num_layers_d=d.layers, norm=("GROUP", {"num_groups": 8})
+    )
     return VQVAE(**monai_vqvae_kwargs(params, our_widths)), disc
 
 
@@ -284,11 +332,17 @@ def _monai_unet(params: Params):
     from monai.networks.nets import DiffusionModelUNet
 
     u = params.diffusion.unet
-    return DiffusionModelUNet(spatial_dims=3, in_channels=params.vqgan.model.latent_channels,
-                              out_channels=params.vqgan.model.latent_channels, num_res_blocks=u.num_res_blocks,
-                              channels=tuple(u.channels), attention_levels=tuple(u.attention),
-                              norm_num_groups=u.norm_groups, num_head_channels=[c // u.num_heads for c in u.channels],
-                              use_flash_attention=True)  # = F.scaled_dot_product_attention, as ours
+    return DiffusionModelUNet(
+        spatial_dims=3,
+        in_channels=params.vqgan.model.latent_channels,
+        out_channels=params.vqgan.model.latent_channels,
+        num_res_blocks=u.num_res_blocks,
+        channels=tuple(u.channels),
+        attention_levels=tuple(u.attention),
+        norm_num_groups=u.norm_groups,
+        num_head_channels=[c // u.num_heads for c in u.channels],
+        use_flash_attention=True,
+    )  # = F.scaled_dot_product_attention, as ours
 
 
 def _covariate_rows(params: Params, n: int) -> list[dict]:
@@ -312,8 +366,9 @@ def _input(x: torch.Tensor, variant: str) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d) if variant == "channels_last" else x
 
 
-def _gan_step(generate: Callable, discriminate: Callable, gen: nn.Module, disc: nn.Module, x: torch.Tensor,
-              params: Params) -> Callable[[], None]:
+def _gan_step(
+    generate: Callable, discriminate: Callable, gen: nn.Module, disc: nn.Module, x: torch.Tensor, params: Params
+) -> Callable[[], None]:
     """The VQ-GAN step used for BOTH sides: generator loss = L1 + quantizer (commitment) loss + a fixed
     ``loss.adversarial`` x hinge generator loss; then a hinge discriminator step on real vs detached
     reconstructions. AdamW with our betas / weight decay, gradient clipping as in training. Left out on
@@ -340,8 +395,9 @@ def _gan_step(generate: Callable, discriminate: Callable, gen: nn.Module, disc: 
     return step
 
 
-def _diffusion_step(predict: Callable, model: nn.Module, params: Params, device: torch.device,
-                    variant: str) -> Callable[[], None]:
+def _diffusion_step(
+    predict: Callable, model: nn.Module, params: Params, device: torch.device, variant: str
+) -> Callable[[], None]:
     """The diffusion step used for BOTH sides: random timesteps, our training schedule's noising and
     target (v or eps), MSE, AdamW, gradient clipping (our training loop minus the EMA update)."""
     from synthmri.diffusion.schedulers import add_noise, make_training_scheduler, training_target
@@ -354,8 +410,10 @@ def _diffusion_step(predict: Callable, model: nn.Module, params: Params, device:
     def step() -> None:
         noise = torch.randn_like(x0)
         steps = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=device)
-        loss = F.mse_loss(predict(_input(add_noise(scheduler, x0, noise, steps), variant), steps),
-                          training_target(scheduler, x0, noise, steps))
+        loss = F.mse_loss(
+            predict(_input(add_noise(scheduler, x0, noise, steps), variant), steps),
+            training_target(scheduler, x0, noise, steps),
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -364,8 +422,14 @@ def _diffusion_step(predict: Callable, model: nn.Module, params: Params, device:
     return step
 
 
-def build(name: str, params: Params, device: torch.device, variant: str = "eager", sample_volumes: int = 2,
-          ddim_steps: int = 50) -> Workload:
+def build(
+    name: str,
+    params: Params,
+    device: torch.device,
+    variant: str = "eager",
+    sample_volumes: int = 2,
+    ddim_steps: int = 50,
+) -> Workload:
     """The workload ``name`` (``vqgan/ours``, ``vqgan/monai``, ``vqgan/monai_ourwidths``, ``unet/ours``,
     ``unet/monai``, ``sample/ours``, ``sample/ours_invariant``, ``sample/monai``) with fixed initial weights
     (seed 0)."""
@@ -376,14 +440,19 @@ def build(name: str, params: Params, device: torch.device, variant: str = "eager
     if kind == "vqgan":
         gen, disc = _our_vqgan(params) if side == "ours" else _monai_vqgan(params, side == "monai_ourwidths")
         g, d = _prepare({"generator": gen, "discriminator": disc}, device, variant).values()
-        x = _input(torch.rand(params.vqgan.train.batch_size, 1, *params.normalize.shape, device=device) * 2 - 1,
-                   variant)
+        x = _input(
+            torch.rand(params.vqgan.train.batch_size, 1, *params.normalize.shape, device=device) * 2 - 1, variant
+        )
         if side == "ours":
             generate, discriminate = (lambda v: g(v)[:2]), (lambda v: d(v)[0])
         else:  # MONAI: VQVAE returns (reconstruction, quantization loss); PatchDiscriminator a list, logits last
             generate, discriminate = g, (lambda v: d(v)[-1])
-        return Workload(name, _gan_step(generate, discriminate, gen, disc, x, params), x.shape[0],
-                        {"generator": gen, "discriminator": disc})
+        return Workload(
+            name,
+            _gan_step(generate, discriminate, gen, disc, x, params),
+            x.shape[0],
+            {"generator": gen, "discriminator": disc},
+        )
     if kind == "unet":
         if side == "ours":
             ldm = _our_ldm(params)
@@ -395,15 +464,18 @@ def build(name: str, params: Params, device: torch.device, variant: str = "eager
             module = _monai_unet(params)
             (model,) = _prepare({"unet": module}, device, variant).values()
             predict = lambda x, t: model(x, timesteps=t)  # noqa: E731
-        return Workload(name, _diffusion_step(predict, module, params, device, variant),
-                        params.diffusion.train.batch_size, {"unet": module})
+        return Workload(
+            name,
+            _diffusion_step(predict, module, params, device, variant),
+            params.diffusion.train.batch_size,
+            {"unet": module},
+        )
     if kind == "sample":
         return _sampling(side, params, device, variant, sample_volumes, ddim_steps)
     raise ValueError(f"unknown workload {name!r}")
 
 
-def _sampling(side: str, params: Params, device: torch.device, variant: str, volumes: int,
-              steps: int) -> Workload:
+def _sampling(side: str, params: Params, device: torch.device, variant: str, volumes: int, steps: int) -> Workload:
     """DDIM (deterministic, ``steps`` steps) from noise to decoded volumes, a batch of ``volumes``, no
     guidance. Ours: ``sample_latents`` (batched chain, or ``ours_invariant``: one chain per volume, the
     sample stage's default) + ``VQGAN.decode(quantize=True)``; MONAI: ``LatentDiffusionInferer.sample``
@@ -424,8 +496,18 @@ def _sampling(side: str, params: Params, device: torch.device, variant: str, vol
 
         @torch.inference_mode()
         def run() -> torch.Tensor:
-            z = sample_latents(ldm.unet, ldm.encoder, sampler, rows, shape, steps, guidance_scale=1.0,
-                               seeds=list(range(volumes)), device=device, batch_invariant=side == "ours_invariant")
+            z = sample_latents(
+                ldm.unet,
+                ldm.encoder,
+                sampler,
+                rows,
+                shape,
+                steps,
+                guidance_scale=1.0,
+                seeds=list(range(volumes)),
+                device=device,
+                batch_invariant=side == "ours_invariant",
+            )
             return vqgan.decode(_input(z, variant), quantize=True)
 
         return Workload(f"sample/{side}", run, volumes, {"unet": ldm, "vqgan": vqgan})
@@ -435,10 +517,14 @@ def _sampling(side: str, params: Params, device: torch.device, variant: str, vol
     unet, (vqvae, _) = _monai_unet(params).eval(), _monai_vqgan(params)
     vqvae.eval()
     _prepare({"unet": unet, "vqvae": vqvae}, device, variant)
-    scheduler = DDIMScheduler(num_train_timesteps=sched.num_train_timesteps,
-                              schedule={"linear": "linear_beta", "cosine": "cosine"}[sched.beta_schedule],
-                              beta_start=sched.beta_start, beta_end=sched.beta_end, clip_sample=False,
-                              prediction_type=sched.prediction)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=sched.num_train_timesteps,
+        schedule={"linear": "linear_beta", "cosine": "cosine"}[sched.beta_schedule],
+        beta_start=sched.beta_start,
+        beta_end=sched.beta_end,
+        clip_sample=False,
+        prediction_type=sched.prediction,
+    )
     scheduler.set_timesteps(num_inference_steps=steps)
     inferer = LatentDiffusionInferer(scheduler, scale_factor=1.0)
     generator = torch.Generator().manual_seed(0)
@@ -452,6 +538,7 @@ def _sampling(side: str, params: Params, device: torch.device, variant: str, vol
 
 
 # -- fresh-process measurements ----------------------------------------------------------------------
+
 
 def _proc_status_mb(field: str) -> float | None:
     try:
@@ -487,17 +574,26 @@ def _import_models() -> None:
     """Import every module a workload may need, so that import-time memory is not counted as the model's."""
     import importlib
 
-    for module in ("synthmri.models.vqgan", "synthmri.models.discriminator", "synthmri.models.loading",
-                   "synthmri.diffusion.sampling", "synthmri.diffusion.schedulers", "synthmri.losses.adversarial",
-                   "monai.networks.nets", "monai.inferers", "monai.networks.schedulers"):
+    for module in (
+        "synthmri.models.vqgan",
+        "synthmri.models.discriminator",
+        "synthmri.models.loading",
+        "synthmri.diffusion.sampling",
+        "synthmri.diffusion.schedulers",
+        "synthmri.losses.adversarial",
+        "monai.networks.nets",
+        "monai.inferers",
+        "monai.networks.schedulers",
+    ):
         try:
             importlib.import_module(module)
         except ImportError:  # MONAI not installed: only our workloads can run
             pass
 
 
-def _memory_child(queue, name: str, params: Params, device: str, variant: str, calls: int, kwargs: dict,
-                  threads: int) -> None:
+def _memory_child(
+    queue, name: str, params: Params, device: str, variant: str, calls: int, kwargs: dict, threads: int
+) -> None:
     try:
         torch.set_num_threads(threads)
         dev = torch.device(device)
@@ -530,11 +626,17 @@ def _compile_child(queue, name: str, params: Params, device: str, repeats: int, 
         first = time.perf_counter() - start
         record: dict = {}
         times = time_interleaved({"eager": eager.run, "compile": compiled.run}, repeats, 1, dev, record)
-        queue.put({"compile_first_call_s": round(first, 1), "other_processes_cores": record["other_processes_cores"],
-                   "rounds_discarded": record["rounds_discarded"],
-                   "eager_s": round(median(times["eager"]), 4),
-                   "compile_s": round(median(times["compile"]), 4), "eager_min_s": round(min(times["eager"]), 4),
-                   "compile_min_s": round(min(times["compile"]), 4)})
+        queue.put(
+            {
+                "compile_first_call_s": round(first, 1),
+                "other_processes_cores": record["other_processes_cores"],
+                "rounds_discarded": record["rounds_discarded"],
+                "eager_s": round(median(times["eager"]), 4),
+                "compile_s": round(median(times["compile"]), 4),
+                "eager_min_s": round(min(times["eager"]), 4),
+                "compile_min_s": round(min(times["compile"]), 4),
+            }
+        )
     except Exception:
         queue.put({"error": traceback.format_exc(limit=3)})
     finally:
@@ -567,16 +669,22 @@ def run_in_child(target: Callable, args: tuple, timeout: float) -> dict:
             proc.join()
 
 
-def peak_memory_mb(name: str, params: Params, device: torch.device, variant: str = "eager", calls: int = 2,
-                   timeout: float = 600, **kwargs) -> dict:
-    return run_in_child(_memory_child, (name, params, str(device), variant, calls, kwargs, torch.get_num_threads()),
-                        timeout)
+def peak_memory_mb(
+    name: str,
+    params: Params,
+    device: torch.device,
+    variant: str = "eager",
+    calls: int = 2,
+    timeout: float = 600,
+    **kwargs,
+) -> dict:
+    return run_in_child(
+        _memory_child, (name, params, str(device), variant, calls, kwargs, torch.get_num_threads()), timeout
+    )
 
 
-def compile_speedup(name: str, params: Params, device: torch.device, repeats: int, timeout: float,
-                    **kwargs) -> dict:
-    return run_in_child(_compile_child, (name, params, str(device), repeats, kwargs, torch.get_num_threads()),
-                        timeout)
+def compile_speedup(name: str, params: Params, device: torch.device, repeats: int, timeout: float, **kwargs) -> dict:
+    return run_in_child(_compile_child, (name, params, str(device), repeats, kwargs, torch.get_num_threads()), timeout)
 
 
 def write_result(result: dict, out: Path, table: str) -> None:

@@ -45,8 +45,11 @@ from synthmri import tracking
 
 PROGRESS_EVERY_S = 15.0
 # A failing stage is retried unless its output says the failure cannot go away by itself.
-PERMANENT = re.compile(r"configuration error|exited with (?:code )?2\b|unknown stage|is not a valid|"
-                       r"does not exist in dvc\.yaml|Stage .* not found", re.IGNORECASE)
+PERMANENT = re.compile(
+    r"configuration error|exited with (?:code )?2\b|unknown stage|is not a valid|"
+    r"does not exist in dvc\.yaml|Stage .* not found",
+    re.IGNORECASE,
+)
 
 
 class StageFailed(RuntimeError):
@@ -75,7 +78,9 @@ def list_stages(repo: Path) -> list[str]:
         file_order = {stage: i for i, stage in enumerate(dvc_repo.stage.collect("dvc.yaml"))}
         needed = set(dvc_repo.stage.collect("dvc.yaml", with_deps=True))
         upstream_first = dvc_repo.index.graph.reverse().subgraph(needed)  # DVC's edges point to dependencies
-        ordered = nx.lexicographical_topological_sort(upstream_first, key=lambda s: (file_order.get(s, -1), s.addressing))
+        ordered = nx.lexicographical_topological_sort(
+            upstream_first, key=lambda s: (file_order.get(s, -1), s.addressing)
+        )
         return [stage.addressing for stage in ordered]
 
 
@@ -100,14 +105,16 @@ def stage_env(parent_run_id: str | None) -> dict[str, str]:
     return env
 
 
-def stream_command(cmd: list[str], cwd: Path, env: dict[str, str], emit, progress_every_s: float = PROGRESS_EVERY_S
-                   ) -> tuple[int, list[str]]:
+def stream_command(
+    cmd: list[str], cwd: Path, env: dict[str, str], emit, progress_every_s: float = PROGRESS_EVERY_S
+) -> tuple[int, list[str]]:
     """Run ``cmd``, passing each output line to ``emit``; carriage-return progress updates are throttled.
 
     Returns (exit code, the last 60 lines).
     """
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    )
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     tail: deque[str] = deque(maxlen=60)
     buffer, last_progress, pending_progress = "", 0.0, None
@@ -120,7 +127,7 @@ def stream_command(cmd: list[str], cwd: Path, env: dict[str, str], emit, progres
             match = re.search(r"[\r\n]", buffer)
             if not match:
                 break
-            line, sep, buffer = buffer[:match.start()], buffer[match.start()], buffer[match.end():]
+            line, sep, buffer = buffer[: match.start()], buffer[match.start()], buffer[match.end() :]
             line = line.rstrip()
             if not line:
                 continue
@@ -198,8 +205,11 @@ def run_stage(stage: str, repo: str, parent_run_id: str | None = None) -> str:
     if code != 0:
         text = "\n".join(tail)
         transient = not PERMANENT.search(text)
-        raise StageFailed(f"stage '{stage}' failed (dvc exit {code}"
-                          f"{'' if transient else ', not retried'}):\n" + "\n".join(tail[-25:]), transient)
+        raise StageFailed(
+            f"stage '{stage}' failed (dvc exit {code}"
+            f"{'' if transient else ', not retried'}):\n" + "\n".join(tail[-25:]),
+            transient,
+        )
     outcome = "ran" if ran else "up to date"
     logger.info("Stage %s: %s in %.1f s", stage, outcome, time.monotonic() - started)
     return outcome
@@ -211,8 +221,11 @@ def summarize_report(repo: str, stages: dict[str, str]) -> dict[str, Any]:
     logger = get_run_logger()
     gate = pub.read_gate(Path(repo) / pub.METRICS_FILE)
     gate.source = pub.METRICS_FILE.as_posix()
-    create_markdown_artifact(markdown=gate_markdown(gate, stages), key="synthmri-quality-report",
-                             description="Quality gate and metrics of the synthetic data set (reports/metrics.json)")
+    create_markdown_artifact(
+        markdown=gate_markdown(gate, stages),
+        key="synthmri-quality-report",
+        description="Quality gate and metrics of the synthetic data set (reports/metrics.json)",
+    )
     (logger.info if gate.passed else logger.warning)("%s", gate.message())
     return {"passed": gate.passed, "failures": gate.failures, "metrics": gate.metrics}
 
@@ -226,15 +239,18 @@ def publish_release(repo: str, dvc_remote: str | None, git_remote: str | None, e
     create_markdown_artifact(
         key="synthmri-release",
         description="The published synthetic data-set version",
-        markdown="\n".join([
-            f"# Published `{release.tag}`" + (" (already published)" if release.already_published else ""),
-            "",
-            f"- commit `{release.commit[:10]}`; data/synthetic: {record.get('dataset', {}).get('volumes')} volumes,"
-            f" DVC md5 `{record.get('dataset', {}).get('md5')}`",
-            "- models: " + ", ".join(f"{k} v{v}" for k, v in record.get("models", {}).items()),
-            "",
-            f"Fetch: `dvc get <repo> data/synthetic --rev {release.tag}`",
-        ]))
+        markdown="\n".join(
+            [
+                f"# Published `{release.tag}`" + (" (already published)" if release.already_published else ""),
+                "",
+                f"- commit `{release.commit[:10]}`; data/synthetic: {record.get('dataset', {}).get('volumes')} volumes,"
+                f" DVC md5 `{record.get('dataset', {}).get('md5')}`",
+                "- models: " + ", ".join(f"{k} v{v}" for k, v in record.get("models", {}).items()),
+                "",
+                f"Fetch: `dvc get <repo> data/synthetic --rev {release.tag}`",
+            ]
+        ),
+    )
     return release.to_dict()
 
 
@@ -257,11 +273,22 @@ def _mlflow_parent(name: str, tags: dict[str, str], logger):
             tracking.end_parent_run(run_id, state["status"])
 
 
-@flow(name="synthesize", description="SynthMRI: DVC stages, quality report, publish a synthetic data-set version",
-      validate_parameters=True)
-def synthesize(stages: list[str] | None = None, publish: bool = True, on_busy: Literal["fail", "wait"] = "fail",
-               wait_timeout_s: float | None = None, retries: int = 2, retry_delay_s: float = 30.0,
-               dvc_remote: str | None = None, git_remote: str | None = None, repo: str = ".") -> dict[str, Any]:
+@flow(
+    name="synthesize",
+    description="SynthMRI: DVC stages, quality report, publish a synthetic data-set version",
+    validate_parameters=True,
+)
+def synthesize(
+    stages: list[str] | None = None,
+    publish: bool = True,
+    on_busy: Literal["fail", "wait"] = "fail",
+    wait_timeout_s: float | None = None,
+    retries: int = 2,
+    retry_delay_s: float = 30.0,
+    dvc_remote: str | None = None,
+    git_remote: str | None = None,
+    repo: str = ".",
+) -> dict[str, Any]:
     """Run the pipeline and publish a data-set version when the quality gate passes.
 
     Args:
@@ -278,56 +305,84 @@ def synthesize(stages: list[str] | None = None, publish: bool = True, on_busy: L
     root = Path(repo).resolve()
     run_id = str(flow_run.id or "")
     owner = {"flow_run": run_id, "flow_run_name": str(flow_run.name or "")}
-    with contextlib.chdir(root), pub.pipeline_lock(root, wait=on_busy == "wait", timeout_s=wait_timeout_s,
-                                                   owner=owner, logger=logger):
+    with (
+        contextlib.chdir(root),
+        pub.pipeline_lock(root, wait=on_busy == "wait", timeout_s=wait_timeout_s, owner=owner, logger=logger),
+    ):
         all_stages = list_stages(root)
         chosen = all_stages if not stages else [s for s in all_stages if s in set(stages)]
         unknown = sorted(set(stages or []) - set(all_stages))
         if unknown:
             raise pub.PublishError(f"unknown stage(s) {', '.join(unknown)}; the pipeline has {', '.join(all_stages)}")
         name = f"pipeline-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
-        with _mlflow_parent(name, {"prefect.flow_run_id": run_id, "prefect.flow_run_name": owner["flow_run_name"]},
-                            logger) as (parent, mlflow_state):
+        with _mlflow_parent(
+            name, {"prefect.flow_run_id": run_id, "prefect.flow_run_name": owner["flow_run_name"]}, logger
+        ) as (parent, mlflow_state):
             logger.info("Pipeline stages (dvc repro order): %s; MLflow parent run %s", ", ".join(chosen), parent)
             outcomes: dict[str, str] = {}
             for stage in chosen:
-                stage_task = run_stage.with_options(name=stage, task_run_name=stage, retries=retries,
-                                                    retry_delay_seconds=retry_delay_s)
+                stage_task = run_stage.with_options(
+                    name=stage, task_run_name=stage, retries=retries, retry_delay_seconds=retry_delay_s
+                )
                 outcomes[stage] = stage_task(stage, str(root), parent)
             lock_digest = pub.sha256_file(root / "dvc.lock") if (root / "dvc.lock").is_file() else None
             gate = summarize_report(str(root), outcomes)
-            tracking.set_run_tags(parent, {"dvc_lock_sha256": lock_digest, "gate_passed": gate["passed"],
-                                           "gate_failures": "; ".join(gate["failures"]) or None})
+            tracking.set_run_tags(
+                parent,
+                {
+                    "dvc_lock_sha256": lock_digest,
+                    "gate_passed": gate["passed"],
+                    "gate_failures": "; ".join(gate["failures"]) or None,
+                },
+            )
             tracking.log_run_metrics(parent, gate["metrics"], prefix="report.")
-            summary: dict[str, Any] = {"stages": outcomes, "gate_passed": gate["passed"],
-                                       "gate_failures": gate["failures"], "mlflow_run_id": parent, "tag": None}
+            summary: dict[str, Any] = {
+                "stages": outcomes,
+                "gate_passed": gate["passed"],
+                "gate_failures": gate["failures"],
+                "mlflow_run_id": parent,
+                "tag": None,
+            }
             mlflow_state["status"] = "FINISHED"
             if not gate["passed"]:
                 message = "; ".join(gate["failures"]) or "the gate did not pass"
                 if publish:
-                    raise pub.GateFailed(f"quality gate failed: {message}. Nothing was published "
-                                         "(no commit, no dvc push, no tag).")
+                    raise pub.GateFailed(
+                        f"quality gate failed: {message}. Nothing was published (no commit, no dvc push, no tag)."
+                    )
                 logger.warning("Quality gate failed (%s); publish=False, so nothing to publish anyway", message)
                 return summary
             if not publish:
                 logger.info("Gate passed; publish=False: not publishing")
                 return summary
             release = publish_release.with_options(retries=1, retry_delay_seconds=retry_delay_s)(
-                str(root), dvc_remote, git_remote, {"mlflow_run_id": parent, "prefect_flow_run_id": run_id})
+                str(root), dvc_remote, git_remote, {"mlflow_run_id": parent, "prefect_flow_run_id": run_id}
+            )
             tag = release["tag"]
             summary.update(tag=tag, commit=release["commit"], already_published=release["already_published"])
             tracking.set_run_tags(parent, {"dataset_tag": tag, "release_commit": release["commit"]})
-            aliases = tracking.set_alias([root / p for p in pub.MODEL_REGISTRY_FILES], "production",
-                                         tags={"dataset_tag": tag})
+            aliases = tracking.set_alias(
+                [root / p for p in pub.MODEL_REGISTRY_FILES], "production", tags={"dataset_tag": tag}
+            )
             summary["production_models"] = aliases
             manifest = root / pub.SYNTHETIC_PATH / "manifest.csv"
             digest = release["record"].get("dataset", {}).get("md5") or lock_digest or ""
             if manifest.is_file():
                 with contextlib.suppress(Exception):
-                    tracking.log_dataset(parent, manifest, name=f"synthmri-synthetic@{tag}", digest=digest,
-                                         source=str(root / pub.SYNTHETIC_PATH), context="published")
-            logger.info("Published %s (commit %s); production models: %s", tag, release["commit"][:10],
-                        ", ".join(f"{k} v{v}" for k, v in aliases.items()) or "none")
+                    tracking.log_dataset(
+                        parent,
+                        manifest,
+                        name=f"synthmri-synthetic@{tag}",
+                        digest=digest,
+                        source=str(root / pub.SYNTHETIC_PATH),
+                        context="published",
+                    )
+            logger.info(
+                "Published %s (commit %s); production models: %s",
+                tag,
+                release["commit"][:10],
+                ", ".join(f"{k} v{v}" for k, v in aliases.items()) or "none",
+            )
             return summary
 
 

@@ -32,56 +32,82 @@ class Stage:
 
 
 STAGES = [
-    Stage("demo", "generate the simulated demo cohort (BIDS) into data/raw/demo",
-          "Builds the built-in demo cohort from nilearn's MNI152 template: covariate-driven anatomy "
-          "(age, sex), a contrast model per site, ground-truth volumes in participants.tsv. Params: demo.*",
-          "synthmri.data.demo:run_demo"),
-    Stage("ingest", "validate raw volumes and covariates into data/ingested",
-          "Reads ingest.root (source bids, table or demo), checks every file and covariate row, writes RAS "
-          "volumes, manifest.csv and quarantine.csv (one row per item set aside, with the reason). "
-          "Raw data is never modified. Params: ingest.*, covariates",
-          "synthmri.data.ingest:run_ingest"),
-    Stage("normalize", "resample, crop and scale into data/processed; split subjects",
-          "Resamples to normalize.spacing, crops/pads to normalize.shape around the head, clips intensities "
-          "at percentiles and scales them to normalize.out_range (optional Nyul standardization fitted on "
-          "the training split), and assigns a stratified subject-level train/val/test split. Params: normalize.*",
-          "synthmri.data.normalize:run_normalize"),
-    Stage("train_vqgan", "train the 3D VQ-GAN (or VQ-VAE baseline) into models/vqgan",
-          "Trains the VQ-GAN on the training split: L1 + 2.5D LPIPS + commitment, hinge adversarial loss with "
-          "adaptive weight and GAN feature matching after vqgan.loss.disc_start_step. Resumes from the newest "
-          "checkpoint in models/checkpoints/vqgan. Validation PSNR/SSIM/LPIPS go to reports/vqgan.json and "
-          "MLflow; the model is registered as synthmri-vqgan. With vqgan.train.processes > 1 it relaunches "
-          "itself under torchrun (DistributedDataParallel). Params: vqgan.*, seed",
-          "synthmri.training.train_vqgan:run_train_vqgan", train_section="vqgan"),
-    Stage("encode", "encode every subject into quantized latents in data/latents",
-          "Encodes every split with the trained VQ-GAN (deterministic quantized codes, never a noisy sample), "
-          "writes latents with subject ids and covariates, and the per-channel latent scale factor computed "
-          "on the training split. Params: encode.*",
-          "synthmri.data.latents:run_encode"),
-    Stage("train_diffusion", "train the conditional latent diffusion model into models/ldm",
-          "Trains the 3D diffusion U-Net on the standardized latents, conditioned on the declared covariates "
-          "(condition dropout for classifier-free guidance), with EMA weights for sampling. Resumes from "
-          "models/checkpoints/ldm; decoded sample slices go to MLflow every diffusion.train.sample_every steps; "
-          "the EMA model is registered as synthmri-ldm. With diffusion.train.processes > 1 it relaunches itself "
-          "under torchrun (DistributedDataParallel). Params: diffusion.*, covariates, seed",
-          "synthmri.training.train_diffusion:run_train_diffusion", train_section="diffusion"),
-    Stage("sample", "generate the synthetic data set into data/synthetic",
-          "Generates one volume per row of the covariate plan (sample.plan: match_training, grid or csv) with "
-          "the diffusion sampler of diffusion.sampler, decodes it with the VQ-GAN and writes NIfTI with the "
-          "training space's affine and a clean header, plus manifest.csv/parquet and a data-set card. Works in "
-          "shards fanned out by a Prefect task runner (threads or Dask); a rerun skips finished shards. "
-          "Params: sample.*, diffusion.sampler",
-          "synthmri.synthesis.sample_stage:run_sample"),
-    Stage("report", "quality and privacy report of data/synthetic, with the quality gate",
-          "Compares the synthetic set with the real held-out volumes (report.reference_splits): VQ-GAN "
-          "reconstruction on the test split (PSNR, SSIM, 2.5D LPIPS); Frechet distance, MMD and precision/recall/"
-          "density/coverage on features of report.extractor; pairwise MS-SSIM diversity; conditioning fidelity "
-          "(known covariate effects, covariate predictors fitted on the training split); memorization (nearest "
-          "training volume by NCC and SSIM, threshold calibrated on held-out real data); intensity histograms. "
-          "Writes reports/metrics.json, reports/report.html and reports/figures/, logs an MLflow 'report' run, and "
-          "records gate: pass|fail against report.thresholds (a failing gate does not fail the stage). "
-          "Params: report.*",
-          "synthmri.report.stage:run_report"),
+    Stage(
+        "demo",
+        "generate the simulated demo cohort (BIDS) into data/raw/demo",
+        "Builds the built-in demo cohort from nilearn's MNI152 template: covariate-driven anatomy "
+        "(age, sex), a contrast model per site, ground-truth volumes in participants.tsv. Params: demo.*",
+        "synthmri.data.demo:run_demo",
+    ),
+    Stage(
+        "ingest",
+        "validate raw volumes and covariates into data/ingested",
+        "Reads ingest.root (source bids, table or demo), checks every file and covariate row, writes RAS "
+        "volumes, manifest.csv and quarantine.csv (one row per item set aside, with the reason). "
+        "Raw data is never modified. Params: ingest.*, covariates",
+        "synthmri.data.ingest:run_ingest",
+    ),
+    Stage(
+        "normalize",
+        "resample, crop and scale into data/processed; split subjects",
+        "Resamples to normalize.spacing, crops/pads to normalize.shape around the head, clips intensities "
+        "at percentiles and scales them to normalize.out_range (optional Nyul standardization fitted on "
+        "the training split), and assigns a stratified subject-level train/val/test split. Params: normalize.*",
+        "synthmri.data.normalize:run_normalize",
+    ),
+    Stage(
+        "train_vqgan",
+        "train the 3D VQ-GAN (or VQ-VAE baseline) into models/vqgan",
+        "Trains the VQ-GAN on the training split: L1 + 2.5D LPIPS + commitment, hinge adversarial loss with "
+        "adaptive weight and GAN feature matching after vqgan.loss.disc_start_step. Resumes from the newest "
+        "checkpoint in models/checkpoints/vqgan. Validation PSNR/SSIM/LPIPS go to reports/vqgan.json and "
+        "MLflow; the model is registered as synthmri-vqgan. With vqgan.train.processes > 1 it relaunches "
+        "itself under torchrun (DistributedDataParallel). Params: vqgan.*, seed",
+        "synthmri.training.train_vqgan:run_train_vqgan",
+        train_section="vqgan",
+    ),
+    Stage(
+        "encode",
+        "encode every subject into quantized latents in data/latents",
+        "Encodes every split with the trained VQ-GAN (deterministic quantized codes, never a noisy sample), "
+        "writes latents with subject ids and covariates, and the per-channel latent scale factor computed "
+        "on the training split. Params: encode.*",
+        "synthmri.data.latents:run_encode",
+    ),
+    Stage(
+        "train_diffusion",
+        "train the conditional latent diffusion model into models/ldm",
+        "Trains the 3D diffusion U-Net on the standardized latents, conditioned on the declared covariates "
+        "(condition dropout for classifier-free guidance), with EMA weights for sampling. Resumes from "
+        "models/checkpoints/ldm; decoded sample slices go to MLflow every diffusion.train.sample_every steps; "
+        "the EMA model is registered as synthmri-ldm. With diffusion.train.processes > 1 it relaunches itself "
+        "under torchrun (DistributedDataParallel). Params: diffusion.*, covariates, seed",
+        "synthmri.training.train_diffusion:run_train_diffusion",
+        train_section="diffusion",
+    ),
+    Stage(
+        "sample",
+        "generate the synthetic data set into data/synthetic",
+        "Generates one volume per row of the covariate plan (sample.plan: match_training, grid or csv) with "
+        "the diffusion sampler of diffusion.sampler, decodes it with the VQ-GAN and writes NIfTI with the "
+        "training space's affine and a clean header, plus manifest.csv/parquet and a data-set card. Works in "
+        "shards fanned out by a Prefect task runner (threads or Dask); a rerun skips finished shards. "
+        "Params: sample.*, diffusion.sampler",
+        "synthmri.synthesis.sample_stage:run_sample",
+    ),
+    Stage(
+        "report",
+        "quality and privacy report of data/synthetic, with the quality gate",
+        "Compares the synthetic set with the real held-out volumes (report.reference_splits): VQ-GAN "
+        "reconstruction on the test split (PSNR, SSIM, 2.5D LPIPS); Frechet distance, MMD and precision/recall/"
+        "density/coverage on features of report.extractor; pairwise MS-SSIM diversity; conditioning fidelity "
+        "(known covariate effects, covariate predictors fitted on the training split); memorization (nearest "
+        "training volume by NCC and SSIM, threshold calibrated on held-out real data); intensity histograms. "
+        "Writes reports/metrics.json, reports/report.html and reports/figures/, logs an MLflow 'report' run, and "
+        "records gate: pass|fail against report.thresholds (a failing gate does not fail the stage). "
+        "Params: report.*",
+        "synthmri.report.stage:run_report",
+    ),
 ]
 
 
@@ -89,26 +115,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="synthmri",
         description="SynthMRI: learn from brain MRI volumes and publish versioned synthetic data sets. "
-                    "Each subcommand is one DVC stage; `dvc repro` runs them in order.",
+        "Each subcommand is one DVC stage; `dvc repro` runs them in order.",
     )
     parser.add_argument("--version", action="version", version=f"synthmri {__version__}")
     sub = parser.add_subparsers(dest="stage", metavar="<stage>", required=True)
     for stage in STAGES:
         p = sub.add_parser(stage.name, help=stage.summary, description=stage.details)
         p.add_argument("--params", default=None, metavar="FILE", help="parameters file (default: params.yaml)")
-        p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a parameter, e.g. -S ingest.root=/data/bids (repeatable, like dvc exp run -S)")
+        p.add_argument(
+            "-S",
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a parameter, e.g. -S ingest.root=/data/bids (repeatable, like dvc exp run -S)",
+        )
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         p.set_defaults(handler=stage)
     plan = sub.add_parser(
-        "plan-memory", help="estimate the GPU memory of a training config and whether it fits",
+        "plan-memory",
+        help="estimate the GPU memory of a training config and whether it fits",
         description="Traces one training step of train_vqgan and train_diffusion on the meta device (no GPU "
-                    "needed) and prints the estimated peak memory by component (weights, gradients, AdamW, EMA, "
-                    "activations), whether it fits a GPU of --gpu-memory GiB, and the largest batch that does. "
-                    "Exit status 0 when every planned stage fits, 3 otherwise. Accuracy about +-25 %.")
+        "needed) and prints the estimated peak memory by component (weights, gradients, AdamW, EMA, "
+        "activations), whether it fits a GPU of --gpu-memory GiB, and the largest batch that does. "
+        "Exit status 0 when every planned stage fits, 3 otherwise. Accuracy about +-25 %.",
+    )
     plan.add_argument("--params", default=None, metavar="FILE", help="parameters file (default: params.yaml)")
-    plan.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a parameter (repeatable)")
+    plan.add_argument(
+        "-S",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter (repeatable)",
+    )
     plan.add_argument("--stage", choices=["train_vqgan", "train_diffusion", "all"], default="all")
     plan.add_argument("--batch-size", type=int, default=None, help="per-GPU batch (default: the config's)")
     plan.add_argument("--gpu-memory", type=float, default=80.0, metavar="GiB", help="GPU memory (default 80)")
@@ -152,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"synthmri {args.stage}: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # a full disk, a read-only or vanished folder: finished outputs are intact (atomic writes)
-        print(f"synthmri {args.stage}: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}",
-              file=sys.stderr)
+        print(
+            f"synthmri {args.stage}: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print(f"synthmri {args.stage}: interrupted", file=sys.stderr)

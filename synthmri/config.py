@@ -127,8 +127,9 @@ class VQGANModelParams(_Section):
     def _levels_match_factor(self) -> VQGANModelParams:
         expected = self.downsample_factor.bit_length()  # 2 -> 2 levels, 4 -> 3, 8 -> 4
         if len(self.channels) != expected:
-            raise ValueError(f"downsample_factor {self.downsample_factor} needs {expected} channel entries, "
-                             f"got {len(self.channels)}")
+            raise ValueError(
+                f"downsample_factor {self.downsample_factor} needs {expected} channel entries, got {len(self.channels)}"
+            )
         if any(c % self.norm_groups for c in self.channels):
             raise ValueError(f"every channel count must be divisible by norm_groups={self.norm_groups}")
         return self
@@ -179,14 +180,14 @@ class TrainParams(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Scale-out: batch_size is per process and micro-step; the optimizer sees
     # batch_size × processes × grad_accumulation volumes per step.
-    processes: int = Field(1, ge=1)          # DDP processes on this machine (>1: relaunched under torchrun)
+    processes: int = Field(1, ge=1)  # DDP processes on this machine (>1: relaunched under torchrun)
     grad_accumulation: int = Field(1, ge=1)  # micro-batches accumulated per optimizer step
     # GPU path (execution only: none of these changes what is learned, so a run may resume with them toggled)
     precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on CUDA; the CPU always trains in fp32
-    activation_checkpointing: bool = False       # recompute activations in backward: memory for compute
-    channels_last: bool = False                  # channels-last-3d memory format (benchmarks/RESULTS.md: where it helps)
-    compile: bool = False                        # torch.compile the model (long first step; pays off on long GPU runs)
-    pin_memory: bool = True                      # page-locked host batches, copied asynchronously to the GPU
+    activation_checkpointing: bool = False  # recompute activations in backward: memory for compute
+    channels_last: bool = False  # channels-last-3d memory format (benchmarks/RESULTS.md: where it helps)
+    compile: bool = False  # torch.compile the model (long first step; pays off on long GPU runs)
+    pin_memory: bool = True  # page-locked host batches, copied asynchronously to the GPU
 
 
 class VQGANTrainParams(TrainParams):
@@ -289,8 +290,8 @@ class ReportThresholds(_Section):
     min_recon_psnr: float | None = 24.0
     min_recon_ssim: float | None = 0.75
     # fidelity on features of report.extractor, standardized with the held-out real set's statistics
-    max_frechet_distance: float | None = None      # absolute; depends on the extractor and the set sizes
-    max_frechet_ratio: float | None = 3.0          # FD(synthetic, held-out) / FD(real training subset, held-out)
+    max_frechet_distance: float | None = None  # absolute; depends on the extractor and the set sizes
+    max_frechet_ratio: float | None = 3.0  # FD(synthetic, held-out) / FD(real training subset, held-out)
     min_precision: float | None = 0.5
     min_recall: float | None = None
     min_coverage: float | None = 0.5
@@ -437,8 +438,10 @@ def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     elif path == DEFAULT_PARAMS_FILE:
-        raise ConfigError(f"no {DEFAULT_PARAMS_FILE} in {Path.cwd()}: run from the repository root (where dvc.yaml "
-                          "and params.yaml are) or pass --params FILE")
+        raise ConfigError(
+            f"no {DEFAULT_PARAMS_FILE} in {Path.cwd()}: run from the repository root (where dvc.yaml "
+            "and params.yaml are) or pass --params FILE"
+        )
     else:
         raise ConfigError(f"params file '{path}' does not exist")
     for text in overrides:

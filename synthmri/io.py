@@ -70,8 +70,9 @@ def clean_nifti_header(descrip: str = "") -> nib.Nifti1Header:
 
 def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | Path, descrip: str = "") -> None:
     """Write float32 NIfTI with ``affine`` as both sform and qform, atomically, with a clean header."""
-    image = nib.Nifti1Image(np.asarray(data, dtype=np.float32), np.asarray(affine, dtype=np.float64),
-                            header=clean_nifti_header(descrip))
+    image = nib.Nifti1Image(
+        np.asarray(data, dtype=np.float32), np.asarray(affine, dtype=np.float64), header=clean_nifti_header(descrip)
+    )
     image.set_sform(affine, code="scanner")
     image.set_qform(affine, code="scanner")
     with atomic_path(path) as tmp:

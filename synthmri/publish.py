@@ -144,8 +144,7 @@ def read_gate(path: str | Path = METRICS_FILE) -> Gate:
     """The gate verdict of the report stage; anything but ``"gate_passed": true`` is a failure."""
     path = Path(path)
     if not path.is_file():
-        return Gate(False, [f"{path} does not exist: the report stage has not run (is it in dvc.yaml?)"], {},
-                    str(path))
+        return Gate(False, [f"{path} does not exist: the report stage has not run (is it in dvc.yaml?)"], {}, str(path))
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -233,7 +232,8 @@ def check_publishable(repo: Path) -> list[str]:
         raise DirtyWorktree(
             "refusing to publish: the work tree has uncommitted changes that are not pipeline outputs, so the "
             f"release commit would not describe the code and parameters that made the data:\n  {shown}\n"
-            "Commit them (then rerun the pipeline), or stash / .gitignore them.")
+            "Commit them (then rerun the pipeline), or stash / .gitignore them."
+        )
     status = dvc(repo, "status", "--json", check=False)
     if status.returncode != 0:
         raise PublishError(f"`dvc status` failed: {(status.stdout + status.stderr).strip()[-2000:]}")
@@ -242,8 +242,10 @@ def check_publishable(repo: Path) -> list[str]:
     except ValueError:
         changed = {"?": status.stdout.strip()}
     if changed:
-        raise PublishError("refusing to publish: the outputs do not match dvc.lock (stages changed: "
-                           f"{', '.join(sorted(changed))}); run `dvc repro` first")
+        raise PublishError(
+            "refusing to publish: the outputs do not match dvc.lock (stages changed: "
+            f"{', '.join(sorted(changed))}); run `dvc repro` first"
+        )
     return ours
 
 
@@ -307,8 +309,9 @@ def model_versions(repo: Path) -> dict[str, str]:
     return versions
 
 
-def release_record(repo: Path, tag: str, gate: Gate, code_commit: str, extra: dict[str, Any] | None = None
-                   ) -> dict[str, Any]:
+def release_record(
+    repo: Path, tag: str, gate: Gate, code_commit: str, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     manifest = repo / SYNTHETIC_PATH / "manifest.csv"
     n_volumes = None
     if manifest.is_file():
@@ -349,9 +352,16 @@ class Release:
         return asdict(self)
 
 
-def publish(repo: str | Path = ".", *, metrics_file: str | Path = METRICS_FILE, remote: str | None = None,
-            git_remote: str | None = None, day: _dt.date | None = None, extra: dict[str, Any] | None = None,
-            logger: logging.Logger | logging.LoggerAdapter | None = None) -> Release:
+def publish(
+    repo: str | Path = ".",
+    *,
+    metrics_file: str | Path = METRICS_FILE,
+    remote: str | None = None,
+    git_remote: str | None = None,
+    day: _dt.date | None = None,
+    extra: dict[str, Any] | None = None,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+) -> Release:
     """Publish the current pipeline state as a data-set version (see the module docstring).
 
     Raises :class:`GateFailed`, :class:`DirtyWorktree`, :class:`PushFailed` or :class:`PublishError`;
@@ -370,8 +380,9 @@ def publish(repo: str | Path = ".", *, metrics_file: str | Path = METRICS_FILE, 
     existing = tags_at(repo)
     if existing and not ours:
         tag = existing[-1]
-        logger.info("HEAD %s is already published as %s; making sure the DVC remote has its data",
-                    head_commit(repo)[:10], tag)
+        logger.info(
+            "HEAD %s is already published as %s; making sure the DVC remote has its data", head_commit(repo)[:10], tag
+        )
         _push(repo, remote, logger, tag=None)
         if git_remote:
             _push_git(repo, git_remote, tag, logger)
@@ -397,18 +408,28 @@ def publish(repo: str | Path = ".", *, metrics_file: str | Path = METRICS_FILE, 
     git(repo, "add", "--all", "--", *to_add)
     staged = git(repo, "diff", "--cached", "--name-only").stdout.split()
     if staged:
-        git(repo, "commit", "--quiet", "-m", f"Publish synthetic data set {tag}",
-            "-m", f"Quality gate passed. Pipeline state of {code_commit[:10]}: dvc.lock, reports, "
-                  f"{RELEASE_FILE.as_posix()}. Fetch: dvc get <repo> {SYNTHETIC_PATH} --rev {tag}")
+        git(
+            repo,
+            "commit",
+            "--quiet",
+            "-m",
+            f"Publish synthetic data set {tag}",
+            "-m",
+            f"Quality gate passed. Pipeline state of {code_commit[:10]}: dvc.lock, reports, "
+            f"{RELEASE_FILE.as_posix()}. Fetch: dvc get <repo> {SYNTHETIC_PATH} --rev {tag}",
+        )
         logger.info("Committed %d file(s): %s", len(staged), ", ".join(staged))
     commit = head_commit(repo)
 
     _push(repo, remote, logger, tag=tag, commit=commit)
 
-    summary = [f"SynthMRI synthetic data set {tag}", "",
-               f"data/synthetic: {record['dataset'].get('volumes')} volumes, dvc md5 {record['dataset'].get('md5')}",
-               "models: " + ", ".join(f"{k} v{v}" for k, v in record["models"].items()),
-               f"dvc.lock sha256: {record['dvc_lock_sha256']}"]
+    summary = [
+        f"SynthMRI synthetic data set {tag}",
+        "",
+        f"data/synthetic: {record['dataset'].get('volumes')} volumes, dvc md5 {record['dataset'].get('md5')}",
+        "models: " + ", ".join(f"{k} v{v}" for k, v in record["models"].items()),
+        f"dvc.lock sha256: {record['dvc_lock_sha256']}",
+    ]
     git(repo, "tag", "-a", tag, "-m", "\n".join(summary), commit)
     logger.info("Tagged %s as %s", commit[:10], tag)
     if git_remote:
@@ -426,7 +447,8 @@ def _push(repo: Path, remote: str | None, logger, tag: str | None, commit: str |
         raise PushFailed(
             f"`dvc push` to {where} failed (exit {done.returncode}), so nothing was tagged"
             + (f"; commit {commit[:10]} is kept and the next run pushes and tags it" if commit else "")
-            + f":\n{output[-2000:]}")
+            + f":\n{output[-2000:]}"
+        )
     if output:
         logger.info("%s", output.splitlines()[-1])
 
@@ -451,9 +473,15 @@ def _lock_holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def pipeline_lock(repo: str | Path = ".", *, wait: bool = False, timeout_s: float | None = None,
-                  owner: dict[str, Any] | None = None, poll_s: float = 1.0,
-                  logger: logging.Logger | logging.LoggerAdapter | None = None) -> Iterator[Path]:
+def pipeline_lock(
+    repo: str | Path = ".",
+    *,
+    wait: bool = False,
+    timeout_s: float | None = None,
+    owner: dict[str, Any] | None = None,
+    poll_s: float = 1.0,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+) -> Iterator[Path]:
     """Hold ``.synthmri.lock`` (``fcntl.flock``, released by the kernel if the holder dies).
 
     ``wait=False``: raise :class:`PipelineBusy` at once when another run holds it; ``wait=True``:
@@ -476,16 +504,22 @@ def pipeline_lock(repo: str | Path = ".", *, wait: bool = False, timeout_s: floa
                 if not wait:
                     raise PipelineBusy(
                         f"another SynthMRI pipeline run holds {path} ({holder}); this run did nothing. "
-                        "Try again when it has finished (or run with on_busy='wait').") from None
+                        "Try again when it has finished (or run with on_busy='wait')."
+                    ) from None
                 if timeout_s is not None and time.monotonic() - started > timeout_s:
-                    raise PipelineBusy(f"gave up after waiting {timeout_s:.0f} s for {path} ({holder}); "
-                                       "this run did nothing") from None
+                    raise PipelineBusy(
+                        f"gave up after waiting {timeout_s:.0f} s for {path} ({holder}); this run did nothing"
+                    ) from None
                 if not announced:
                     logger.info("Waiting for another pipeline run to finish (%s holds %s)", holder, path)
                     announced = True
                 time.sleep(poll_s)
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "since": _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat(), **(owner or {})}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat(),
+            **(owner or {}),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         try:

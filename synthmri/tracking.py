@@ -36,8 +36,10 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
             response.read()
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        raise StageError(f"MLflow tracking server {uri} is unreachable ({exc}); start it, or unset "
-                         "MLFLOW_TRACKING_URI to log to the local mlflow.db") from None
+        raise StageError(
+            f"MLflow tracking server {uri} is unreachable ({exc}); start it, or unset "
+            "MLFLOW_TRACKING_URI to log to the local mlflow.db"
+        ) from None
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -52,8 +54,9 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -79,7 +82,7 @@ def stage_run(stage: str, params: dict[str, Any], tags: dict[str, str] | None = 
         flat = {k: str(v)[:500] for k, v in flatten(params).items()}
         items = list(flat.items())
         for start in range(0, len(items), 100):
-            mlflow.log_params(dict(items[start:start + 100]))
+            mlflow.log_params(dict(items[start : start + 100]))
         log.info("MLflow run %s (%s) in experiment '%s' at %s", run.info.run_id[:8], stage, EXPERIMENT, uri)
         yield run
 
@@ -94,8 +97,9 @@ def register_model(name: str, artifact_dir: Path, run: Any, tags: dict[str, str]
     client = MlflowClient()
     with contextlib.suppress(MlflowException):
         client.create_registered_model(name)
-    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
-                                          tags=tags)
+    version = client.create_model_version(
+        name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags
+    )
     log.info("Registered %s version %s", name, version.version)
     return str(version.version)
 
@@ -133,10 +137,14 @@ def ensure_experiment() -> str:
 def start_parent_run(run_name: str, tags: dict[str, str] | None = None) -> str:
     """Create the parent run of one pipeline run (left open; see :func:`end_parent_run`); return its id."""
     c = client()
-    run = c.create_run(ensure_experiment(), run_name=run_name,
-                       tags={"synthmri.kind": "pipeline", "git_commit": git_commit(), **(tags or {})})
-    log.info("MLflow parent run %s (%s) in experiment '%s' at %s", run.info.run_id[:8], run_name, EXPERIMENT,
-             tracking_uri())
+    run = c.create_run(
+        ensure_experiment(),
+        run_name=run_name,
+        tags={"synthmri.kind": "pipeline", "git_commit": git_commit(), **(tags or {})},
+    )
+    log.info(
+        "MLflow parent run %s (%s) in experiment '%s' at %s", run.info.run_id[:8], run_name, EXPERIMENT, tracking_uri()
+    )
     return run.info.run_id
 
 
@@ -172,8 +180,9 @@ def end_parent_run(run_id: str, status: str = "FINISHED") -> None:
     client().set_terminated(run_id, status=status)
 
 
-def log_dataset(run_id: str, manifest_csv: Path, name: str, digest: str, source: str,
-                context: str = "synthetic") -> None:
+def log_dataset(
+    run_id: str, manifest_csv: Path, name: str, digest: str, source: str, context: str = "synthetic"
+) -> None:
     """Log a data set (its manifest as the table, the DVC hash as digest) as an input of ``run_id``."""
     import warnings
 
@@ -189,8 +198,9 @@ def log_dataset(run_id: str, manifest_csv: Path, name: str, digest: str, source:
     client().log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])
 
 
-def set_alias(registry_files: list[Path] | tuple[Path, ...], alias: str = "production",
-              tags: dict[str, str] | None = None) -> dict[str, str]:
+def set_alias(
+    registry_files: list[Path] | tuple[Path, ...], alias: str = "production", tags: dict[str, str] | None = None
+) -> dict[str, str]:
     """Point ``alias`` at the model versions named in the stages' ``registry.json`` files.
 
     Returns {model name: version}. A version missing from this tracking store (trained against

@@ -51,7 +51,9 @@ class DatasetVersion:
 
     def __str__(self) -> str:
         models = ", ".join(f"{k} v{v}" for k, v in self.models.items()) or "models unknown"
-        return f"{self.tag}  {self.created or '?'}  {self.volumes if self.volumes is not None else '?'} volumes  {models}"
+        return (
+            f"{self.tag}  {self.created or '?'}  {self.volumes if self.volumes is not None else '?'} volumes  {models}"
+        )
 
 
 def _sort_key(tag: str) -> tuple[str, int]:
@@ -64,8 +66,14 @@ def _is_local(repo: str) -> bool:
 
 
 def _git(*args: str, cwd: str | None = None) -> str:
-    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, GIT_TERMINAL_PROMPT="0"))
+    done = subprocess.run(
+        ["git", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, GIT_TERMINAL_PROMPT="0"),
+    )
     if done.returncode != 0:
         raise StageError(f"`git {' '.join(args)}` failed: {done.stderr.strip()[-1000:]}")
     return done.stdout
@@ -106,11 +114,19 @@ def list_versions(repo: str | Path = ".") -> list[DatasetVersion]:
     for tag, commit in tags(repo).items():
         release = read_release(tag, repo)
         dataset = release.get("dataset") or {}
-        versions.append(DatasetVersion(
-            tag=tag, commit=commit, created=release.get("created"), volumes=dataset.get("volumes"),
-            dvc_md5=dataset.get("md5"), models=dict(release.get("models") or {}),
-            gate_passed=(release.get("gate") or {}).get("passed"), summary=list(release.get("card") or []),
-            release=release))
+        versions.append(
+            DatasetVersion(
+                tag=tag,
+                commit=commit,
+                created=release.get("created"),
+                volumes=dataset.get("volumes"),
+                dvc_md5=dataset.get("md5"),
+                models=dict(release.get("models") or {}),
+                gate_passed=(release.get("gate") or {}).get("passed"),
+                summary=list(release.get("card") or []),
+                release=release,
+            )
+        )
     return versions
 
 
@@ -120,7 +136,9 @@ def cache_root() -> Path:
 
 def _repo_key(repo: str) -> str:
     ident = str(Path(repo).resolve()) if _is_local(repo) else repo
-    return re.sub(r"[^\w.-]+", "_", Path(ident.rstrip("/")).name)[:40] + "-" + hashlib.sha1(ident.encode()).hexdigest()[:8]
+    return (
+        re.sub(r"[^\w.-]+", "_", Path(ident.rstrip("/")).name)[:40] + "-" + hashlib.sha1(ident.encode()).hexdigest()[:8]
+    )
 
 
 def fetch_version(tag: str, repo: str | Path = ".", cache_dir: str | Path | None = None, verify: bool = True) -> Path:
@@ -155,8 +173,14 @@ def fetch_version(tag: str, repo: str | Path = ".", cache_dir: str | Path | None
     return target
 
 
-def load_version(tag: str, repo: str | Path = ".", cache_dir: str | Path | None = None, transform=None,
-                 covariates: list[str] | None = None, verify: bool = True):
+def load_version(
+    tag: str,
+    repo: str | Path = ".",
+    cache_dir: str | Path | None = None,
+    transform=None,
+    covariates: list[str] | None = None,
+    verify: bool = True,
+):
     """A :class:`~synthmri.data.synthetic.SyntheticDataset` of version ``tag`` (fetched if needed)."""
     from synthmri.data.synthetic import SyntheticDataset
 

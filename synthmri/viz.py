@@ -51,10 +51,18 @@ def _display_range(volume: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def three_plane_grid(volumes: list[np.ndarray], titles: list[str], path: Path,
-                     affine_spacing: Sequence[float] | Sequence[Sequence[float]] | None = None,
-                     *, dpi: int = 80, panel_inches: float = 2.2, suptitle: str | None = None,
-                     shared_range: bool = False, positions: Sequence[float] = (0.5, 0.5, 0.5)) -> Path:
+def three_plane_grid(
+    volumes: list[np.ndarray],
+    titles: list[str],
+    path: Path,
+    affine_spacing: Sequence[float] | Sequence[Sequence[float]] | None = None,
+    *,
+    dpi: int = 80,
+    panel_inches: float = 2.2,
+    suptitle: str | None = None,
+    shared_range: bool = False,
+    positions: Sequence[float] = (0.5, 0.5, 0.5),
+) -> Path:
     """Write a grid figure: one row per volume, columns = axial / coronal / sagittal middle slices.
 
     Volumes are assumed to be in RAS voxel order (as after ingest). ``affine_spacing`` is the voxel
@@ -85,19 +93,20 @@ def three_plane_grid(volumes: list[np.ndarray], titles: list[str], path: Path,
     row_heights = [max(panel[1] for panel in row) for row in extents]
     scale = panel_inches / max(row_heights)
     label_inches, title_inches = 0.35, 0.25 + (0.3 if suptitle else 0.0)
-    figure = Figure(figsize=(sum(col_widths) * scale + label_inches,
-                             sum(row_heights) * scale + title_inches))
+    figure = Figure(figsize=(sum(col_widths) * scale + label_inches, sum(row_heights) * scale + title_inches))
     FigureCanvasAgg(figure)
-    axes = figure.subplots(len(arrays), 3, squeeze=False,
-                           gridspec_kw={"width_ratios": col_widths, "height_ratios": row_heights,
-                                        "wspace": 0.02, "hspace": 0.04})
+    axes = figure.subplots(
+        len(arrays),
+        3,
+        squeeze=False,
+        gridspec_kw={"width_ratios": col_widths, "height_ratios": row_heights, "wspace": 0.02, "hspace": 0.04},
+    )
     for row, (array, spacing, (vmin, vmax), title) in enumerate(zip(arrays, spacings, ranges, titles)):
         sx, sy, sz = spacing
         aspects = (sy / sx, sz / sx, sz / sy)
         for col, (plane, aspect) in enumerate(zip(mid_slices(array, positions), aspects)):
             ax = axes[row, col]
-            ax.imshow(plane, cmap="gray", origin="lower", vmin=vmin, vmax=vmax, aspect=aspect,
-                      interpolation="nearest")
+            ax.imshow(plane, cmap="gray", origin="lower", vmin=vmin, vmax=vmax, aspect=aspect, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_facecolor("black")
@@ -106,8 +115,12 @@ def three_plane_grid(volumes: list[np.ndarray], titles: list[str], path: Path,
             if row == 0:
                 ax.set_title(PLANES[col], fontsize=9)
         axes[row, 0].set_ylabel(title, fontsize=8)
-    figure.subplots_adjust(left=label_inches / figure.get_figwidth(), right=0.995, bottom=0.005,
-                           top=1.0 - title_inches / figure.get_figheight())
+    figure.subplots_adjust(
+        left=label_inches / figure.get_figwidth(),
+        right=0.995,
+        bottom=0.005,
+        top=1.0 - title_inches / figure.get_figheight(),
+    )
     if suptitle:
         figure.suptitle(suptitle, fontsize=9, y=0.995, va="top")
     figure.set_facecolor("white")

@@ -52,8 +52,12 @@ def copy_working_tree(work: Path) -> Path:
     import shutil
     import subprocess
 
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, check=True).stdout.split(b"\0")
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
     for rel in filter(None, listed):
         source = REPO / os.fsdecode(rel)
         if source.is_file():
@@ -91,13 +95,20 @@ def make_bids(root: Path, n: int = 8, shape=(24, 28, 20)) -> Path:
         write_nifti(root / sub / "anat" / f"{sub}_T1w.nii.gz", blob_volume(shape=shape, seed=i))
         rows.append((sub, 20 + 7 * i, "FM"[i % 2], f"site{1 + i % 3}"))
     pd.DataFrame(rows, columns=["participant_id", "age", "sex", "site"]).to_csv(
-        root / "participants.tsv", sep="\t", index=False)
+        root / "participants.tsv", sep="\t", index=False
+    )
     return root
 
 
-TINY_VQGAN = ("vqgan.model.channels=[8,16,32]", "vqgan.model.latent_channels=4", "vqgan.quantizer.codebook_size=64",
-              "vqgan.train.batch_size=2", "vqgan.train.log_every=1", "vqgan.discriminator.channels=8",
-              "vqgan.loss.lpips_slices_per_axis=1")
+TINY_VQGAN = (
+    "vqgan.model.channels=[8,16,32]",
+    "vqgan.model.latent_channels=4",
+    "vqgan.quantizer.codebook_size=64",
+    "vqgan.train.batch_size=2",
+    "vqgan.train.log_every=1",
+    "vqgan.discriminator.channels=8",
+    "vqgan.loss.lpips_slices_per_axis=1",
+)
 
 
 # A cohort of 8-12 subjects holds 1 val and 1 test subject: the report's k-NN metrics can use k = 1 only
@@ -113,8 +124,17 @@ def make_processed(work: Path, n: int = 8, shape=(16, 16, 16), *overrides: str) 
     from synthmri.data.normalize import run_normalize
 
     make_bids(work / "bids", n)
-    params = make_params("ingest.source=bids", f"ingest.root={work / 'bids'}", "ingest.min_subjects=2",
-                         *SMALL_COHORT, *([SMALL_SPLIT] if n < 8 else []), "normalize.spacing=[3,3,3]", f"normalize.shape={list(shape)}", *TINY_VQGAN, *overrides)
+    params = make_params(
+        "ingest.source=bids",
+        f"ingest.root={work / 'bids'}",
+        "ingest.min_subjects=2",
+        *SMALL_COHORT,
+        *([SMALL_SPLIT] if n < 8 else []),
+        "normalize.spacing=[3,3,3]",
+        f"normalize.shape={list(shape)}",
+        *TINY_VQGAN,
+        *overrides,
+    )
     run_ingest(params, out_dir=work / "ingested")
     run_normalize(params, in_dir=work / "ingested", out_dir=work / "processed")
     return params, work / "processed"
@@ -133,12 +153,19 @@ def stage_command(stage: str, *overrides: str) -> list[str]:
 def stage_env(work: Path) -> dict[str, str]:
     """Environment of a stage child process: its own MLflow store in ``work``, one thread (reproducible
     and fast for tiny tensors on a shared machine)."""
-    return dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}", OMP_NUM_THREADS="1",
-                MKL_NUM_THREADS="1", DVC_NO_ANALYTICS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    return dict(
+        os.environ,
+        MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        DVC_NO_ANALYTICS="1",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
 
 
-def kill_after_checkpoint(cmd: list[str], cwd: Path, env: dict[str, str], checkpoint_dir: Path, min_step: int,
-                          timeout_s: float = 300) -> int:
+def kill_after_checkpoint(
+    cmd: list[str], cwd: Path, env: dict[str, str], checkpoint_dir: Path, min_step: int, timeout_s: float = 300
+) -> int:
     """Start a training stage, SIGKILL it once it has written a checkpoint at ``min_step`` or later, and
     check that every checkpoint left under its final name is complete (loads with ``weights_only``).
     Returns the step of the newest checkpoint, where the rerun must resume."""

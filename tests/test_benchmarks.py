@@ -19,8 +19,24 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _run(script: str, out: Path, *extra: str) -> dict:
     # one thread: a smoke run on a shared machine stays fast (2 OpenMP threads stall when a core is busy)
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick", "--device", "cpu",
-                           "--threads", "1", "--out", str(out), *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / script),
+            "--quick",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            *extra,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads(out.read_text())
 

@@ -50,14 +50,17 @@ def test_a_stage_without_params_yaml_says_so(tmp_path: Path, monkeypatch):
         load_params()
 
 
-@pytest.mark.parametrize("override,fragment", [
-    ("normalize.sapcing=[1,1,1]", "unknown key 'normalize.sapcing'"),
-    ("ingest.min_subjects=many", "'ingest.min_subjects'"),
-    ("normalize.split.train=0.9", "'normalize.split'"),
-    ("ingest.source=dicom", "'ingest.source'"),
-    ("covariates.7.name=x", "'covariates.7'"),
-    ("novalue", "must look like section.key=value"),
-])
+@pytest.mark.parametrize(
+    "override,fragment",
+    [
+        ("normalize.sapcing=[1,1,1]", "unknown key 'normalize.sapcing'"),
+        ("ingest.min_subjects=many", "'ingest.min_subjects'"),
+        ("normalize.split.train=0.9", "'normalize.split'"),
+        ("ingest.source=dicom", "'ingest.source'"),
+        ("covariates.7.name=x", "'covariates.7'"),
+        ("novalue", "must look like section.key=value"),
+    ],
+)
 def test_bad_overrides_name_the_key(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         load_params(REPO / "params.yaml", [override])
@@ -71,8 +74,15 @@ def test_unknown_key_in_file_is_named(tmp_path: Path):
 
 
 def test_overrides_apply_like_dvc_exp_run():
-    params = load_params(REPO / "params.yaml", ["ingest.source=bids", "ingest.root=/data/bids",
-                                                "normalize.spacing=[1.5,1.5,1.5]", "covariates.0.range=[30,80]"])
+    params = load_params(
+        REPO / "params.yaml",
+        [
+            "ingest.source=bids",
+            "ingest.root=/data/bids",
+            "normalize.spacing=[1.5,1.5,1.5]",
+            "covariates.0.range=[30,80]",
+        ],
+    )
     assert params.ingest.source == "bids" and params.ingest.root == "/data/bids"
     assert params.normalize.spacing == (1.5, 1.5, 1.5)
     assert params.covariate("age").range == (30.0, 80.0)
@@ -82,8 +92,9 @@ def test_cli_help_lists_every_stage():
     out = subprocess.run([sys.executable, "-m", "synthmri.cli", "--help"], capture_output=True, text=True, check=True)
     for stage in STAGES:
         assert stage.name in out.stdout
-        sub = subprocess.run([sys.executable, "-m", "synthmri.cli", stage.name, "--help"], capture_output=True,
-                             text=True, check=True)
+        sub = subprocess.run(
+            [sys.executable, "-m", "synthmri.cli", stage.name, "--help"], capture_output=True, text=True, check=True
+        )
         assert "-S KEY=VALUE" in sub.stdout and "--params" in sub.stdout
 
 
@@ -94,7 +105,16 @@ def test_cli_config_error_is_one_clear_message(capsys):
 
 
 def test_cli_stage_error_is_one_clear_message(tmp_path, capsys):
-    code = main(["ingest", "--params", str(REPO / "params.yaml"), "-S", "ingest.source=bids",
-                 "-S", f"ingest.root={tmp_path / 'nowhere'}"])
+    code = main(
+        [
+            "ingest",
+            "--params",
+            str(REPO / "params.yaml"),
+            "-S",
+            "ingest.source=bids",
+            "-S",
+            f"ingest.root={tmp_path / 'nowhere'}",
+        ]
+    )
     assert code == 1
     assert "is not a folder" in capsys.readouterr().err

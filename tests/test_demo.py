@@ -123,8 +123,10 @@ def test_ventricles_grow_with_age_in_the_table_and_in_the_images(cohort, table):
     young, old = table.age < table.age.quantile(0.3), table.age > table.age.quantile(0.7)
     assert from_images[old.to_numpy()].mean() > 1.5 * from_images[young.to_numpy()].mean()
     # the package's own image-only proxy agrees with this independent measurement
-    proxy = [demo.ventricle_proxy_ml(np.asarray(load_t1w(cohort, sub).dataobj), demo.base_anatomy(2).affine)
-             for sub in table.participant_id[:3]]
+    proxy = [
+        demo.ventricle_proxy_ml(np.asarray(load_t1w(cohort, sub).dataobj), demo.base_anatomy(2).affine)
+        for sub in table.participant_id[:3]
+    ]
     assert np.corrcoef(proxy, from_images[:3])[0, 1] > 0.9
 
 
@@ -144,8 +146,10 @@ def test_men_have_larger_heads_by_a_realistic_margin(table):
 
 def test_tissue_intensities_follow_t1_contrast(simulated):
     for subject in simulated.values():
-        means = {label: subject.image[subject.labels == label].mean()
-                 for label in (demo.BACKGROUND, demo.CSF, demo.GM, demo.WM, demo.VENTRICLE)}
+        means = {
+            label: subject.image[subject.labels == label].mean()
+            for label in (demo.BACKGROUND, demo.CSF, demo.GM, demo.WM, demo.VENTRICLE)
+        }
         assert means[demo.WM] > means[demo.GM] > means[demo.CSF] > means[demo.BACKGROUND]
         assert means[demo.GM] > means[demo.VENTRICLE]
         assert means[demo.BACKGROUND] < 0.15 * means[demo.WM]
@@ -159,8 +163,9 @@ def test_table_volumes_are_measured_on_the_final_label_maps(cohort, table, simul
         for column, value in subject.volumes_ml().items():
             assert row[column] == pytest.approx(value, abs=1e-3)
         # the deformed map differs from the template map: volumes are not the template's
-        assert row.icv_ml != pytest.approx(demo.tissue_volumes_ml(demo.base_anatomy(2).labels,
-                                                                  subject.affine)["icv_ml"], abs=1.0)
+        assert row.icv_ml != pytest.approx(
+            demo.tissue_volumes_ml(demo.base_anatomy(2).labels, subject.affine)["icv_ml"], abs=1.0
+        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -50,8 +50,14 @@ def _tiny_unet(**kw) -> DiffusionUNet:
 
 def test_encode_values_normalises_and_marks_missing():
     enc = CovariateEncoder(COVS, EMB)
-    batch = enc.encode_values([{"age": 18, "sex": "F", "site": "site3"}, {"age": 100.0, "sex": "M"},
-                               {"age": "59", "sex": None, "site": "n/a"}, {"age": float("nan"), "extra": 1}])
+    batch = enc.encode_values(
+        [
+            {"age": 18, "sex": "F", "site": "site3"},
+            {"age": 100.0, "sex": "M"},
+            {"age": "59", "sex": None, "site": "n/a"},
+            {"age": float("nan"), "extra": 1},
+        ]
+    )
     assert torch.allclose(batch.continuous[:, 0], torch.tensor([-1.0, 1.0, 0.0, 0.0]))
     assert batch.present[:, 0].tolist() == [True, True, True, False]
     assert batch.categorical.tolist() == [[1, 3], [2, 0], [0, 0], [0, 0]]  # NULL = 0, level i -> i + 1
@@ -96,8 +102,9 @@ def test_condition_dropout_drops_whole_samples_reproducibly():
 
 def test_partial_conditioning_differs_from_full_and_null():
     enc = _perturbed(CovariateEncoder(COVS, EMB))
-    full, partial, null = (enc(enc.encode_values([row])) for row in
-                           ({"age": 50, "sex": "F"}, {"age": 50, "sex": None}, {}))
+    full, partial, null = (
+        enc(enc.encode_values([row])) for row in ({"age": 50, "sex": "F"}, {"age": 50, "sex": None}, {})
+    )
     assert (full[0] - partial[0]).abs().max() > 1e-3
     assert (partial[0] - null[0]).abs().max() > 1e-3
     # tokens: the given age is embedded as in the full row; the missing sex is the null sex token
@@ -152,8 +159,11 @@ def test_samplers_share_the_training_schedule():
     p = ScheduleParams(beta_schedule="cosine", prediction="v_prediction", num_train_timesteps=500)
     train = make_training_scheduler(p)
     assert train.config.beta_schedule == "squaredcos_cap_v2" and not train.config.clip_sample
-    for name, cls in [("ddpm", "DDPMScheduler"), ("ddim", "DDIMScheduler"),
-                      ("dpm_solver", "DPMSolverMultistepScheduler")]:
+    for name, cls in [
+        ("ddpm", "DDPMScheduler"),
+        ("ddim", "DDIMScheduler"),
+        ("dpm_solver", "DPMSolverMultistepScheduler"),
+    ]:
         s = make_sampler(name, p)
         assert type(s).__name__ == cls
         assert s.config.num_train_timesteps == 500 and s.config.prediction_type == "v_prediction"
@@ -203,8 +213,10 @@ def test_ema_warmup_average_and_state_round_trip():
 
 
 def _random_model_and_encoder():
-    covs = [Covariate(name="age", kind="continuous", range=(0, 1)),
-            Covariate(name="sex", kind="categorical", levels=["F", "M"])]
+    covs = [
+        Covariate(name="age", kind="continuous", range=(0, 1)),
+        Covariate(name="sex", kind="categorical", levels=["F", "M"]),
+    ]
     return _perturbed(_tiny_unet(cross_attention=True), seed=3), _perturbed(CovariateEncoder(covs, EMB), seed=4)
 
 
@@ -229,7 +241,7 @@ def test_sampling_is_reproducible_and_per_sample(sampler):
     assert batch.shape == (3, 4, 5, 6, 5) and torch.isfinite(batch).all()
     assert torch.equal(batch, run(ROWS, seeds))  # same seeds -> bitwise identical
     for i in range(3):  # any sample regenerated alone is bitwise identical
-        assert torch.equal(run(ROWS[i:i + 1], seeds[i:i + 1]), batch[i:i + 1])
+        assert torch.equal(run(ROWS[i : i + 1], seeds[i : i + 1]), batch[i : i + 1])
     assert (batch[0] - batch[1]).abs().max() > 1e-2
     assert not torch.equal(run(ROWS, [s + 1 for s in seeds]), batch)
     # batched chains: per-sample noise streams (also DDPM's per-step noise) keep each sample its own,
@@ -268,8 +280,10 @@ def test_sample_seed_is_stable_and_unrelated_across_indices():
 def _two_cluster_setup(prediction: str):
     """Latents are +1 (sex F) or -1 (sex M) everywhere plus noise of 0.1; a tiny U-Net + encoder."""
     torch.manual_seed(0)
-    covs = [Covariate(name="sex", kind="categorical", levels=["F", "M"]),
-            Covariate(name="age", kind="continuous", range=(0, 1), required=False)]
+    covs = [
+        Covariate(name="sex", kind="categorical", levels=["F", "M"]),
+        Covariate(name="age", kind="continuous", range=(0, 1), required=False),
+    ]
     enc = CovariateEncoder(covs, 64)
     model = DiffusionUNet(3, 4, [16, 32], [False, True], num_heads=2, emb_dim=64)
     p = ScheduleParams(prediction=prediction)
@@ -345,12 +359,18 @@ def test_model_learns_two_clusters_and_guidance_hits_each():
             rows = [{"sex": s} for s in sexes]
             centre = torch.tensor([1.0 if s == "F" else -1.0 for s in sexes])
             for scale, tolerance in ((1.0, 0.25), (2.0, 0.5)):
-                out = sample_latents(model, enc, make_sampler(name, p), rows, (4, 4, 4, 4), steps=20,
-                                     guidance_scale=scale, seeds=seeds)
+                out = sample_latents(
+                    model, enc, make_sampler(name, p), rows, (4, 4, 4, 4), steps=20, guidance_scale=scale, seeds=seeds
+                )
                 per_sample = out.mean(dim=(1, 2, 3, 4))
                 assert ((per_sample - centre).abs() < tolerance).all(), (name, scale, sexes, per_sample)
         # unconditional sampling from the same seeds ignores the requested sex
-        uncond = sample_latents(model, enc, make_sampler(name, p), rows, (4, 4, 4, 4), steps=20,
-                                guidance_scale=0.0, seeds=seeds)
-        assert torch.equal(uncond[:4], sample_latents(model, enc, make_sampler(name, p), rows[4:], (4, 4, 4, 4),
-                                                      steps=20, guidance_scale=0.0, seeds=seeds[:4]))
+        uncond = sample_latents(
+            model, enc, make_sampler(name, p), rows, (4, 4, 4, 4), steps=20, guidance_scale=0.0, seeds=seeds
+        )
+        assert torch.equal(
+            uncond[:4],
+            sample_latents(
+                model, enc, make_sampler(name, p), rows[4:], (4, 4, 4, 4), steps=20, guidance_scale=0.0, seeds=seeds[:4]
+            ),
+        )

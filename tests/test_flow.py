@@ -32,12 +32,15 @@ BIN = Path(sys.executable).parent
 
 
 def test_stream_command_passes_lines_and_throttles_progress(tmp_path):
-    script = ("import sys, time\nprint('Running stage x', flush=True)\n"
-              "for i in range(50):\n    sys.stderr.write(f'\\r{i}%'); sys.stderr.flush()\n"
-              "sys.stderr.write('\\n'); print('done'); sys.exit(3)\n")
+    script = (
+        "import sys, time\nprint('Running stage x', flush=True)\n"
+        "for i in range(50):\n    sys.stderr.write(f'\\r{i}%'); sys.stderr.flush()\n"
+        "sys.stderr.write('\\n'); print('done'); sys.exit(3)\n"
+    )
     lines: list[str] = []
-    code, tail = flow_module.stream_command([sys.executable, "-c", script], tmp_path, dict(os.environ), lines.append,
-                                            progress_every_s=3600)
+    code, tail = flow_module.stream_command(
+        [sys.executable, "-c", script], tmp_path, dict(os.environ), lines.append, progress_every_s=3600
+    )
     assert code == 3 and lines[0] == "Running stage x" and lines[-1] == "done"
     progress = [line for line in lines if line.endswith("%")]
     assert len(progress) <= 3 and "49%" in progress  # throttled, but the last state is shown
@@ -102,10 +105,14 @@ TRAIN = textwrap.dedent("""\
         version = tracking.register_model("synthmri-vqgan", d, run, {})
     (d / "registry.json").write_text(json.dumps({"name": "synthmri-vqgan", "version": version}))
     """)
-TRAIN_STAGE = DVC_YAML.replace("stages:\n", "stages:\n  train:\n    cmd: python train.py\n    deps: [train.py]\n"
-                                            "    outs: [models/vqgan]\n"
-                                            "  flaky:\n    cmd: python flaky.py\n    deps: [flaky.py]\n"
-                                            "    outs: [flaky.txt]\n", 1)
+TRAIN_STAGE = DVC_YAML.replace(
+    "stages:\n",
+    "stages:\n  train:\n    cmd: python train.py\n    deps: [train.py]\n"
+    "    outs: [models/vqgan]\n"
+    "  flaky:\n    cmd: python flaky.py\n    deps: [flaky.py]\n"
+    "    outs: [flaky.txt]\n",
+    1,
+)
 # fails on its first attempt only (a stand-in for a transient failure); the marker lives outside the repo
 FLAKY = textwrap.dedent("""\
     import pathlib, sys
@@ -132,7 +139,11 @@ def test_flow_runs_stages_publishes_and_stops_at_a_failing_gate(tmp_path, monkey
         first = flow_module.synthesize(repo=str(repo), retries=1, retry_delay_s=0)
         assert first["stages"] == {"train": "ran", "flaky": "ran", "make": "ran", "report": "ran"}
         assert (tmp_path / "flaky-attempted").exists()  # it failed once and was retried
-        assert first["gate_passed"] and first["tag"] in tags(repo) and first["production_models"] == {"synthmri-vqgan": "1"}
+        assert (
+            first["gate_passed"]
+            and first["tag"] in tags(repo)
+            and first["production_models"] == {"synthmri-vqgan": "1"}
+        )
         assert sh("git", "status", "--porcelain", cwd=repo).stdout.strip() == ""
 
         again = flow_module.synthesize(repo=str(repo), retries=0)  # DVC's cache decides: nothing re-runs
@@ -182,8 +193,9 @@ def _free_port() -> int:
 
 def _get(url: str, data: dict | None = None, timeout: float = 10) -> dict | list:
     body = json.dumps(data).encode() if data is not None else None
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"},
-                                     method="POST" if body is not None else "GET")
+    request = urllib.request.Request(
+        url, data=body, headers={"Content-Type": "application/json"}, method="POST" if body is not None else "GET"
+    )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
 
@@ -252,19 +264,49 @@ def test_nightly_deployment_end_to_end(tmp_path):
     prefect_port, mlflow_port = _free_port(), _free_port()
     api = f"http://127.0.0.1:{prefect_port}/api"
     mlflow_uri = f"http://127.0.0.1:{mlflow_port}"
-    env = dict(ENV, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", PREFECT_HOME=str(tmp_path / "prefect-home"),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_PORT=str(prefect_port), PREFECT_API_URL=api,
-               PREFECT_WORKER_QUERY_SECONDS="2", MLFLOW_TRACKING_URI=mlflow_uri, VENV=str(BIN.parent),
-               PYTHONUNBUFFERED="1")
+    env = dict(
+        ENV,
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_PORT=str(prefect_port),
+        PREFECT_API_URL=api,
+        PREFECT_WORKER_QUERY_SECONDS="2",
+        MLFLOW_TRACKING_URI=mlflow_uri,
+        VENV=str(BIN.parent),
+        PYTHONUNBUFFERED="1",
+    )
     env.pop("SYNTHMRI_PARENT_RUN_ID", None)
     runner_log, mlflow_log = tmp_path / "runner.log", tmp_path / "mlflow.log"
     mlflow_server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-         "--artifacts-destination", str(tmp_path / "mlartifacts")],
-        cwd=tmp_path, env=env, stdout=mlflow_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    runner = subprocess.Popen(["bash", "scripts/nightly-local.sh"], cwd=work, env=env, stdout=runner_log.open("w"),
-                              stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(mlflow_port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "mlartifacts"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=mlflow_log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    runner = subprocess.Popen(
+        ["bash", "scripts/nightly-local.sh"],
+        cwd=work,
+        env=env,
+        stdout=runner_log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     logs = (runner_log, mlflow_log)
     try:
         _wait(lambda: "Starting a worker" in runner_log.read_text(), 240, "the runner to deploy", logs)
@@ -283,8 +325,11 @@ def test_nightly_deployment_end_to_end(tmp_path):
 
         def finished():
             runs = [_get(f"{api}/flow_runs/{i}") for i in ids]
-            return runs if all(r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for r in runs) \
+            return (
+                runs
+                if all(r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for r in runs)
                 else None
+            )
 
         runs = _wait(finished, 600, "both flow runs to finish", logs)
         states = {r["id"]: (r["state"]["type"], r["state"].get("message") or "") for r in runs}
@@ -300,8 +345,15 @@ def test_nightly_deployment_end_to_end(tmp_path):
         def stage_logs():
             messages, offset = [], 0
             while True:
-                page = _get(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": winner}}, "limit": 200,
-                                                    "offset": offset, "sort": "TIMESTAMP_ASC"})
+                page = _get(
+                    f"{api}/logs/filter",
+                    {
+                        "logs": {"flow_run_id": {"any_": winner}},
+                        "limit": 200,
+                        "offset": offset,
+                        "sort": "TIMESTAMP_ASC",
+                    },
+                )
                 messages += [entry["message"] for entry in page]
                 offset += 200
                 if len(page) < 200:
@@ -336,8 +388,11 @@ def test_nightly_deployment_end_to_end(tmp_path):
         assert tags_["dataset_tag"] == tag and tags_["synthmri.kind"] == "pipeline" and tags_["git_commit"]
         lock = sh("git", "show", f"{tag}:dvc.lock", cwd=work).stdout
         assert tags_["dvc_lock_sha256"] == hashlib.sha256(lock.encode()).hexdigest()
-        stages = {r.data.tags.get("synthmri.stage") for r in runs
-                  if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+        stages = {
+            r.data.tags.get("synthmri.stage")
+            for r in runs
+            if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+        }
         assert {"train_vqgan", "train_diffusion"} <= stages, stages
         for name, folder in (("synthmri-vqgan", "vqgan"), ("synthmri-ldm", "ldm")):
             expected = json.loads((work / "models" / folder / "registry.json").read_text())["version"]

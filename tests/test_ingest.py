@@ -116,7 +116,8 @@ def bad_bids(tmp_path: Path) -> Path:
     rows += [(s, age, sex, "site2") for s, (age, sex, _) in BAD_ROWS.items()]
     rows += [("sub-dup", "30", "M", "site1"), ("sub-dup", "31", "M", "site1"), ("sub-ghost", "50", "M", "site3")]
     pd.DataFrame(rows, columns=["participant_id", "age", "sex", "site"]).to_csv(
-        root / "participants.tsv", sep="\t", index=False)
+        root / "participants.tsv", sep="\t", index=False
+    )
     return root
 
 
@@ -134,8 +135,9 @@ def test_bad_inputs_are_quarantined_with_reasons_and_raw_is_untouched(bad_bids: 
     reasons = quarantine.groupby("subject_id")["reason"].apply(" | ".join).to_dict()
     expected = dict(BAD_FILES)
     expected.update({s: frag for s, (_, _, frag) in BAD_ROWS.items()})
-    expected.update({"sub-dup": "appears more than once", "sub-norow": "no row for 'sub-norow'",
-                     "sub-ghost": "has no *_T1w"})
+    expected.update(
+        {"sub-dup": "appears more than once", "sub-norow": "no row for 'sub-norow'", "sub-ghost": "has no *_T1w"}
+    )
     for subject, fragment in expected.items():
         assert subject in reasons, f"{subject} was not quarantined"
         assert fragment in reasons[subject], f"{subject}: {reasons[subject]!r} lacks {fragment!r}"
@@ -158,10 +160,13 @@ def test_outputs_are_ras_with_clean_headers_and_manifest_checksums(bad_bids: Pat
         assert row.source_sha256 == source
 
 
-@pytest.mark.parametrize("name,affine", [
-    ("LPS", np.array([[-2.0, 0, 0, 30], [0, -2.0, 0, 40], [0, 0, 2.0, -20], [0, 0, 0, 1]])),
-    ("oblique-LPI", None),
-])
+@pytest.mark.parametrize(
+    "name,affine",
+    [
+        ("LPS", np.array([[-2.0, 0, 0, 30], [0, -2.0, 0, 40], [0, 0, 2.0, -20], [0, 0, 0, 1]])),
+        ("oblique-LPI", None),
+    ],
+)
 def test_reorientation_keeps_landmark_world_coordinate(tmp_path: Path, name: str, affine):
     if affine is None:  # rotated 25 degrees about z, 1.5 mm voxels, flipped to L-P-I
         c, s = np.cos(np.radians(25)), np.sin(np.radians(25))
@@ -176,7 +181,8 @@ def test_reorientation_keeps_landmark_world_coordinate(tmp_path: Path, name: str
     for sub in ("sub-a", "sub-b"):
         write_nifti(_anat(root, sub), data, affine)
     pd.DataFrame({"participant_id": ["sub-a", "sub-b"], "age": [30, 40], "sex": ["F", "M"]}).to_csv(
-        root / "participants.tsv", sep="\t", index=False)
+        root / "participants.tsv", sep="\t", index=False
+    )
     params = make_params("ingest.source=bids", f"ingest.root={root}", "ingest.min_subjects=1")
     manifest = run_ingest(params, out_dir=tmp_path / "out")
     row = manifest.iloc[0]
@@ -194,15 +200,21 @@ def test_table_source_rejects_escaping_paths_and_bad_ids(tmp_path: Path):
     for i in range(3):
         write_nifti(root / f"scan{i}.nii.gz", blob_volume(seed=i))
     write_nifti(tmp_path / "secret.nii.gz", blob_volume(seed=7))
-    table = pd.DataFrame({
-        "participant_id": ["s0", "s1", "s2", "s3", "../evil"],
-        "path": ["scan0.nii.gz", "scan1.nii.gz", "scan2.nii.gz", "../secret.nii.gz", "scan0.nii.gz"],
-        "age": [20, 30, 40, 50, 60],
-        "sex": ["F", "M", "F", "M", "F"],
-    })
+    table = pd.DataFrame(
+        {
+            "participant_id": ["s0", "s1", "s2", "s3", "../evil"],
+            "path": ["scan0.nii.gz", "scan1.nii.gz", "scan2.nii.gz", "../secret.nii.gz", "scan0.nii.gz"],
+            "age": [20, 30, 40, 50, 60],
+            "sex": ["F", "M", "F", "M", "F"],
+        }
+    )
     table.to_csv(tmp_path / "covariates.csv", index=False)
-    params = make_params("ingest.source=table", f"ingest.root={root}", f"ingest.table={tmp_path / 'covariates.csv'}",
-                         "ingest.min_subjects=1")
+    params = make_params(
+        "ingest.source=table",
+        f"ingest.root={root}",
+        f"ingest.table={tmp_path / 'covariates.csv'}",
+        "ingest.min_subjects=1",
+    )
     manifest = run_ingest(params, out_dir=tmp_path / "out")
     assert sorted(manifest["subject_id"]) == ["s0", "s1", "s2"]
     quarantine = pd.read_csv(tmp_path / "out" / "quarantine.csv")

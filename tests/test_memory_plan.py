@@ -26,9 +26,16 @@ def test_counter_counts_exactly_what_autograd_saves_and_not_the_weights():
     assert counter.largest == 4 * 2 * 4 * 512
 
 
-SMALL = ("normalize.shape=[32,32,32]", "vqgan.model.channels=[8,16,32]", "vqgan.discriminator.channels=8",
-         "diffusion.unet.channels=[8,16]", "diffusion.unet.num_heads=2", "diffusion.unet.norm_groups=4",
-         "vqgan.train.precision=fp32", "diffusion.train.precision=fp32")
+SMALL = (
+    "normalize.shape=[32,32,32]",
+    "vqgan.model.channels=[8,16,32]",
+    "vqgan.discriminator.channels=8",
+    "diffusion.unet.channels=[8,16]",
+    "diffusion.unet.num_heads=2",
+    "diffusion.unet.norm_groups=4",
+    "vqgan.train.precision=fp32",
+    "diffusion.train.precision=fp32",
+)
 
 
 @pytest.mark.parametrize("planner", [plan_vqgan, plan_diffusion])
@@ -36,8 +43,9 @@ def test_meta_trace_equals_a_real_cpu_trace_and_scales_with_the_batch(planner):
     params = make_params(*SMALL)
     meta, cpu = planner(params, batch_size=2), planner(params, batch_size=2, device="cpu")
     # the meta trace (what plan-memory uses) agrees with a trace of real CPU tensors
-    assert {k: v for k, v in meta.components.items() if k != "activations"} == \
-        {k: v for k, v in cpu.components.items() if k != "activations"}
+    assert {k: v for k, v in meta.components.items() if k != "activations"} == {
+        k: v for k, v in cpu.components.items() if k != "activations"
+    }
     assert meta.components["activations"] == pytest.approx(cpu.components["activations"], rel=0.03)
     single, double = planner(params, batch_size=1), planner(params, batch_size=2)
     assert double.components["activations"] == pytest.approx(2 * single.components["activations"], rel=0.02)
@@ -58,6 +66,7 @@ def test_checkpointing_and_bf16_shrink_the_activations(planner):
 def test_full_resolution_profile_fits_one_80_gb_gpu_and_reports_the_largest_batch():
     params = make_params()
     from synthmri.config import load_params
+
     ukbb = load_params(REPO / "profiles" / "ukbb-1mm.yaml", [])
     assert tuple(ukbb.normalize.shape) == (160, 224, 160) and tuple(ukbb.normalize.spacing) == (1.0, 1.0, 1.0)
     for plan in (plan_vqgan(ukbb), plan_diffusion(ukbb)):
@@ -69,12 +78,20 @@ def test_full_resolution_profile_fits_one_80_gb_gpu_and_reports_the_largest_batc
 
 
 def test_cli_prints_the_plan_and_exits_3_when_it_does_not_fit():
-    command = [sys.executable, "-m", "synthmri.cli", "plan-memory", "--params", str(REPO / "profiles" / "ukbb-1mm.yaml")]
+    command = [
+        sys.executable,
+        "-m",
+        "synthmri.cli",
+        "plan-memory",
+        "--params",
+        str(REPO / "profiles" / "ukbb-1mm.yaml"),
+    ]
     fits = subprocess.run([*command, "--gpu-memory", "80"], capture_output=True, text=True, cwd=REPO)
     assert fits.returncode == 0, fits.stderr
     assert "fits a 80 GiB GPU" in fits.stdout and "train_diffusion" in fits.stdout and "activations" in fits.stdout
-    small = subprocess.run([*command, "--gpu-memory", "16", "--stage", "train_vqgan"], capture_output=True, text=True,
-                           cwd=REPO)
+    small = subprocess.run(
+        [*command, "--gpu-memory", "16", "--stage", "train_vqgan"], capture_output=True, text=True, cwd=REPO
+    )
     assert small.returncode == 3 and "does NOT fit a 16 GiB GPU" in small.stdout
 
 

@@ -29,7 +29,8 @@ def ingested(tmp_path_factory) -> tuple[Path, Path]:
         write_nifti(root / sub / "anat" / f"{sub}_T1w.nii.gz", blob_volume(seed=i) * scale)
         rows.append((sub, 20 + 5 * i, "FM"[i % 2], f"site{1 + i % 3}"))
     pd.DataFrame(rows, columns=["participant_id", "age", "sex", "site"]).to_csv(
-        root / "participants.tsv", sep="\t", index=False)
+        root / "participants.tsv", sep="\t", index=False
+    )
     params = make_params("ingest.source=bids", f"ingest.root={root}", "ingest.min_subjects=2")
     run_ingest(params, out_dir=tmp / "ingested")
     return root, tmp / "ingested"
@@ -37,8 +38,14 @@ def ingested(tmp_path_factory) -> tuple[Path, Path]:
 
 def _normalize(ingested, tmp_path, *overrides):
     root, in_dir = ingested
-    params = make_params("ingest.source=bids", f"ingest.root={root}", "normalize.spacing=[3,3,3]",
-                         "normalize.shape=[16,20,16]", *SMALL_COHORT, *overrides)
+    params = make_params(
+        "ingest.source=bids",
+        f"ingest.root={root}",
+        "normalize.spacing=[3,3,3]",
+        "normalize.shape=[16,20,16]",
+        *SMALL_COHORT,
+        *overrides,
+    )
     return params, run_normalize(params, in_dir=in_dir, out_dir=tmp_path / "processed")
 
 
@@ -80,8 +87,14 @@ def _cohort(n: int, seed: int = 0) -> pd.DataFrame:
     for i in range(n):
         sessions = 1 + (i % 4 == 0)  # some subjects have two sessions
         for s in range(sessions):
-            rows.append({"subject_id": f"sub-{i:03d}", "session": f"ses-{s}",
-                         "sex": rng.choice(["F", "M"], p=[0.3, 0.7]), "site": f"site{rng.integers(1, 4)}"})
+            rows.append(
+                {
+                    "subject_id": f"sub-{i:03d}",
+                    "session": f"ses-{s}",
+                    "sex": rng.choice(["F", "M"], p=[0.3, 0.7]),
+                    "site": f"site{rng.integers(1, 4)}",
+                }
+            )
     frame = pd.DataFrame(rows)
     # covariates are per subject: copy the first session's values
     first = frame.drop_duplicates("subject_id").set_index("subject_id")
@@ -133,8 +146,13 @@ def test_a_cohort_too_small_for_a_later_stage_is_refused_before_anything_is_writ
     assert not (tmp_path / "processed").exists()
     # every reader's minimum is checked: an empty test split fails the reconstruction scores
     with pytest.raises(StageError, match=r"split test holds 0 subject\(s\), the report's VQ-GAN reconstruction"):
-        _normalize(ingested, tmp_path, "normalize.split={train: 0.9, val: 0.1, test: 0.0, seed: 0, stratify: []}",
-                   "report.reference_splits=[val]", "report.prdc_k=1")
+        _normalize(
+            ingested,
+            tmp_path,
+            "normalize.split={train: 0.9, val: 0.1, test: 0.0, seed: 0, stratify: []}",
+            "report.reference_splits=[val]",
+            "report.prdc_k=1",
+        )
 
 
 def test_downsampling_low_passes_first_so_fine_detail_does_not_alias():
@@ -146,8 +164,9 @@ def test_downsampling_low_passes_first_so_fine_detail_does_not_alias():
 
     from synthmri.data.normalize import build_transform
 
-    resample = next(t for t in build_transform(make_params("normalize.spacing=[4,4,4]"), None)
-                    if isinstance(t, tio.Resample))
+    resample = next(
+        t for t in build_transform(make_params("normalize.spacing=[4,4,4]"), None) if isinstance(t, tio.Resample)
+    )
     z = np.arange(64)
     stripes = np.sin(2 * np.pi * z / 3.0)[:, None, None] * np.ones((64, 64, 64))
     image = tio.ScalarImage(tensor=torch.from_numpy(stripes[None].astype(np.float32)), affine=np.eye(4))

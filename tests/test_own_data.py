@@ -59,8 +59,9 @@ def real_anatomy_bids(root: Path, n: int, seed: int = 0) -> Path:
     (root / bad / "anat").mkdir(parents=True)
     (root / bad / "anat" / f"{bad}_T1w.nii.gz").write_bytes(b"\x1f\x8b\x08 truncated on the way from the scanner")
     rows.append((bad, 50, "F", "site1"))
-    pd.DataFrame(rows, columns=["participant_id", "age", "sex", "site"]).to_csv(root / "participants.tsv", sep="\t",
-                                                                               index=False)
+    pd.DataFrame(rows, columns=["participant_id", "age", "sex", "site"]).to_csv(
+        root / "participants.tsv", sep="\t", index=False
+    )
     return root
 
 
@@ -75,8 +76,9 @@ def table_layout(bids: Path, root: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(image, target)
         covariates = participants.set_index("participant_id").loc[subject]
-        rows.append({"participant_id": subject, "session": session, "path": f"images/{image.name}",
-                     **covariates.to_dict()})
+        rows.append(
+            {"participant_id": subject, "session": session, "path": f"images/{image.name}", **covariates.to_dict()}
+        )
     pd.DataFrame(rows).to_csv(root / "covariates.csv", index=False)
     return root
 
@@ -86,9 +88,18 @@ def fresh_clone(work: Path, profile: str | None) -> dict[str, str]:
     copy_working_tree(work)
     if profile:
         shutil.copy(work / "profiles" / profile, work / "params.yaml")
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONPATH=str(work),
-               PREFECT_HOME=str(work.parent / "prefect-home"), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    env = dict(
+        os.environ,
+        DVC_NO_ANALYTICS="1",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PYTHONPATH=str(work),
+        PREFECT_HOME=str(work.parent / "prefect-home"),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
     for inherited in ("MLFLOW_TRACKING_URI", "SYNTHMRI_PARENT_RUN_ID", "PREFECT_API_URL"):
         env.pop(inherited, None)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "clone"]):

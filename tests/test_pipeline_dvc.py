@@ -32,9 +32,18 @@ def smoke_repo(tmp_path_factory) -> tuple[Path, dict]:
     copy_working_tree(work)
     shutil.copy(work / "profiles" / "smoke.yaml", work / "params.yaml")
     # PYTHONPATH: the stages run the copy's code (the code dvc.lock hashes), not the editable install's
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONPATH=str(work),
-               PREFECT_HOME=str(work.parent / "prefect-home"), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    env = dict(
+        os.environ,
+        DVC_NO_ANALYTICS="1",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PYTHONPATH=str(work),
+        PREFECT_HOME=str(work.parent / "prefect-home"),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
     for inherited in ("MLFLOW_TRACKING_URI", "SYNTHMRI_PARENT_RUN_ID"):  # the copy's own mlflow.db
         env.pop(inherited, None)
     _run(["git", "init", "-q"], work, env)

@@ -15,8 +15,14 @@ from synthmri import publish as pub
 from synthmri import versions
 
 DVC = str(Path(sys.executable).parent / "dvc")
-ENV = dict(os.environ, DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-           GIT_COMMITTER_EMAIL="t@t")
+ENV = dict(
+    os.environ,
+    DVC_NO_ANALYTICS="1",
+    GIT_AUTHOR_NAME="t",
+    GIT_AUTHOR_EMAIL="t@t",
+    GIT_COMMITTER_NAME="t",
+    GIT_COMMITTER_EMAIL="t@t",
+)
 
 MAKE = textwrap.dedent("""\
     import hashlib, json, pathlib, yaml
@@ -63,8 +69,9 @@ def sh(*cmd: str, cwd: Path, check: bool = True, env: dict | None = None) -> sub
     return done
 
 
-def make_repo(root: Path, gate: str = "pass", n: int = 3, stages: str = DVC_YAML, files: dict | None = None,
-              run: bool = True) -> tuple[Path, Path]:
+def make_repo(
+    root: Path, gate: str = "pass", n: int = 3, stages: str = DVC_YAML, files: dict | None = None, run: bool = True
+) -> tuple[Path, Path]:
     """A git + DVC repository with a data stage and a report stage (run once unless ``run=False``), and
     its local DVC remote."""
     repo, remote = root / "repo", root / "remote"
@@ -236,8 +243,11 @@ def test_lock_second_run_fails_clearly_or_waits(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path), "4"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(pub.PipelineBusy, match=rf"another SynthMRI pipeline run holds .*pid {holder.pid}.*"
-                                                   r"flow_run first-run.*this run did nothing"):
+        with pytest.raises(
+            pub.PipelineBusy,
+            match=rf"another SynthMRI pipeline run holds .*pid {holder.pid}.*"
+            r"flow_run first-run.*this run did nothing",
+        ):
             with pub.pipeline_lock(tmp_path):
                 pytest.fail("the lock was taken twice")
         with pytest.raises(pub.PipelineBusy, match="gave up after waiting"):

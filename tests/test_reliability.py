@@ -83,8 +83,14 @@ def test_identifiers_in_input_headers_never_reach_outputs(tmp_path):
         nib.save(image, path)
         rows.append(f"{sub}\t{40 + i}\tF")
     (root / "participants.tsv").write_text("participant_id\tage\tsex\n" + "\n".join(rows) + "\n")
-    params = make_params("ingest.source=bids", f"ingest.root={root}", "ingest.min_subjects=1",
-                         "normalize.shape=[16,16,16]", *SMALL_COHORT, SMALL_SPLIT)
+    params = make_params(
+        "ingest.source=bids",
+        f"ingest.root={root}",
+        "ingest.min_subjects=1",
+        "normalize.shape=[16,16,16]",
+        *SMALL_COHORT,
+        SMALL_SPLIT,
+    )
     run_ingest(params, out_dir=tmp_path / "ingested")
     run_normalize(params, in_dir=tmp_path / "ingested", out_dir=tmp_path / "processed")
     outputs = [*tmp_path.joinpath("ingested").rglob("*.nii.gz"), *tmp_path.joinpath("processed").rglob("*.nii.gz")]
@@ -97,9 +103,15 @@ def test_identifiers_in_input_headers_never_reach_outputs(tmp_path):
             assert secret not in blob, f"{secret!r} leaked into {path.name}"
 
 
-TINY_LDM_RUN = ("diffusion.unet.channels=[16,32]", "diffusion.train.batch_size=4", "diffusion.train.log_every=1",
-                "diffusion.train.checkpoint_every=2", "diffusion.train.val_every=3", "diffusion.train.sample_every=1000",
-                "diffusion.sampler.steps=2")
+TINY_LDM_RUN = (
+    "diffusion.unet.channels=[16,32]",
+    "diffusion.train.batch_size=4",
+    "diffusion.train.log_every=1",
+    "diffusion.train.checkpoint_every=2",
+    "diffusion.train.val_every=3",
+    "diffusion.train.sample_every=1000",
+    "diffusion.sampler.steps=2",
+)
 
 
 @pytest.mark.slow
@@ -112,11 +124,19 @@ def test_sigkill_during_train_diffusion_then_rerun_resumes_to_identical_weights(
     from synthmri.data.latents import run_encode
     from synthmri.training.train_vqgan import run_train_vqgan
 
-    params, processed = make_processed(tmp_path, 6, (16, 16, 16), "vqgan.train.steps=2", "vqgan.loss.adversarial=0",
-                                       "vqgan.loss.perceptual=0")
+    params, processed = make_processed(
+        tmp_path, 6, (16, 16, 16), "vqgan.train.steps=2", "vqgan.loss.adversarial=0", "vqgan.loss.perceptual=0"
+    )
     shared = tmp_path / "shared"
-    run_train_vqgan(params, processed, shared / "vqgan", tmp_path / "ckpt-vq", tmp_path / "rep-vq",
-                    tmp_path / "vq.json", track=False)
+    run_train_vqgan(
+        params,
+        processed,
+        shared / "vqgan",
+        tmp_path / "ckpt-vq",
+        tmp_path / "rep-vq",
+        tmp_path / "vq.json",
+        track=False,
+    )
     run_encode(params, processed, shared / "vqgan", shared / "latents")
     runs = {}
     for name in ("killed", "reference"):  # two stage folders on the same VQ-GAN and latents
@@ -162,10 +182,17 @@ def test_every_torch_load_in_the_package_is_weights_only():
     calls = []
     for path in (REPO / "synthmri").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
-                safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
-                           for k in node.keywords)
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "load"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "torch"
+            ):
+                safe = any(
+                    k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                    for k in node.keywords
+                )
                 calls.append((f"{path.relative_to(REPO)}:{node.lineno}", safe))
     assert calls, "expected torch.load calls to check"
     assert [where for where, safe in calls if not safe] == []
@@ -176,10 +203,17 @@ def test_servers_we_start_or_document_bind_to_loopback_only():
     --host 127.0.0.1, and none mentions 0.0.0.0."""
     import re
 
-    texts = {p: p.read_text() for p in [*(REPO / "scripts").glob("*.sh"), REPO / "Makefile", REPO / "README.md",
-                                        REPO / "prefect.yaml"] if p.is_file()}
-    servers = [(p.name, line) for p, text in texts.items() for line in text.splitlines()
-               if re.search(r"\b(prefect server start|mlflow (server|ui))\b", line) and not line.lstrip().startswith("#")]
+    texts = {
+        p: p.read_text()
+        for p in [*(REPO / "scripts").glob("*.sh"), REPO / "Makefile", REPO / "README.md", REPO / "prefect.yaml"]
+        if p.is_file()
+    }
+    servers = [
+        (p.name, line)
+        for p, text in texts.items()
+        for line in text.splitlines()
+        if re.search(r"\b(prefect server start|mlflow (server|ui))\b", line) and not line.lstrip().startswith("#")
+    ]
     assert servers, "expected server commands to check"
     for name, line in servers:
         assert "--host 127.0.0.1" in line, f"{name}: {line.strip()}"
@@ -192,8 +226,13 @@ def test_full_disk_during_a_stage_is_one_line_and_leaves_no_partial_output(tiny_
     work = tmp_path / "work"
     work.mkdir()
     os.symlink(tiny_tmpfs, work / "data")  # data/ (raw and every stage output) on the full filesystem
-    result = subprocess.run([sys.executable, "-m", "synthmri.cli", "demo", "-S", "demo.n_subjects=4"], cwd=work,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "synthmri.cli", "demo", "-S", "demo.n_subjects=4"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("synthmri demo: No space left on device"), result.stderr[-2000:]

@@ -85,7 +85,7 @@ def test_mmd_unbiased_formula_and_median_bandwidth():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(5, 2)), rng.normal(size=(4, 2)) + 1
     sigma = 0.7
-    k = lambda x, y: np.exp(-np.sum((x - y) ** 2) / (2 * sigma ** 2))  # noqa: E731
+    k = lambda x, y: np.exp(-np.sum((x - y) ** 2) / (2 * sigma**2))  # noqa: E731
     aa = sum(k(a[i], a[j]) for i in range(5) for j in range(5) if i != j) / (5 * 4)
     bb = sum(k(b[i], b[j]) for i in range(4) for j in range(4) if i != j) / (4 * 3)
     ab = sum(k(x, y) for x in a for y in b) / (5 * 4)
@@ -107,13 +107,13 @@ def test_mmd_near_zero_for_same_distribution_and_positive_for_shift():
 
 
 def test_prdc_hand_computed_example():
-    real = np.arange(5.0)[:, None]          # k=1 radii: 1 for every real point
-    fake = np.array([[0.5], [10.0]])        # k=1 radii: 9.5 for both fake points
+    real = np.arange(5.0)[:, None]  # k=1 radii: 1 for every real point
+    fake = np.array([[0.5], [10.0]])  # k=1 radii: 9.5 for both fake points
     result = distribution.prdc(real, fake, k=1)
-    assert result["precision"] == pytest.approx(0.5)   # only 0.5 lies in a real ball
-    assert result["recall"] == pytest.approx(1.0)      # every real point lies within 9.5 of 0.5
-    assert result["density"] == pytest.approx(1.0)     # 0.5 is in 2 real balls: 2 / (k * M) = 1
-    assert result["coverage"] == pytest.approx(0.4)    # balls of 0 and 1 contain a fake point
+    assert result["precision"] == pytest.approx(0.5)  # only 0.5 lies in a real ball
+    assert result["recall"] == pytest.approx(1.0)  # every real point lies within 9.5 of 0.5
+    assert result["density"] == pytest.approx(1.0)  # 0.5 is in 2 real balls: 2 / (k * M) = 1
+    assert result["coverage"] == pytest.approx(0.4)  # balls of 0 and 1 contain a fake point
     # k=2: real radii (2, 1, 1, 1, 2); fake radii (19.5, 10, 19.5)
     result = distribution.prdc(real, np.array([[0.5], [10.0], [20.0]]), k=2)
     assert result["precision"] == pytest.approx(1 / 3) and result["recall"] == pytest.approx(1.0)
@@ -149,8 +149,9 @@ def test_histogram_distance():
     assert same["wasserstein"] == pytest.approx(0.0, abs=1e-9) and same["js_distance"] == pytest.approx(0.0, abs=1e-6)
     widths = np.diff(same["bin_edges"])
     assert (same["real_hist"] * widths).sum() == pytest.approx(1.0)
-    shifts = [distribution.histogram_distance(vols, [np.clip(v + s * (v > -1), -1, 1) for v in vols])
-              for s in (0.05, 0.2)]
+    shifts = [
+        distribution.histogram_distance(vols, [np.clip(v + s * (v > -1), -1, 1) for v in vols]) for s in (0.05, 0.2)
+    ]
     assert 0 < shifts[0]["wasserstein"] < shifts[1]["wasserstein"]
     assert 0 < shifts[0]["js_distance"] < shifts[1]["js_distance"] <= 1
 
@@ -200,8 +201,9 @@ def test_memorization_flags_copies_only(metric):
     train = np.stack([brain(seed) for seed in range(6)])
     holdout = np.stack([brain(seed) for seed in range(10, 16)])
     rng = np.random.default_rng(0)
-    synthetic = np.stack([train[2].copy(), np.clip(train[4] + 0.03 * rng.normal(size=SHAPE), -1, 1),
-                          brain(20), brain(21), brain(22)])
+    synthetic = np.stack(
+        [train[2].copy(), np.clip(train[4] + 0.03 * rng.normal(size=SHAPE), -1, 1), brain(20), brain(21), brain(22)]
+    )
     report = privacy.memorization_report(synthetic, train, holdout, metric=metric, quantile=0.99, n_pairs=3)
     assert report["likely_copies"] == [0, 1]
     assert report["n_likely_copies"] == 2 and report["fraction"] == pytest.approx(0.4)
@@ -217,10 +219,12 @@ def test_new_real_subjects_flagged_only_at_chance_rate():
     train = np.stack([brain(seed) for seed in range(6)])
     holdout = np.stack([brain(seed) for seed in range(10, 16)])
     calibration = privacy.calibrate_threshold(train, holdout, quantile=1.0)
-    copy = privacy.nearest_neighbours(train[4:5] + np.float32(0.03) * np.random.default_rng(0).normal(size=SHAPE),
-                                      train).score[0]
-    fresh = privacy.memorization_report(np.stack([brain(seed) for seed in range(30, 40)]), train,
-                                        calibration=calibration)
+    copy = privacy.nearest_neighbours(
+        train[4:5] + np.float32(0.03) * np.random.default_rng(0).normal(size=SHAPE), train
+    ).score[0]
+    fresh = privacy.memorization_report(
+        np.stack([brain(seed) for seed in range(30, 40)]), train, calibration=calibration
+    )
     # a new subject beats the max of n real-vs-real scores with probability ~1/(n+1): few, none near a copy
     assert fresh["chance_fraction"] == pytest.approx(1 / 7)
     assert fresh["fraction"] <= 0.2
@@ -329,8 +333,9 @@ def test_covariate_predictors_recover_linear_encodings():
     rng = np.random.default_rng(0)
     age = rng.uniform(20, 90, 60)
     sex = rng.choice(["F", "M"], 60)
-    feats = np.column_stack([0.03 * age + 0.01 * rng.normal(size=60), 5.0 * (sex == "M") + rng.normal(size=60),
-                             rng.normal(size=(60, 4))])
+    feats = np.column_stack(
+        [0.03 * age + 0.01 * rng.normal(size=60), 5.0 * (sex == "M") + rng.normal(size=60), rng.normal(size=(60, 4))]
+    )
     age_model = conditioning.fit_covariate_predictor(feats[:40], age[:40], "continuous")
     assert conditioning.predictor_error(age_model, feats[40:], age[40:]) < 2.0
     assert conditioning.predictor_error(age_model, feats[40:], age[40:] + 20) > 15  # wrong ages: large error

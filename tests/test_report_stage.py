@@ -57,9 +57,23 @@ def _fake_synthetic(out: Path, processed: Path, copy_of: int, n_novel: int = 5) 
             volume = np.clip(raw / np.percentile(raw[raw > 0], 99.5), 0, 1)
             covariates = {"age": 25.0 + 10 * i, "sex": "FM"[i % 2], "site": f"site{1 + i % 3}"}
         save_nifti(volume.astype(np.float32), np.asarray(space["affine"]), out / name)
-        rows.append({"file": name, "sample_index": i, "seed": 1000 + i, **covariates, "sampler": "ddim",
-                     "steps": 5, "guidance_scale": 2.0, "sha256": sha256_file(out / name), "vqgan_version": "3",
-                     "vqgan_sha256": "a" * 64, "ldm_version": "2", "ldm_sha256": "b" * 64, "synthmri_version": "0.1"})
+        rows.append(
+            {
+                "file": name,
+                "sample_index": i,
+                "seed": 1000 + i,
+                **covariates,
+                "sampler": "ddim",
+                "steps": 5,
+                "guidance_scale": 2.0,
+                "sha256": sha256_file(out / name),
+                "vqgan_version": "3",
+                "vqgan_sha256": "a" * 64,
+                "ldm_version": "2",
+                "ldm_sha256": "b" * 64,
+                "synthmri_version": "0.1",
+            }
+        )
     pd.DataFrame(rows).to_csv(out / "manifest.csv", index=False)
     return copy_name
 
@@ -68,8 +82,12 @@ def _tiny_vqgan(params, directory: Path) -> None:
     """An untrained VQ-GAN saved like train_vqgan's _write_outputs."""
     torch.manual_seed(0)
     model = VQGAN.from_params(params.vqgan.model, params.vqgan.quantizer)
-    config = {"vqgan": params.vqgan.model_dump(mode="json"), "normalize": params.normalize.model_dump(mode="json"),
-              "lpips_backbone": "alex: RANDOM backbone", "steps": 0}
+    config = {
+        "vqgan": params.vqgan.model_dump(mode="json"),
+        "normalize": params.normalize.model_dump(mode="json"),
+        "lpips_backbone": "alex: RANDOM backbone",
+        "steps": 0,
+    }
     save_weights(model, config, directory)
 
 
@@ -84,7 +102,8 @@ def setup(tmp_path_factory):
     _tiny_vqgan(params, work / "models" / "vqgan")
     (work / "reports" / "vqgan").mkdir(parents=True)
     pd.DataFrame({"step": [1, 2, 3], "l1": [0.3, 0.2, 0.1], "vq": [0.1, 0.05, 0.02]}).to_csv(
-        work / "reports" / "vqgan" / "losses.csv", index=False)
+        work / "reports" / "vqgan" / "losses.csv", index=False
+    )
     (work / "reports" / "vqvae.json").write_text(json.dumps({"val_psnr": 21.0, "val_ssim": 0.7, "model": "vqvae"}))
     manifest = pd.read_csv(processed / "manifest.csv")
     copy_source = manifest[manifest["split"] == "train"]["item_id"].iloc[2]
@@ -100,8 +119,14 @@ def report(setup):
     """One run with a threshold that no model can meet: the gate must fail and the stage must not raise."""
     work, params, _, _ = setup
     params = make_params(*_overrides(work, FORCED))
-    metrics = run_report(params, processed_dir=work / "data" / "processed", synthetic_dir=work / "data" / "synthetic",
-                         vqgan_dir=work / "models" / "vqgan", reports_dir=work / "reports", track=False)
+    metrics = run_report(
+        params,
+        processed_dir=work / "data" / "processed",
+        synthetic_dir=work / "data" / "synthetic",
+        vqgan_dir=work / "models" / "vqgan",
+        reports_dir=work / "reports",
+        track=False,
+    )
     return work, metrics
 
 
@@ -116,8 +141,10 @@ def test_metrics_json_is_flat_and_has_every_family(report):
     for name in ("frechet_distance", "mmd2", "precision", "recall", "density", "coverage", "baseline_frechet_distance"):
         assert isinstance(on_disk[f"fidelity.stats.{name}"], float), name
     assert on_disk["fidelity.stats.frechet_distance"] >= 0
-    assert {"conditioning.age.predictor.stats.mae_synthetic",
-            "conditioning.sex.predictor.stats.accuracy_synthetic"} <= set(on_disk)
+    assert {
+        "conditioning.age.predictor.stats.mae_synthetic",
+        "conditioning.sex.predictor.stats.accuracy_synthetic",
+    } <= set(on_disk)
     assert "conditioning.age.csf_fraction.slope_synthetic" in on_disk
     assert "conditioning.sex.head_ml.diff_synthetic" in on_disk
     assert on_disk["recon.n"] >= 1 and np.isfinite(on_disk["recon.psnr"]) and 0 <= on_disk["recon.lpips"]
@@ -159,11 +186,16 @@ def test_html_is_self_contained_with_images_and_verdicts(report, setup):
     assert parser.refs, "no images"
     prefix = "data:image/png;base64,"
     assert all(tag == "img" and name == "src" and value.startswith(prefix) for tag, name, value in parser.refs)
-    assert base64.b64decode(parser.refs[0][2][len(prefix):])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert base64.b64decode(parser.refs[0][2][len(prefix) :])[:8] == b"\x89PNG\r\n\x1a\n"
     pngs = sorted((work / "reports" / "figures").glob("*.png"))
     assert len(parser.refs) == len(pngs) >= 6
-    assert {"real_vs_synthetic.png", "nearest_neighbours.png", "intensity_histograms.png", "synthetic_by_age.png",
-            "training_curves.png"} <= {p.name for p in pngs}
+    assert {
+        "real_vs_synthetic.png",
+        "nearest_neighbours.png",
+        "intensity_histograms.png",
+        "synthetic_by_age.png",
+        "training_curves.png",
+    } <= {p.name for p in pngs}
     assert "PASS" in text and "FAIL" in text and "Quality gate: <b>FAIL</b>" in text
     assert copy_name in text and "LIKELY COPY" in text
     assert "VQ-VAE" in text
@@ -190,15 +222,22 @@ def test_noise_volumes_fail_the_fidelity_checks(setup):
 
 
 def test_gate_rules_skip_fail_and_pass():
-    metrics = {"extractor": "stats", "recon.psnr": 30.0, "recon.ssim": None, "fidelity.stats.precision": 0.9,
-               "fidelity.stats.coverage": 0.2, "conditioning.age.predictor.stats.error_ratio": 1.5,
-               "privacy.excess_fraction": 0.0, "privacy.n_near_duplicates": 0}
+    metrics = {
+        "extractor": "stats",
+        "recon.psnr": 30.0,
+        "recon.ssim": None,
+        "fidelity.stats.precision": 0.9,
+        "fidelity.stats.coverage": 0.2,
+        "conditioning.age.predictor.stats.error_ratio": 1.5,
+        "privacy.excess_fraction": 0.0,
+        "privacy.n_near_duplicates": 0,
+    }
     checks = {c.name: c for c in evaluate_gate(metrics, ReportThresholds())}
     assert checks["recon_psnr"].status == "pass"
     assert checks["recon_ssim"].status == "fail" and checks["recon_ssim"].note == "could not be computed"
     assert checks["coverage"].status == "fail" and checks["precision"].status == "pass"
-    assert checks["recall"].status == "skipped"            # threshold null by default
-    assert checks["diversity_ratio"].status == "skipped"   # metric absent: not applicable
+    assert checks["recall"].status == "skipped"  # threshold null by default
+    assert checks["diversity_ratio"].status == "skipped"  # metric absent: not applicable
     assert checks["predictor_age"].status == "pass"
     assert checks["privacy_copies"].status == "pass" and checks["privacy_near_duplicates"].status == "pass"
     relaxed = ReportThresholds(min_coverage=None, min_recon_ssim=None)
@@ -216,8 +255,11 @@ def test_cli_runs_the_stage_logs_to_mlflow_and_exits_zero_on_a_failing_gate(setu
     uri = f"sqlite:///{work / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("SYNTHMRI_PARENT_RUN_ID", raising=False)
-    overrides = [arg for o in _overrides(work, "report.max_pairs=5", "report.thresholds.min_recon_psnr=1000")
-                 for arg in ("-S", o)]
+    overrides = [
+        arg
+        for o in _overrides(work, "report.max_pairs=5", "report.thresholds.min_recon_psnr=1000")
+        for arg in ("-S", o)
+    ]
     assert main(["report", "--params", str(REPO / "params.yaml"), *overrides]) == 0
     metrics = json.loads((work / "reports" / "metrics.json").read_text())
     assert metrics["gate_passed"] is False

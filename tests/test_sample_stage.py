@@ -27,9 +27,17 @@ from synthmri.training.runtime import intra_op_threads
 from synthmri.training.train_diffusion import run_train_diffusion
 from synthmri.training.train_vqgan import run_train_vqgan
 
-TINY_LDM = ("diffusion.unet.channels=[16,32]", "diffusion.train.steps=12", "diffusion.train.batch_size=4",
-            "diffusion.train.val_every=6", "diffusion.train.checkpoint_every=6", "diffusion.train.log_every=2",
-            "diffusion.sampler.steps=3", "sample.n_samples=5", "sample.shard_size=2")
+TINY_LDM = (
+    "diffusion.unet.channels=[16,32]",
+    "diffusion.train.steps=12",
+    "diffusion.train.batch_size=4",
+    "diffusion.train.val_every=6",
+    "diffusion.train.checkpoint_every=6",
+    "diffusion.train.log_every=2",
+    "diffusion.sampler.steps=3",
+    "sample.n_samples=5",
+    "sample.shard_size=2",
+)
 
 
 @pytest.fixture(scope="session")
@@ -42,12 +50,28 @@ def prefect_server():
 
 def _train_chain(work: Path, shape: tuple[int, int, int], *overrides: str):
     """A tiny but complete model chain in ``work`` (processed → vqgan → latents → ldm)."""
-    params, processed = make_processed(work, 8, shape, "vqgan.train.steps=4", "vqgan.loss.adversarial=0",
-                                       "vqgan.loss.perceptual=0", *TINY_LDM, *overrides)
+    params, processed = make_processed(
+        work,
+        8,
+        shape,
+        "vqgan.train.steps=4",
+        "vqgan.loss.adversarial=0",
+        "vqgan.loss.perceptual=0",
+        *TINY_LDM,
+        *overrides,
+    )
     run_train_vqgan(params, processed, work / "vqgan", work / "ckpt-vq", work / "rep-vq", work / "vq.json", track=False)
     run_encode(params, processed, work / "vqgan", work / "latents")
-    metrics = run_train_diffusion(params, work / "latents", work / "vqgan", work / "ldm", work / "ckpt-ldm",
-                                  work / "rep-ldm", work / "ldm.json", track=False)
+    metrics = run_train_diffusion(
+        params,
+        work / "latents",
+        work / "vqgan",
+        work / "ldm",
+        work / "ckpt-ldm",
+        work / "rep-ldm",
+        work / "ldm.json",
+        track=False,
+    )
     return params, work, metrics
 
 
@@ -73,7 +97,11 @@ def test_diffusion_training_outputs(trained):
     _, work, metrics = trained
     assert metrics["steps"] == 12 and np.isfinite(metrics["train_loss"]) and np.isfinite(metrics["val_loss"])
     config = json.loads((work / "ldm" / "config.json").read_text())
-    assert config["latent_shape"] == [4, 4, 4, 4] and [c["name"] for c in config["covariates"]] == ["age", "sex", "site"]
+    assert config["latent_shape"] == [4, 4, 4, 4] and [c["name"] for c in config["covariates"]] == [
+        "age",
+        "sex",
+        "site",
+    ]
     assert not (work / "ckpt-ldm").exists()
     assert (work / "rep-ldm" / "samples.png").stat().st_size > 500
 
@@ -95,8 +123,10 @@ def test_sample_set_is_complete_clean_and_verifiable(trained, prefect_server, tm
         data = image.get_fdata()
         assert data.shape == (16, 16, 16) and data.min() >= 0 and data.max() <= 1
     assert SyntheticDataset(tmp_path / "syn").verify() == []
-    assert "not a real subject" in (tmp_path / "syn" / "README.md").read_text().lower() or \
-        "no volume is a real subject" in (tmp_path / "syn" / "README.md").read_text().lower()
+    assert (
+        "not a real subject" in (tmp_path / "syn" / "README.md").read_text().lower()
+        or "no volume is a real subject" in (tmp_path / "syn" / "README.md").read_text().lower()
+    )
     parquet = pd.read_parquet(tmp_path / "syn" / "manifest.parquet")
     assert list(parquet["sha256"]) == list(manifest["sha256"])
     volume, covariates = SyntheticDataset(tmp_path / "syn")[0]
@@ -111,16 +141,25 @@ def test_same_seed_gives_bitwise_identical_volumes_and_one_index_regenerates_alo
         assert np.array_equal(nib.load(tmp_path / "a" / f).get_fdata(), nib.load(tmp_path / "b" / f).get_fdata())
     plan = make_plan(params, pd.read_csv(work / "latents" / "manifest.csv").query("split == 'train'"))
     space = json.loads((work / "processed" / "space.json").read_text())
-    job = SampleJob(str(work / "ldm"), str(work / "vqgan"), str(work / "latents"), str(tmp_path / "alone"),
-                    space["affine"], "dpm_solver", 3, params.diffusion.sampler.guidance_scale, params.sample.seed,
-                    "dev", {})
+    job = SampleJob(
+        str(work / "ldm"),
+        str(work / "vqgan"),
+        str(work / "latents"),
+        str(tmp_path / "alone"),
+        space["affine"],
+        "dpm_solver",
+        3,
+        params.diffusion.sampler.guidance_scale,
+        params.sample.seed,
+        "dev",
+        {},
+    )
     generate_shard(job, 0, [(3, plan[3])])
     alone = nib.load(tmp_path / "alone" / "volumes" / "sample-000003.nii.gz").get_fdata()
     assert np.array_equal(alone, nib.load(tmp_path / "a" / "volumes" / "sample-000003.nii.gz").get_fdata())
 
 
-def test_volume_bytes_do_not_depend_on_the_thread_count_of_the_process_that_runs_them(trained_8cubed_latents,
-                                                                                     tmp_path):
+def test_volume_bytes_do_not_depend_on_the_thread_count_of_the_process_that_runs_them(trained_8cubed_latents, tmp_path):
     """A Dask worker starts with one intra-op thread, the main process with one per core: the job's own
     ``torch_threads`` decides, so the bytes are the same wherever the shard runs."""
     params, work, _ = trained_8cubed_latents
@@ -128,8 +167,20 @@ def test_volume_bytes_do_not_depend_on_the_thread_count_of_the_process_that_runs
     space = json.loads((work / "processed" / "space.json").read_text())
     digests = {}
     for ambient in (1, 2):
-        job = SampleJob(str(work / "ldm"), str(work / "vqgan"), str(work / "latents"), str(tmp_path / f"{ambient}"),
-                        space["affine"], "dpm_solver", 3, 2.0, params.sample.seed, "dev", {}, torch_threads=1)
+        job = SampleJob(
+            str(work / "ldm"),
+            str(work / "vqgan"),
+            str(work / "latents"),
+            str(tmp_path / f"{ambient}"),
+            space["affine"],
+            "dpm_solver",
+            3,
+            2.0,
+            params.sample.seed,
+            "dev",
+            {},
+            torch_threads=1,
+        )
         with intra_op_threads(ambient):
             generate_shard(job, 0, list(enumerate(plan))[:2])
             assert torch.get_num_threads() == ambient, "the caller's thread count is restored"
@@ -171,11 +222,13 @@ def test_rerun_skips_finished_shards_and_cleans_partial_ones(trained, prefect_se
 def test_dask_runner_with_two_local_workers_gives_the_same_set(trained_8cubed_latents, prefect_server, tmp_path):
     params, work, _ = trained_8cubed_latents
     threads = _sample(params, work, tmp_path / "threads")
-    dask_params = params.model_copy(update={"sample": params.sample.model_copy(update={"task_runner": "dask",
-                                                                                      "workers": 2})})
+    dask_params = params.model_copy(
+        update={"sample": params.sample.model_copy(update={"task_runner": "dask", "workers": 2})}
+    )
     servers_before = _prefect_servers()
-    dask = run_sample(dask_params, work / "latents", work / "processed", work / "ldm", work / "vqgan",
-                      tmp_path / "dask", track=False)
+    dask = run_sample(
+        dask_params, work / "latents", work / "processed", work / "ldm", work / "vqgan", tmp_path / "dask", track=False
+    )
     assert list(dask["sha256"]) == list(threads["sha256"])
     # the workers reported to this process's Prefect API: none started a server that outlives it
     assert _prefect_servers() <= servers_before
@@ -209,11 +262,28 @@ def test_sigkill_during_sample_then_rerun_finishes_consistently(trained, tmp_pat
     (tmp_path / "models").mkdir()
     for name in ("ldm", "vqgan"):
         os.symlink(work / name, tmp_path / "models" / name)
-    cmd = [sys.executable, "-m", "synthmri.cli", "sample", "--params", str(REPO / "params.yaml"),
-           "-S", "sample.n_samples=12", "-S", "sample.shard_size=2", "-S", "diffusion.sampler.steps=3",
-           "-S", "normalize.shape=[16,16,16]"]
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cmd = [
+        sys.executable,
+        "-m",
+        "synthmri.cli",
+        "sample",
+        "--params",
+        str(REPO / "params.yaml"),
+        "-S",
+        "sample.n_samples=12",
+        "-S",
+        "sample.shard_size=2",
+        "-S",
+        "diffusion.sampler.steps=3",
+        "-S",
+        "normalize.shape=[16,16,16]",
+    ]
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
     env.pop("PREFECT_API_URL", None)
     shards = tmp_path / "data" / "synthetic" / "shards"
     servers_before = _prefect_servers()
@@ -241,7 +311,9 @@ def test_sigkill_during_sample_then_rerun_finishes_consistently(trained, tmp_pat
         nib.load(out / f).get_fdata()  # every file is readable
     import mlflow
     from mlflow import MlflowClient
+
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    runs = MlflowClient().search_runs([mlflow.get_experiment_by_name("synthmri").experiment_id],
-                                      filter_string="tags.`synthmri.stage` = 'sample'")
+    runs = MlflowClient().search_runs(
+        [mlflow.get_experiment_by_name("synthmri").experiment_id], filter_string="tags.`synthmri.stage` = 'sample'"
+    )
     assert runs and any(d.dataset.name == "synthetic" for r in runs for d in r.inputs.dataset_inputs)

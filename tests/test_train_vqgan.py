@@ -19,16 +19,30 @@ from synthmri.training.train_vqgan import run_train_vqgan
 
 
 def _train(params, work: Path, **kw) -> dict:
-    return run_train_vqgan(params, processed_dir=work / "processed", model_dir=work / "models" / "vqgan",
-                           checkpoint_dir=work / "ckpt", report_dir=work / "reports" / "vqgan",
-                           metrics_file=work / "reports" / "vqgan.json", track=False, **kw)
+    return run_train_vqgan(
+        params,
+        processed_dir=work / "processed",
+        model_dir=work / "models" / "vqgan",
+        checkpoint_dir=work / "ckpt",
+        report_dir=work / "reports" / "vqgan",
+        metrics_file=work / "reports" / "vqgan.json",
+        track=False,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     work = tmp_path_factory.mktemp("vqgan")
-    params, _ = make_processed(work, 8, (16, 16, 16), "vqgan.train.steps=60", "vqgan.loss.disc_start_step=30",
-                               "vqgan.train.val_every=30", "vqgan.train.checkpoint_every=20")
+    params, _ = make_processed(
+        work,
+        8,
+        (16, 16, 16),
+        "vqgan.train.steps=60",
+        "vqgan.loss.disc_start_step=30",
+        "vqgan.train.val_every=30",
+        "vqgan.train.checkpoint_every=20",
+    )
     metrics = _train(params, work)
     return params, work, metrics
 
@@ -51,8 +65,15 @@ def test_training_reduces_reconstruction_error_and_writes_outputs(trained):
 
 
 def test_vqvae_baseline_has_no_discriminator_or_perceptual_term(tmp_path):
-    params, _ = make_processed(tmp_path, 6, (16, 16, 16), "vqgan.train.steps=6", "vqgan.loss.perceptual=0",
-                               "vqgan.loss.adversarial=0", "vqgan.loss.disc_start_step=0")
+    params, _ = make_processed(
+        tmp_path,
+        6,
+        (16, 16, 16),
+        "vqgan.train.steps=6",
+        "vqgan.loss.perceptual=0",
+        "vqgan.loss.adversarial=0",
+        "vqgan.loss.disc_start_step=0",
+    )
     metrics = _train(params, tmp_path)
     assert metrics["model"] == "vqvae"
     import pandas as pd
@@ -72,7 +93,9 @@ def test_encode_is_deterministic_and_scaled_on_train_split(trained, tmp_path):
     train = LatentSet(tmp_path / "a", "train")
     dims = [0, 2, 3, 4]
     torch.testing.assert_close(train.latents.mean(dim=dims), torch.zeros(4), atol=1e-4, rtol=0)
-    torch.testing.assert_close(train.unstandardize(train.latents), a[torch.tensor((first["split"] == "train").to_numpy())])
+    torch.testing.assert_close(
+        train.unstandardize(train.latents), a[torch.tensor((first["split"] == "train").to_numpy())]
+    )
     assert set(first["subject_id"]) == set(LatentSet(tmp_path / "a", None).manifest["subject_id"])
 
 
@@ -105,15 +128,27 @@ def test_sigkill_then_rerun_resumes_from_checkpoint(tmp_path):
     make_processed(tmp_path, 6, (16, 16, 16))
     (tmp_path / "data").mkdir()
     os.replace(tmp_path / "processed", tmp_path / "data" / "processed")
-    base = stage_command("train_vqgan", *TINY_VQGAN, "vqgan.train.checkpoint_every=5", "vqgan.loss.disc_start_step=10",
-                         "vqgan.train.val_every=1000", "normalize.shape=[16,16,16]")
+    base = stage_command(
+        "train_vqgan",
+        *TINY_VQGAN,
+        "vqgan.train.checkpoint_every=5",
+        "vqgan.loss.disc_start_step=10",
+        "vqgan.train.val_every=1000",
+        "normalize.shape=[16,16,16]",
+    )
     env = stage_env(tmp_path)
     ckpt_dir = tmp_path / "models" / "checkpoints" / "vqgan"
     killed_at = kill_after_checkpoint([*base, "-S", "vqgan.train.steps=1000"], tmp_path, env, ckpt_dir, min_step=15)
 
     # extending or finishing a run keeps its checkpoints: the step budget is not part of the configuration
-    done = subprocess.run([*base, "-S", f"vqgan.train.steps={killed_at + 3}"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [*base, "-S", f"vqgan.train.steps={killed_at + 3}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"Resuming VQ-GAN training from the checkpoint at step {killed_at}" in done.stderr
     metrics = json.loads((tmp_path / "reports" / "vqgan.json").read_text())

@@ -26,11 +26,23 @@ from synthmri.data.latents import run_encode
 from synthmri.training.train_diffusion import run_train_diffusion
 from synthmri.training.train_vqgan import run_train_vqgan
 
-DIFFUSION = ("diffusion.unet.channels=[8,16]", "diffusion.unet.num_heads=2", "diffusion.unet.norm_groups=4",
-             "diffusion.train.steps=5", "diffusion.train.log_every=1", "diffusion.train.val_every=100",
-             "diffusion.train.checkpoint_every=100", "diffusion.train.condition_dropout=0.5")
-VQGAN = ("vqgan.train.steps=3", "vqgan.train.val_every=100", "vqgan.train.checkpoint_every=100",
-         "vqgan.loss.disc_start_step=0", "vqgan.model.attention=false")
+DIFFUSION = (
+    "diffusion.unet.channels=[8,16]",
+    "diffusion.unet.num_heads=2",
+    "diffusion.unet.norm_groups=4",
+    "diffusion.train.steps=5",
+    "diffusion.train.log_every=1",
+    "diffusion.train.val_every=100",
+    "diffusion.train.checkpoint_every=100",
+    "diffusion.train.condition_dropout=0.5",
+)
+VQGAN = (
+    "vqgan.train.steps=3",
+    "vqgan.train.val_every=100",
+    "vqgan.train.checkpoint_every=100",
+    "vqgan.loss.disc_start_step=0",
+    "vqgan.model.attention=false",
+)
 
 
 def free_port() -> int:
@@ -52,10 +64,21 @@ def cohort(tmp_path_factory):
 
 def _stage_outputs(stage: str, work: Path, run: Path) -> dict:
     if stage == "diffusion":
-        return dict(latent_dir=work / "latents", vqgan_dir=work / "vqgan", model_dir=run / "model",
-                    checkpoint_dir=run / "ckpt", report_dir=run / "report", metrics_file=run / "metrics.json")
-    return dict(processed_dir=work / "processed", model_dir=run / "model", checkpoint_dir=run / "ckpt",
-                report_dir=run / "report", metrics_file=run / "metrics.json")
+        return dict(
+            latent_dir=work / "latents",
+            vqgan_dir=work / "vqgan",
+            model_dir=run / "model",
+            checkpoint_dir=run / "ckpt",
+            report_dir=run / "report",
+            metrics_file=run / "metrics.json",
+        )
+    return dict(
+        processed_dir=work / "processed",
+        model_dir=run / "model",
+        checkpoint_dir=run / "ckpt",
+        report_dir=run / "report",
+        metrics_file=run / "metrics.json",
+    )
 
 
 def _run_stage(stage: str, params, work: Path, run: Path) -> None:
@@ -67,8 +90,9 @@ def _rank(rank: int, world: int, port: int, stage: str, overrides: tuple[str, ..
     """One rank, with the environment torchrun would give it."""
     from conftest import make_params
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
+    )
     torch.set_num_threads(1)
     _run_stage(stage, make_params(*overrides), work, run)
 
@@ -78,6 +102,7 @@ def train(stage: str, work: Path, run: Path, overrides: tuple[str, ...], process
     params_overrides = (*_base_overrides(work), *overrides)
     if processes == 1:
         from conftest import make_params
+
         _run_stage(stage, make_params(*params_overrides), work, run)
     else:
         mp.spawn(_rank, args=(processes, free_port(), stage, params_overrides, work, run), nprocs=processes)
@@ -86,15 +111,27 @@ def train(stage: str, work: Path, run: Path, overrides: tuple[str, ...], process
 
 def _base_overrides(work: Path) -> tuple[str, ...]:
     from conftest import TINY_VQGAN
-    return ("ingest.source=bids", f"ingest.root={work / 'bids'}", "ingest.min_subjects=2",
-            "normalize.spacing=[3,3,3]", "normalize.shape=[16,16,16]", *TINY_VQGAN)
+
+    return (
+        "ingest.source=bids",
+        f"ingest.root={work / 'bids'}",
+        "ingest.min_subjects=2",
+        "normalize.spacing=[3,3,3]",
+        "normalize.shape=[16,16,16]",
+        *TINY_VQGAN,
+    )
 
 
 def assert_same_trajectory(a: pd.DataFrame, b: pd.DataFrame, columns: list[str], rtol: float = 1e-4) -> None:
     assert list(a["step"]) == list(b["step"])
     for column in columns:
-        torch.testing.assert_close(torch.tensor(a[column].values), torch.tensor(b[column].values),
-                                   rtol=rtol, atol=1e-5, msg=lambda m, column=column: f"{column}: {m}")
+        torch.testing.assert_close(
+            torch.tensor(a[column].values),
+            torch.tensor(b[column].values),
+            rtol=rtol,
+            atol=1e-5,
+            msg=lambda m, column=column: f"{column}: {m}",
+        )
 
 
 def assert_same_weights(a: Path, b: Path, atol: float = 1e-5, skip: str = "-") -> None:
@@ -119,8 +156,12 @@ def test_diffusion_two_gloo_processes_train_like_one_with_the_doubled_batch(coho
 def test_diffusion_gradient_accumulation_equals_the_larger_batch(cohort, tmp_path):
     work, _ = cohort
     single = train("diffusion", work, tmp_path / "single", (*DIFFUSION, "diffusion.train.batch_size=4"))
-    accumulated = train("diffusion", work, tmp_path / "acc",
-                        (*DIFFUSION, "diffusion.train.batch_size=1", "diffusion.train.grad_accumulation=4"))
+    accumulated = train(
+        "diffusion",
+        work,
+        tmp_path / "acc",
+        (*DIFFUSION, "diffusion.train.batch_size=1", "diffusion.train.grad_accumulation=4"),
+    )
     assert_same_trajectory(single, accumulated, ["loss", "grad_norm"])
     assert_same_weights(tmp_path / "single", tmp_path / "acc")
 
@@ -133,8 +174,18 @@ def test_vqgan_two_gloo_processes_train_like_one_with_the_doubled_batch(cohort, 
     different code assignments. That drift is float noise, not a different algorithm (the diffusion
     tests, without argmin, match to 1e-4 throughout)."""
     work, _ = cohort
-    columns = ["loss", "l1", "perceptual", "vq", "g_adv", "feature_matching", "gan_weight", "d_loss", "perplexity",
-               "codebook_usage"]
+    columns = [
+        "loss",
+        "l1",
+        "perceptual",
+        "vq",
+        "g_adv",
+        "feature_matching",
+        "gan_weight",
+        "d_loss",
+        "perplexity",
+        "codebook_usage",
+    ]
     single = train("vqgan", work, tmp_path / "single", (*VQGAN, "vqgan.train.batch_size=2"))
     ddp = train("vqgan", work, tmp_path / "ddp", (*VQGAN, "vqgan.train.batch_size=1"), processes=2)
     assert (single["d_loss"] != 0).all() and (single["gan_weight"] > 0).all()  # the GAN terms really ran
@@ -162,11 +213,20 @@ def test_cli_relaunches_itself_under_torchrun_when_processes_is_above_one(cohort
     (tmp_path / "models").mkdir()
     os.symlink(work / "latents", tmp_path / "data" / "latents")
     os.symlink(work / "vqgan", tmp_path / "models" / "vqgan")
-    overrides = [arg for o in (*_base_overrides(work), *DIFFUSION, "diffusion.train.processes=2",
-                               "diffusion.train.batch_size=2") for arg in ("-S", o)]
+    overrides = [
+        arg
+        for o in (*_base_overrides(work), *DIFFUSION, "diffusion.train.processes=2", "diffusion.train.batch_size=2")
+        for arg in ("-S", o)
+    ]
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "synthmri.cli", "train_diffusion", *overrides], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "synthmri.cli", "train_diffusion", *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Launching 2 training processes with torchrun" in result.stderr
     assert "2 process(es)" in result.stderr
@@ -182,9 +242,18 @@ def test_extending_or_resampling_a_run_keeps_its_identity_but_changing_what_it_l
 
     work, _ = cohort
     base = run_fingerprint(make_params(*DIFFUSION), work / "latents")
-    for same in ("diffusion.train.steps=500", "diffusion.train.checkpoint_every=7", "diffusion.sampler.steps=5",
-                 "diffusion.train.activation_checkpointing=true"):
+    for same in (
+        "diffusion.train.steps=500",
+        "diffusion.train.checkpoint_every=7",
+        "diffusion.sampler.steps=5",
+        "diffusion.train.activation_checkpointing=true",
+    ):
         assert run_fingerprint(make_params(*DIFFUSION, same), work / "latents") == base, same
-    for other in ("diffusion.train.lr=0.001", "diffusion.train.batch_size=3", "diffusion.train.processes=2",
-                  "diffusion.unet.num_heads=4", "seed=7"):
+    for other in (
+        "diffusion.train.lr=0.001",
+        "diffusion.train.batch_size=3",
+        "diffusion.train.processes=2",
+        "diffusion.unet.num_heads=4",
+        "seed=7",
+    ):
         assert run_fingerprint(make_params(*DIFFUSION, other), work / "latents") != base, other

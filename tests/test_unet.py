@@ -30,8 +30,18 @@ def _perturbed(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> t
 
 
 def _unet(spatial_dims=3, channels=(16, 32), attention=(False, True), cross_attention=False, **kw) -> DiffusionUNet:
-    return DiffusionUNet(spatial_dims, 4, list(channels), list(attention), num_res_blocks=1, num_heads=2,
-                         norm_groups=8, emb_dim=EMB, cross_attention=cross_attention, **kw)
+    return DiffusionUNet(
+        spatial_dims,
+        4,
+        list(channels),
+        list(attention),
+        num_res_blocks=1,
+        num_heads=2,
+        norm_groups=8,
+        emb_dim=EMB,
+        cross_attention=cross_attention,
+        **kw,
+    )
 
 
 def test_untrained_network_predicts_zero():
@@ -40,14 +50,17 @@ def test_untrained_network_predicts_zero():
     assert torch.equal(out, torch.zeros_like(out))
 
 
-@pytest.mark.parametrize("spatial_dims,shape,channels,attention,cross", [
-    (3, (4, 8, 8, 8), (16, 32), (False, True), False),
-    (3, (4, 7, 9, 7), (16, 32), (True, True), True),
-    (3, (4, 5, 6, 7), (16, 32, 32), (False, False, True), False),
-    (3, (4, 3, 3, 3), (16, 32, 32), (False, True, True), True),
-    (2, (4, 8, 8), (16, 32), (False, True), True),
-    (2, (4, 9, 7), (16, 32, 32), (True, False, False), False),
-])
+@pytest.mark.parametrize(
+    "spatial_dims,shape,channels,attention,cross",
+    [
+        (3, (4, 8, 8, 8), (16, 32), (False, True), False),
+        (3, (4, 7, 9, 7), (16, 32), (True, True), True),
+        (3, (4, 5, 6, 7), (16, 32, 32), (False, False, True), False),
+        (3, (4, 3, 3, 3), (16, 32, 32), (False, True, True), True),
+        (2, (4, 8, 8), (16, 32), (False, True), True),
+        (2, (4, 9, 7), (16, 32, 32), (True, False, False), False),
+    ],
+)
 def test_output_shape_equals_input_shape(spatial_dims, shape, channels, attention, cross):
     model = _perturbed(_unet(spatial_dims, channels, attention, cross))
     model.train()
@@ -69,14 +82,20 @@ def test_timestep_changes_output_and_scalar_broadcasts():
 
 
 def test_covariates_change_output():
-    covs = [Covariate(name="age", kind="continuous", range=(18, 100)),
-            Covariate(name="sex", kind="categorical", levels=["F", "M"])]
+    covs = [
+        Covariate(name="age", kind="continuous", range=(18, 100)),
+        Covariate(name="sex", kind="categorical", levels=["F", "M"]),
+    ]
     encoder = _perturbed(CovariateEncoder(covs, EMB), seed=1)
     model = _perturbed(_unet())
     x, t = torch.randn(1, 4, 8, 8, 8), torch.tensor([500])
     outs = {}
-    for name, row in {"F": {"age": 40, "sex": "F"}, "M": {"age": 40, "sex": "M"}, "old": {"age": 90, "sex": "F"},
-                      "null": {}}.items():
+    for name, row in {
+        "F": {"age": 40, "sex": "F"},
+        "M": {"age": 40, "sex": "M"},
+        "old": {"age": 90, "sex": "F"},
+        "null": {},
+    }.items():
         emb, tokens = encoder(encoder.encode_values([row]))
         outs[name] = model(x, t, emb, tokens)
     assert (outs["F"] - outs["M"]).abs().max() > 1e-3

@@ -57,8 +57,9 @@ def alexnet_file(tmp_path_factory):
 
 def volume(seed: int = 0, shape=(1, 1, 16, 16, 16)) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    x = torch.nn.functional.interpolate(torch.randn(shape[0], 1, 4, 4, 4, generator=g), size=shape[2:],
-                                        mode="trilinear", align_corners=True)
+    x = torch.nn.functional.interpolate(
+        torch.randn(shape[0], 1, 4, 4, 4, generator=g), size=shape[2:], mode="trilinear", align_corners=True
+    )
     return (x / x.abs().amax()).clamp(-1, 1)
 
 

@@ -27,8 +27,9 @@ def tiny_vqgan(factor: int = 4, codebook_size: int = 32, **quantizer) -> VQGAN:
 
 def smooth_volumes(n: int, size: int = 16, grid: int = 4, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    x = F.interpolate(torch.randn(n, 1, grid, grid, grid, generator=g), size=(size,) * 3, mode="trilinear",
-                      align_corners=True)
+    x = F.interpolate(
+        torch.randn(n, 1, grid, grid, grid, generator=g), size=(size,) * 3, mode="trilinear", align_corners=True
+    )
     return x / x.abs().amax()
 
 
@@ -265,8 +266,9 @@ def test_slices_cover_each_axis_at_the_requested_positions():
     assert torch.equal(a1[1], x[0, :, :, idx[1][1], :]) and torch.equal(a2[2], x[1, :, :, :, idx[2][0]])
     assert slice_indices((9, 9, 9), 1)[0].item() == 4  # one slice = the mid-slice
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert all(torch.equal(a, b) for a, b in zip(slice_indices((32,) * 3, 4, True, g1),
-                                                  slice_indices((32,) * 3, 4, True, g2)))
+    assert all(
+        torch.equal(a, b) for a, b in zip(slice_indices((32,) * 3, 4, True, g1), slice_indices((32,) * 3, 4, True, g2))
+    )
 
 
 # -- DDP: EMA statistics are all-reduced, restarts are broadcast ---------------------------------------

@@ -4,14 +4,26 @@ from synthmri.diffusion.conditioning import ConditionedUNet, CovariateBatch, Cov
 from synthmri.diffusion.ema import make_ema
 from synthmri.diffusion.sampling import sample_latents, sample_seed
 from synthmri.diffusion.schedulers import (
-                                           add_noise,
-                                           make_sampler,
-                                           make_training_scheduler,
-                                           predicted_x0,
-                                           sample_timesteps,
-                                           training_target,
+    add_noise,
+    make_sampler,
+    make_training_scheduler,
+    predicted_x0,
+    sample_timesteps,
+    training_target,
 )
 
-__all__ = ["ConditionedUNet", "CovariateBatch", "CovariateEncoder", "encode_covariates", "make_ema",
-           "sample_latents", "sample_seed", "add_noise", "make_sampler", "make_training_scheduler", "predicted_x0",
-           "sample_timesteps", "training_target"]
+__all__ = [
+    "ConditionedUNet",
+    "CovariateBatch",
+    "CovariateEncoder",
+    "encode_covariates",
+    "make_ema",
+    "sample_latents",
+    "sample_seed",
+    "add_noise",
+    "make_sampler",
+    "make_training_scheduler",
+    "predicted_x0",
+    "sample_timesteps",
+    "training_target",
+]

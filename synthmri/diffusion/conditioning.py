@@ -56,8 +56,11 @@ class CovariateBatch(NamedTuple):
         return CovariateBatch(*(torch.cat(parts) for parts in zip(*batches, strict=True)))
 
 
-def encode_covariates(covariates: Sequence[Covariate], rows: Sequence[Mapping[str, object]],
-                      ranges: Mapping[str, tuple[float, float]] | None = None) -> CovariateBatch:
+def encode_covariates(
+    covariates: Sequence[Covariate],
+    rows: Sequence[Mapping[str, object]],
+    ranges: Mapping[str, tuple[float, float]] | None = None,
+) -> CovariateBatch:
     """Turn rows of covariate values into a :class:`CovariateBatch`.
 
     A key that is absent, ``None``, NaN, or a missing-value marker (``""``, ``"n/a"``...) means
@@ -103,8 +106,9 @@ class _ContinuousEmbedding(nn.Module):
 
     def __init__(self, emb_dim: int, n_frequencies: int = 4) -> None:
         super().__init__()
-        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(n_frequencies, dtype=torch.float32),
-                             persistent=False)
+        self.register_buffer(
+            "freqs", math.pi * 2.0 ** torch.arange(n_frequencies, dtype=torch.float32), persistent=False
+        )
         self.mlp = nn.Sequential(nn.Linear(1 + 2 * n_frequencies, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.null = nn.Parameter(torch.randn(emb_dim) * 0.5)
 
@@ -130,16 +134,19 @@ class CovariateEncoder(nn.Module):
             The covariate list and ranges are part of the model: store them with the checkpoint.
     """
 
-    def __init__(self, covariates: Sequence[Covariate], emb_dim: int,
-                 ranges: Mapping[str, tuple[float, float]] | None = None) -> None:
+    def __init__(
+        self, covariates: Sequence[Covariate], emb_dim: int, ranges: Mapping[str, tuple[float, float]] | None = None
+    ) -> None:
         super().__init__()
         self.covariates = list(covariates)
         self.emb_dim = emb_dim
         self.ranges = {c.name: continuous_range(c, ranges) for c in self.covariates if c.kind == "continuous"}
-        self.continuous = nn.ModuleList(_ContinuousEmbedding(emb_dim) for c in self.covariates
-                                        if c.kind == "continuous")
-        self.categorical = nn.ModuleList(nn.Embedding(len(c.levels or []) + 1, emb_dim) for c in self.covariates
-                                         if c.kind == "categorical")
+        self.continuous = nn.ModuleList(
+            _ContinuousEmbedding(emb_dim) for c in self.covariates if c.kind == "continuous"
+        )
+        self.categorical = nn.ModuleList(
+            nn.Embedding(len(c.levels or []) + 1, emb_dim) for c in self.covariates if c.kind == "categorical"
+        )
         # follows .to(device) even when there are no covariates (and hence no parameters)
         self.register_buffer("_anchor", torch.empty(0), persistent=False)
         # token order = declaration order, whatever the kinds
@@ -179,12 +186,14 @@ class CovariateEncoder(nn.Module):
     @staticmethod
     def null_like(batch: CovariateBatch) -> CovariateBatch:
         """The same batch with every covariate unspecified: the unconditional input of guidance."""
-        return CovariateBatch(torch.zeros_like(batch.continuous), torch.zeros_like(batch.present),
-                              torch.zeros_like(batch.categorical))
+        return CovariateBatch(
+            torch.zeros_like(batch.continuous), torch.zeros_like(batch.present), torch.zeros_like(batch.categorical)
+        )
 
     @staticmethod
-    def drop(batch: CovariateBatch, p: float, generator: torch.Generator | None = None,
-             p_each: float = 0.0) -> CovariateBatch:
+    def drop(
+        batch: CovariateBatch, p: float, generator: torch.Generator | None = None, p_each: float = 0.0
+    ) -> CovariateBatch:
         """Replace each sample's whole condition by the null state with probability ``p`` (CFG training).
 
         Whole-condition dropout is what classifier-free guidance needs: the unconditional model is

@@ -42,8 +42,9 @@ def sample_seed(global_seed: int, index: int) -> int:
     return int((int(state[0]) << 32 | int(state[1])) & (2**63 - 1))
 
 
-def _generators(generators: Sequence[torch.Generator] | None, seeds: Sequence[int] | None,
-                n: int) -> list[torch.Generator]:
+def _generators(
+    generators: Sequence[torch.Generator] | None, seeds: Sequence[int] | None, n: int
+) -> list[torch.Generator]:
     if (generators is None) == (seeds is None):
         raise ValueError("pass exactly one of `generators` or `seeds` (one per sample)")
     gens = list(generators) if generators is not None else [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -55,11 +56,20 @@ def _generators(generators: Sequence[torch.Generator] | None, seeds: Sequence[in
 
 
 @torch.no_grad()
-def sample_latents(model: nn.Module, covariate_encoder: CovariateEncoder, scheduler,
-                   rows: Sequence[Mapping[str, object]], shape: Sequence[int], steps: int,
-                   guidance_scale: float, generators: Sequence[torch.Generator] | None = None,
-                   seeds: Sequence[int] | None = None, device: torch.device | str = "cpu",
-                   batch_invariant: bool = True, callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+def sample_latents(
+    model: nn.Module,
+    covariate_encoder: CovariateEncoder,
+    scheduler,
+    rows: Sequence[Mapping[str, object]],
+    shape: Sequence[int],
+    steps: int,
+    guidance_scale: float,
+    generators: Sequence[torch.Generator] | None = None,
+    seeds: Sequence[int] | None = None,
+    device: torch.device | str = "cpu",
+    batch_invariant: bool = True,
+    callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
     """Generate one latent per row of covariates.
 
     Args:
@@ -94,8 +104,21 @@ def sample_latents(model: nn.Module, covariate_encoder: CovariateEncoder, schedu
     covariate_encoder.eval()
     chunks = [[i] for i in range(len(rows))] if batch_invariant else [list(range(len(rows)))]
     progress = _Progress(callback, len(rows) * steps)
-    out = [_sample_chain(model, covariate_encoder, scheduler, [rows[i] for i in idx], shape, steps,
-                         guidance_scale, [gens[i] for i in idx], device, progress) for idx in chunks]
+    out = [
+        _sample_chain(
+            model,
+            covariate_encoder,
+            scheduler,
+            [rows[i] for i in idx],
+            shape,
+            steps,
+            guidance_scale,
+            [gens[i] for i in idx],
+            device,
+            progress,
+        )
+        for idx in chunks
+    ]
     return torch.cat(out)
 
 
@@ -109,9 +132,18 @@ class _Progress:
             self.callback(self.done, self.total)
 
 
-def _sample_chain(model: nn.Module, encoder: CovariateEncoder, scheduler, rows: Sequence[Mapping[str, object]],
-                  shape: Sequence[int], steps: int, guidance_scale: float, gens: list[torch.Generator],
-                  device: torch.device | str, progress: _Progress) -> torch.Tensor:
+def _sample_chain(
+    model: nn.Module,
+    encoder: CovariateEncoder,
+    scheduler,
+    rows: Sequence[Mapping[str, object]],
+    shape: Sequence[int],
+    steps: int,
+    guidance_scale: float,
+    gens: list[torch.Generator],
+    device: torch.device | str,
+    progress: _Progress,
+) -> torch.Tensor:
     """One batched reverse-diffusion chain over ``rows`` (see the module docstring for the noise)."""
     scheduler = copy.deepcopy(scheduler)  # schedulers are stateful (timesteps, multistep history)
     batch = encoder.encode_values(rows)

@@ -31,9 +31,15 @@ _SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm_solver": DPMSolv
 
 def make_training_scheduler(p: ScheduleParams) -> DDPMScheduler:
     """The forward (noising) process of training, from ``params.yaml``'s ``diffusion.schedule``."""
-    return DDPMScheduler(num_train_timesteps=p.num_train_timesteps, beta_start=p.beta_start, beta_end=p.beta_end,
-                         beta_schedule=_BETA_SCHEDULES[p.beta_schedule], prediction_type=p.prediction,
-                         clip_sample=False, timestep_spacing="trailing")
+    return DDPMScheduler(
+        num_train_timesteps=p.num_train_timesteps,
+        beta_start=p.beta_start,
+        beta_end=p.beta_end,
+        beta_schedule=_BETA_SCHEDULES[p.beta_schedule],
+        prediction_type=p.prediction,
+        clip_sample=False,
+        timestep_spacing="trailing",
+    )
 
 
 def make_sampler(name: SamplerName, p: ScheduleParams) -> DDPMScheduler | DDIMScheduler | DPMSolverMultistepScheduler:
@@ -70,8 +76,9 @@ def training_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Ten
     raise ValueError(f"unsupported prediction_type '{kind}'")
 
 
-def predicted_x0(scheduler: DDPMScheduler, x_t: torch.Tensor, model_output: torch.Tensor,
-                 t: torch.Tensor) -> torch.Tensor:
+def predicted_x0(
+    scheduler: DDPMScheduler, x_t: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
     """The clean latent implied by a prediction at ``t`` (for previews and checks).
 
     epsilon: ``x0 = (x_t - sqrt(1-ᾱ)·eps) / sqrt(ᾱ)``; v: ``x0 = sqrt(ᾱ)·x_t - sqrt(1-ᾱ)·v``.
@@ -85,8 +92,12 @@ def predicted_x0(scheduler: DDPMScheduler, x_t: torch.Tensor, model_output: torc
     raise ValueError(f"unsupported prediction_type '{kind}'")
 
 
-def sample_timesteps(scheduler: DDPMScheduler, batch_size: int, generator: torch.Generator | None = None,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
+def sample_timesteps(
+    scheduler: DDPMScheduler,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """Uniform training timesteps in ``[0, T)``, drawn on the CPU generator (reproducible on any device)."""
     t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
     return t.to(device)

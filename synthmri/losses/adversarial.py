@@ -24,8 +24,7 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return -logits_fake.mean()
 
 
-def feature_matching_loss(features_real: Sequence[torch.Tensor],
-                          features_fake: Sequence[torch.Tensor]) -> torch.Tensor:
+def feature_matching_loss(features_real: Sequence[torch.Tensor], features_fake: Sequence[torch.Tensor]) -> torch.Tensor:
     """Mean over discriminator layers of the L1 distance between real (detached) and reconstructed features.
 
     A dense, stable training signal for the generator (pix2pixHD): it matches the discriminator's
@@ -36,8 +35,9 @@ def feature_matching_loss(features_real: Sequence[torch.Tensor],
     return torch.stack([F.l1_loss(f, r.detach()) for r, f in zip(features_real, features_fake)]).mean()
 
 
-def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer_weight: torch.Tensor,
-                        max_weight: float = 1e4) -> torch.Tensor:
+def adaptive_gan_weight(
+    rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer_weight: torch.Tensor, max_weight: float = 1e4
+) -> torch.Tensor:
     """``||∇_w rec_loss|| / (||∇_w gan_loss|| + 1e-4)`` at the decoder's last layer ``w``, clamped to
     ``[0, max_weight]`` and detached.
 
@@ -46,8 +46,8 @@ def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_lay
     Both losses must still have their graphs (the graphs are retained for the real backward pass).
     Under DDP the two gradients are averaged over ranks first, so every rank uses the same weight.
     """
-    rec_grad, = torch.autograd.grad(rec_loss, last_layer_weight, retain_graph=True)
-    gan_grad, = torch.autograd.grad(gan_loss, last_layer_weight, retain_graph=True)
+    (rec_grad,) = torch.autograd.grad(rec_loss, last_layer_weight, retain_graph=True)
+    (gan_grad,) = torch.autograd.grad(gan_loss, last_layer_weight, retain_graph=True)
     if dist.is_available() and dist.is_initialized():  # DDP: the gradients of the global batch's losses
         for grad in (rec_grad, gan_grad):
             dist.all_reduce(grad)

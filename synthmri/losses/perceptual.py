@@ -47,6 +47,7 @@ def hub_weights_path(net: str) -> Path:
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
+
         return load_file(str(path))
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
@@ -70,8 +71,10 @@ def load_backbone_weights(backbone: nn.Module, path: Path, net: str) -> None:
         else:
             mapped[key] = found
     if missing:
-        raise ValueError(f"{path} does not hold torchvision ImageNet weights of the LPIPS '{net}' backbone: "
-                         f"{len(missing)} tensors missing or of the wrong shape (first: {missing[0]})")
+        raise ValueError(
+            f"{path} does not hold torchvision ImageNet weights of the LPIPS '{net}' backbone: "
+            f"{len(missing)} tensors missing or of the wrong shape (first: {missing[0]})"
+        )
     backbone.load_state_dict(mapped)
 
 
@@ -98,8 +101,10 @@ def build_lpips(net: str = "alex", weights_path: str | Path | None = None, seed:
     if weights_path is not None:
         source: Path | None = Path(weights_path).expanduser()
         if not source.is_file():
-            raise FileNotFoundError(f"LPIPS backbone weights file '{source}' (vqgan.loss.lpips_weights) does not "
-                                    f"exist; give the torchvision ImageNet weights of '{net}', e.g. {hub_path.name}")
+            raise FileNotFoundError(
+                f"LPIPS backbone weights file '{source}' (vqgan.loss.lpips_weights) does not "
+                f"exist; give the torchvision ImageNet weights of '{net}', e.g. {hub_path.name}"
+            )
     else:
         source = hub_path if hub_path.is_file() else None
 
@@ -113,8 +118,10 @@ def build_lpips(net: str = "alex", weights_path: str | Path | None = None, seed:
         description = f"{net}: ImageNet weights from {source}"
         log.info("LPIPS backbone %s", description)
     else:
-        description = (f"{net}: RANDOM backbone (no ImageNet weights found: vqgan.loss.lpips_weights is unset and "
-                       f"{hub_path} does not exist); LPIPS values are NOT comparable to published LPIPS")
+        description = (
+            f"{net}: RANDOM backbone (no ImageNet weights found: vqgan.loss.lpips_weights is unset and "
+            f"{hub_path} does not exist); LPIPS values are NOT comparable to published LPIPS"
+        )
         warnings.warn(description, RandomBackboneWarning, stacklevel=2)
         log.warning("LPIPS backbone %s", description)
     return model.eval().requires_grad_(False), description
@@ -136,8 +143,9 @@ class LPIPS25D(nn.Module):
         min_size: smallest short side of a slice fed to the network.
     """
 
-    def __init__(self, net: lpips.LPIPS, slices_per_axis: int = 4, random_slices: bool = False,
-                 min_size: int = 32) -> None:
+    def __init__(
+        self, net: lpips.LPIPS, slices_per_axis: int = 4, random_slices: bool = False, min_size: int = 32
+    ) -> None:
         super().__init__()
         self.net = net.eval().requires_grad_(False)
         self.slices_per_axis, self.random_slices, self.min_size = slices_per_axis, random_slices, min_size

@@ -22,8 +22,14 @@ from sklearn.preprocessing import StandardScaler
 
 from synthmri.metrics.features import head_mask_normalized
 
-__all__ = ["KINDS", "fit_covariate_predictor", "predictor_error", "slope_and_correlation", "csf_fraction",
-           "ventricle_volume_ml"]
+__all__ = [
+    "KINDS",
+    "fit_covariate_predictor",
+    "predictor_error",
+    "slope_and_correlation",
+    "csf_fraction",
+    "ventricle_volume_ml",
+]
 
 KINDS = ("continuous", "categorical")  # as synthmri.config.Covariate.kind
 RIDGE_ALPHAS = np.logspace(-3, 3, 13)
@@ -85,12 +91,22 @@ def slope_and_correlation(x, y) -> dict[str, float]:
         nan = float("nan")
         return {"slope": nan, "intercept": nan, "r": nan, "p_value": nan, "slope_stderr": nan, "n": int(x.size)}
     fit = stats.linregress(x, y)
-    return {"slope": float(fit.slope), "intercept": float(fit.intercept), "r": float(fit.rvalue),
-            "p_value": float(fit.pvalue), "slope_stderr": float(fit.stderr), "n": int(x.size)}
+    return {
+        "slope": float(fit.slope),
+        "intercept": float(fit.intercept),
+        "r": float(fit.rvalue),
+        "p_value": float(fit.pvalue),
+        "slope_stderr": float(fit.stderr),
+        "n": int(x.size),
+    }
 
 
-def csf_fraction(volume: np.ndarray, value_range: tuple[float, float] = (-1.0, 1.0), threshold: float | None = None,
-                 mask: np.ndarray | None = None) -> float:
+def csf_fraction(
+    volume: np.ndarray,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    threshold: float | None = None,
+    mask: np.ndarray | None = None,
+) -> float:
     """Fraction of the head occupied by dark (CSF-like) voxels in a T1-weighted volume.
 
     Default (``threshold=None``): the darkest of three Otsu classes of the in-head intensities
@@ -126,8 +142,9 @@ def csf_fraction(volume: np.ndarray, value_range: tuple[float, float] = (-1.0, 1
     return float((values < cut).mean())
 
 
-def ventricle_volume_ml(volume: np.ndarray, affine: np.ndarray, value_range: tuple[float, float] = (-1.0, 1.0),
-                        threshold: float = 0.5) -> float:
+def ventricle_volume_ml(
+    volume: np.ndarray, affine: np.ndarray, value_range: tuple[float, float] = (-1.0, 1.0), threshold: float = 0.5
+) -> float:
     """The demo cohort's image-only ventricle size (:func:`synthmri.data.demo.ventricle_proxy_ml`: dark
     voxels in a central MNI box, in ml) for a volume in ``value_range`` with background at its low end.
 

@@ -24,8 +24,16 @@ from scipy.stats import wasserstein_distance
 from sklearn.metrics import pairwise_distances
 from sklearn.neighbors import NearestNeighbors
 
-__all__ = ["standardize_features", "frechet_distance", "median_bandwidth", "mmd_rbf", "prdc",
-           "compare_features", "histogram_distance", "head_intensities"]
+__all__ = [
+    "standardize_features",
+    "frechet_distance",
+    "median_bandwidth",
+    "mmd_rbf",
+    "prdc",
+    "compare_features",
+    "histogram_distance",
+    "head_intensities",
+]
 
 
 def _as_features(x: np.ndarray, name: str, min_rows: int = 2) -> np.ndarray:
@@ -101,8 +109,10 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6
             offset = eps * np.eye(s_a.shape[0])
             trace_root = _trace_sqrt(s_a + offset, s_b + offset)
     if trace_root is None:
-        raise ValueError("Fréchet distance: the matrix square root of the covariance product failed even with "
-                         f"eps={eps} on the diagonal")
+        raise ValueError(
+            "Fréchet distance: the matrix square root of the covariance product failed even with "
+            f"eps={eps} on the diagonal"
+        )
     value = float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2.0 * trace_root)
     return max(value, 0.0)  # rounding can give -1e-12 for identical sets
 
@@ -170,22 +180,26 @@ def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5) -> dict[str, float]:
     if k_used < 1:
         raise ValueError(f"PRDC needs k >= 1, got k={k}")
     if k_used != k:
-        warnings.warn(f"PRDC: k={k} is too large for {len(real)} real / {len(fake)} fake samples; using k={k_used}",
-                      stacklevel=2)
+        warnings.warn(
+            f"PRDC: k={k} is too large for {len(real)} real / {len(fake)} fake samples; using k={k_used}", stacklevel=2
+        )
     real_radius = _kth_neighbour_radius(real, k_used)
     fake_radius = _kth_neighbour_radius(fake, k_used)
-    dist = pairwise_distances(real, fake)                # (N, M)
-    in_real_ball = dist < real_radius[:, None]            # fake j inside the ball of real i
-    in_fake_ball = dist < fake_radius[None, :]            # real i inside the ball of fake j
-    return {"precision": float(in_real_ball.any(axis=0).mean()),
-            "recall": float(in_fake_ball.any(axis=1).mean()),
-            "density": float(in_real_ball.sum(axis=0).mean() / k_used),
-            "coverage": float((dist.min(axis=1) < real_radius).mean()),
-            "k": k_used}
+    dist = pairwise_distances(real, fake)  # (N, M)
+    in_real_ball = dist < real_radius[:, None]  # fake j inside the ball of real i
+    in_fake_ball = dist < fake_radius[None, :]  # real i inside the ball of fake j
+    return {
+        "precision": float(in_real_ball.any(axis=0).mean()),
+        "recall": float(in_fake_ball.any(axis=1).mean()),
+        "density": float(in_real_ball.sum(axis=0).mean() / k_used),
+        "coverage": float((dist.min(axis=1) < real_radius).mean()),
+        "k": k_used,
+    }
 
 
-def compare_features(real: np.ndarray, fake: np.ndarray, k: int = 5,
-                     bandwidth: float | None = None) -> dict[str, float]:
+def compare_features(
+    real: np.ndarray, fake: np.ndarray, k: int = 5, bandwidth: float | None = None
+) -> dict[str, float]:
     """All feature-space metrics of the report, on features standardized with the real set's statistics.
 
     Returns a flat dict: ``frechet_distance``, ``mmd2`` (unbiased, median-heuristic bandwidth unless
@@ -195,9 +209,16 @@ def compare_features(real: np.ndarray, fake: np.ndarray, k: int = 5,
     real_std, fake_std = standardize_features(real, fake)
     sigma = median_bandwidth(real_std, fake_std) if bandwidth is None else float(bandwidth)
     pr = prdc(real_std, fake_std, k)
-    return {"frechet_distance": frechet_distance(real_std, fake_std), "mmd2": mmd_rbf(real_std, fake_std, sigma),
-            "mmd_bandwidth": sigma, "precision": pr["precision"], "recall": pr["recall"],
-            "density": pr["density"], "coverage": pr["coverage"], "prdc_k": pr["k"]}
+    return {
+        "frechet_distance": frechet_distance(real_std, fake_std),
+        "mmd2": mmd_rbf(real_std, fake_std, sigma),
+        "mmd_bandwidth": sigma,
+        "precision": pr["precision"],
+        "recall": pr["recall"],
+        "density": pr["density"],
+        "coverage": pr["coverage"],
+        "prdc_k": pr["k"],
+    }
 
 
 def head_intensities(volumes, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
@@ -208,8 +229,9 @@ def head_intensities(volumes, value_range: tuple[float, float] = (-1.0, 1.0)) ->
     return np.concatenate(values) if values else np.zeros(0, dtype=np.float32)
 
 
-def histogram_distance(real_vols, fake_vols, bins: int = 64,
-                       value_range: tuple[float, float] = (-1.0, 1.0)) -> dict[str, object]:
+def histogram_distance(
+    real_vols, fake_vols, bins: int = 64, value_range: tuple[float, float] = (-1.0, 1.0)
+) -> dict[str, object]:
     """Distance between the pooled in-head intensity distributions of two sets of volumes.
 
     Each volume's head mask comes from :func:`synthmri.metrics.features.head_mask_normalized`.
@@ -230,7 +252,12 @@ def histogram_distance(real_vols, fake_vols, bins: int = 64,
     real_hist, _ = np.histogram(np.clip(real, *value_range), bins=edges, density=True)
     fake_hist, _ = np.histogram(np.clip(fake, *value_range), bins=edges, density=True)
     js = float(jensenshannon(real_hist, fake_hist, base=2))
-    return {"wasserstein": float(wasserstein_distance(real, fake)),
-            "js_distance": 0.0 if math.isnan(js) else js,
-            "bin_edges": edges, "real_hist": real_hist, "fake_hist": fake_hist,
-            "n_real_voxels": int(real.size), "n_fake_voxels": int(fake.size)}
+    return {
+        "wasserstein": float(wasserstein_distance(real, fake)),
+        "js_distance": 0.0 if math.isnan(js) else js,
+        "bin_edges": edges,
+        "real_hist": real_hist,
+        "fake_hist": fake_hist,
+        "n_real_voxels": int(real.size),
+        "n_fake_voxels": int(fake.size),
+    }

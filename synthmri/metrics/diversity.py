@@ -11,8 +11,7 @@ import itertools
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["MS_SSIM_WEIGHTS", "ssim_components", "ms_ssim_3d", "n_scales", "mean_pairwise_ms_ssim",
-           "diversity_ratio"]
+__all__ = ["MS_SSIM_WEIGHTS", "ssim_components", "ms_ssim_3d", "n_scales", "mean_pairwise_ms_ssim", "diversity_ratio"]
 
 #: Scale weights of Wang, Simoncelli & Bovik (2003), finest scale first.
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -65,7 +64,7 @@ def n_scales(shape, max_scales: int = len(MS_SSIM_WEIGHTS)) -> int:
 def _downsample(x: np.ndarray) -> np.ndarray:
     """2× average pooling in every axis (an odd trailing voxel is dropped)."""
     d, h, w = (s // 2 for s in x.shape)
-    x = x[:2 * d, :2 * h, :2 * w]
+    x = x[: 2 * d, : 2 * h, : 2 * w]
     return x.reshape(d, 2, h, 2, w, 2).mean(axis=(1, 3, 5))
 
 
@@ -111,8 +110,9 @@ def mean_pairwise_ms_ssim(volumes, max_pairs: int | None = None, seed: int = 0, 
     return float(np.mean([ms_ssim_3d(volumes[i], volumes[j], data_range) for i, j in pairs]))
 
 
-def diversity_ratio(synthetic, real, max_pairs: int | None = None, seed: int = 0,
-                    data_range: float = 2.0) -> dict[str, float]:
+def diversity_ratio(
+    synthetic, real, max_pairs: int | None = None, seed: int = 0, data_range: float = 2.0
+) -> dict[str, float]:
     """Diversity of the synthetic set relative to the real set.
 
     Returns:

@@ -40,9 +40,20 @@ from synthmri.models.slicing import slice_indices, take_slices
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeatureExtractor", "StatsExtractor", "MedicalNetExtractor", "MedicalNetResNet", "LPIPSExtractor",
-           "RandomWeightsWarning", "head_mask_normalized", "as_volumes", "get_extractor", "register_extractor",
-           "available_extractors", "load_medicalnet_state_dict"]
+__all__ = [
+    "FeatureExtractor",
+    "StatsExtractor",
+    "MedicalNetExtractor",
+    "MedicalNetResNet",
+    "LPIPSExtractor",
+    "RandomWeightsWarning",
+    "head_mask_normalized",
+    "as_volumes",
+    "get_extractor",
+    "register_extractor",
+    "available_extractors",
+    "load_medicalnet_state_dict",
+]
 
 
 class RandomWeightsWarning(UserWarning):
@@ -147,19 +158,29 @@ class StatsExtractor(FeatureExtractor):
         glcm_distances: pixel distances of the co-occurrences.
     """
 
-    def __init__(self, value_range: tuple[float, float] = (-1.0, 1.0), n_classes: int = 3, glcm_levels: int = 32,
-                 slices_per_axis: int = 3, glcm_distances: Sequence[int] = (1, 2)) -> None:
+    def __init__(
+        self,
+        value_range: tuple[float, float] = (-1.0, 1.0),
+        n_classes: int = 3,
+        glcm_levels: int = 32,
+        slices_per_axis: int = 3,
+        glcm_distances: Sequence[int] = (1, 2),
+    ) -> None:
         if n_classes < 2:
             raise ValueError("n_classes must be >= 2")
         self.value_range = (float(value_range[0]), float(value_range[1]))
         self.n_classes, self.glcm_levels, self.slices_per_axis = n_classes, glcm_levels, slices_per_axis
         self.glcm_distances = tuple(int(d) for d in glcm_distances)
         self.name = "stats"
-        self.feature_names = (["mean", "std", "skewness", "kurtosis"] + [f"p{p:02d}" for p in _PERCENTILES]
-                              + [f"otsu_threshold{i}" for i in range(n_classes - 1)]
-                              + [f"class{i}_fraction" for i in range(n_classes)]
-                              + [f"class{i}_mean" for i in range(n_classes)] + ["head_fraction"]
-                              + [f"glcm_{p}_{a}" for a in _AXES for p in _GLCM_PROPS])
+        self.feature_names = (
+            ["mean", "std", "skewness", "kurtosis"]
+            + [f"p{p:02d}" for p in _PERCENTILES]
+            + [f"otsu_threshold{i}" for i in range(n_classes - 1)]
+            + [f"class{i}_fraction" for i in range(n_classes)]
+            + [f"class{i}_mean" for i in range(n_classes)]
+            + ["head_fraction"]
+            + [f"glcm_{p}_{a}" for a in _AXES for p in _GLCM_PROPS]
+        )
 
     def _tissue_classes(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         try:
@@ -183,8 +204,9 @@ class StatsExtractor(FeatureExtractor):
             per_slice = []
             for pos in positions.tolist():
                 image = np.take(quantized, pos, axis=axis)
-                matrix = graycomatrix(image, self.glcm_distances, angles, levels=levels + 1, symmetric=True,
-                                      normed=False).astype(np.float64)
+                matrix = graycomatrix(
+                    image, self.glcm_distances, angles, levels=levels + 1, symmetric=True, normed=False
+                ).astype(np.float64)
                 matrix[0, :] = 0
                 matrix[:, 0] = 0
                 if matrix.sum() == 0:  # slice outside the head
@@ -203,9 +225,17 @@ class StatsExtractor(FeatureExtractor):
             warnings.simplefilter("ignore", RuntimeWarning)  # constant input: skew/kurtosis NaN -> 0 below
             moments = [values.mean(), values.std(), stats.skew(values), stats.kurtosis(values)]
         thresholds, fractions, means = self._tissue_classes(values)
-        feats = np.concatenate([np.nan_to_num(np.asarray(moments, dtype=np.float64)),
-                                np.percentile(values, _PERCENTILES), thresholds, fractions, means,
-                                [mask.mean()], self._glcm(volume, mask)])
+        feats = np.concatenate(
+            [
+                np.nan_to_num(np.asarray(moments, dtype=np.float64)),
+                np.percentile(values, _PERCENTILES),
+                thresholds,
+                fractions,
+                means,
+                [mask.mean()],
+                self._glcm(volume, mask),
+            ]
+        )
         return feats
 
     def _extract(self, volumes: np.ndarray) -> np.ndarray:
@@ -221,8 +251,9 @@ _MEDICALNET_SHORTCUT = {10: "B", 18: "A", 34: "A"}
 
 
 def _conv3x3x3(in_planes: int, out_planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv3d:
-    return nn.Conv3d(in_planes, out_planes, kernel_size=3, dilation=dilation, stride=stride, padding=dilation,
-                     bias=False)
+    return nn.Conv3d(
+        in_planes, out_planes, kernel_size=3, dilation=dilation, stride=stride, padding=dilation, bias=False
+    )
 
 
 class _ZeroPadShortcut(nn.Module):
@@ -233,13 +264,14 @@ class _ZeroPadShortcut(nn.Module):
         self.planes, self.stride = planes, stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x[:, :, ::self.stride, ::self.stride, ::self.stride] if self.stride > 1 else x
+        out = x[:, :, :: self.stride, :: self.stride, :: self.stride] if self.stride > 1 else x
         return F.pad(out, (0, 0, 0, 0, 0, 0, 0, self.planes - out.shape[1]))
 
 
 class _BasicBlock(nn.Module):
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
-                 downsample: nn.Module | None = None) -> None:
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1, downsample: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.conv1 = _conv3x3x3(inplanes, planes, stride=stride, dilation=dilation)
         self.bn1 = nn.BatchNorm3d(planes)
@@ -295,8 +327,9 @@ class MedicalNetResNet(nn.Module):
             if self.shortcut_type == "A":
                 downsample = _ZeroPadShortcut(planes, stride)
             else:
-                downsample = nn.Sequential(nn.Conv3d(self.inplanes, planes, kernel_size=1, stride=stride, bias=False),
-                                           nn.BatchNorm3d(planes))
+                downsample = nn.Sequential(
+                    nn.Conv3d(self.inplanes, planes, kernel_size=1, stride=stride, bias=False), nn.BatchNorm3d(planes)
+                )
         layers = [_BasicBlock(self.inplanes, planes, stride=stride, dilation=dilation, downsample=downsample)]
         self.inplanes = planes
         layers += [_BasicBlock(planes, planes, dilation=dilation) for _ in range(1, blocks)]
@@ -326,8 +359,10 @@ def _infer_depth(state: dict[str, torch.Tensor]) -> int:
     for depth, layers in _MEDICALNET_LAYERS.items():
         if tuple(blocks) == layers:
             return depth
-    raise ValueError(f"checkpoint has {blocks} BasicBlocks per stage, which matches no MedicalNet depth "
-                     f"({ {d: list(v) for d, v in _MEDICALNET_LAYERS.items()} })")
+    raise ValueError(
+        f"checkpoint has {blocks} BasicBlocks per stage, which matches no MedicalNet depth "
+        f"({ {d: list(v) for d, v in _MEDICALNET_LAYERS.items()} })"
+    )
 
 
 class MedicalNetExtractor(FeatureExtractor):
@@ -352,9 +387,17 @@ class MedicalNetExtractor(FeatureExtractor):
         FileNotFoundError: no weights file and ``allow_random`` is false.
     """
 
-    def __init__(self, weights_path: str | Path | None = None, depth: int | None = None,
-                 shortcut_type: str | None = None, allow_random: bool = False, seed: int = 0, batch_size: int = 2,
-                 device: str | torch.device = "cpu", value_range: tuple[float, float] = (-1.0, 1.0)) -> None:
+    def __init__(
+        self,
+        weights_path: str | Path | None = None,
+        depth: int | None = None,
+        shortcut_type: str | None = None,
+        allow_random: bool = False,
+        seed: int = 0,
+        batch_size: int = 2,
+        device: str | torch.device = "cpu",
+        value_range: tuple[float, float] = (-1.0, 1.0),
+    ) -> None:
         path = Path(weights_path).expanduser() if weights_path is not None else None
         state = None
         if path is not None and path.is_file():
@@ -367,7 +410,8 @@ class MedicalNetExtractor(FeatureExtractor):
             raise FileNotFoundError(
                 f"MedicalNet weights: {where}. They cannot be downloaded here; get resnet_10.pth / resnet_18.pth "
                 "(or *_23dataset.pth) from Tencent/MedicalNet and pass its local path as weights_path. "
-                "(allow_random=True runs with random weights, for tests only.)")
+                "(allow_random=True runs with random weights, for tests only.)"
+            )
         depth = depth or 10
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -376,8 +420,10 @@ class MedicalNetExtractor(FeatureExtractor):
             result = model.load_state_dict(state, strict=False)
             missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
             if missing or result.unexpected_keys:
-                raise ValueError(f"{path} does not fit MedicalNet ResNet-{depth} (shortcut {model.shortcut_type}): "
-                                 f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+                raise ValueError(
+                    f"{path} does not fit MedicalNet ResNet-{depth} (shortcut {model.shortcut_type}): "
+                    f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+                )
             self.name = f"medicalnet-resnet{depth}"
             self.weights = str(path)
             log.info("MedicalNet ResNet-%d features, weights from %s", depth, path)
@@ -385,8 +431,10 @@ class MedicalNetExtractor(FeatureExtractor):
             self.name = f"medicalnet-resnet{depth}(random weights)"
             self.weights = None
             why = f"'{path}' does not exist" if path is not None else "no weights_path"
-            message = (f"MedicalNet extractor runs with RANDOM weights (seed {seed}; {why}): its distances are NOT "
-                       "the '3D FID' of the literature and are only fit for tests")
+            message = (
+                f"MedicalNet extractor runs with RANDOM weights (seed {seed}; {why}): its distances are NOT "
+                "the '3D FID' of the literature and are only fit for tests"
+            )
             warnings.warn(message, RandomWeightsWarning, stacklevel=2)
             log.warning(message)
         self.device = torch.device(device)
@@ -404,7 +452,7 @@ class MedicalNetExtractor(FeatureExtractor):
     def _extract(self, volumes: np.ndarray) -> np.ndarray:
         out = []
         for start in range(0, len(volumes), self.batch_size):
-            batch = np.stack([self.preprocess(v) for v in volumes[start:start + self.batch_size]])
+            batch = np.stack([self.preprocess(v) for v in volumes[start : start + self.batch_size]])
             out.append(self.model(torch.from_numpy(batch[:, None]).to(self.device)).double().cpu().numpy())
         return np.concatenate(out)
 
@@ -427,9 +475,16 @@ class LPIPSExtractor(FeatureExtractor):
     ``(random weights)``.
     """
 
-    def __init__(self, net: str = "alex", weights_path: str | Path | None = None, seed: int = 0,
-                 slices_per_axis: int = 4, min_size: int = 32, batch_size: int = 4,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        net: str = "alex",
+        weights_path: str | Path | None = None,
+        seed: int = 0,
+        slices_per_axis: int = 4,
+        min_size: int = 32,
+        batch_size: int = 4,
+        device: str | torch.device = "cpu",
+    ) -> None:
         from synthmri.losses.perceptual import build_lpips
 
         model, description = build_lpips(net, weights_path, seed)
@@ -454,7 +509,7 @@ class LPIPSExtractor(FeatureExtractor):
         indices = slice_indices(volumes.shape[1:], self.slices_per_axis)
         out = []
         for start in range(0, len(volumes), self.batch_size):
-            x = torch.from_numpy(volumes[start:start + self.batch_size][:, None]).to(self.device)
+            x = torch.from_numpy(volumes[start : start + self.batch_size][:, None]).to(self.device)
             per_axis = []
             for slices in take_slices(x, indices):  # (B*k, 1, h, w), batch-major
                 feats = self._layer_features(slices)

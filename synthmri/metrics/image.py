@@ -12,5 +12,8 @@ def psnr(reference: np.ndarray, test: np.ndarray, data_range: float) -> float:
 
 def ssim3d(reference: np.ndarray, test: np.ndarray, data_range: float) -> float:
     """SSIM with a 3D Gaussian window (sigma 1.5, as in Wang et al.), the volume treated as 3D."""
-    return float(structural_similarity(reference, test, data_range=data_range, gaussian_weights=True,
-                                       sigma=1.5, use_sample_covariance=False))
+    return float(
+        structural_similarity(
+            reference, test, data_range=data_range, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+        )
+    )

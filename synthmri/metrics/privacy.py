@@ -17,8 +17,15 @@ import numpy as np
 from synthmri.metrics.features import as_volumes, head_mask_normalized
 from synthmri.metrics.image import ssim3d
 
-__all__ = ["Neighbours", "Calibration", "ncc_matrix", "ssim_matrix", "nearest_neighbours", "calibrate_threshold",
-           "memorization_report"]
+__all__ = [
+    "Neighbours",
+    "Calibration",
+    "ncc_matrix",
+    "ssim_matrix",
+    "nearest_neighbours",
+    "calibrate_threshold",
+    "memorization_report",
+]
 
 METRICS = ("ncc", "ssim")
 
@@ -79,7 +86,7 @@ def ncc_matrix(queries, train, value_range: tuple[float, float] = (-1.0, 1.0), c
     sum_b_q, sum_bb_q, n_q = bq.sum(1), bbq.sum(1), q.sum(1)
     out = []
     for start in range(0, len(queries), chunk):
-        a, p = _flatten_with_masks(queries[start:start + chunk], value_range)
+        a, p = _flatten_with_masks(queries[start : start + chunk], value_range)
         if a.shape[1] != b.shape[1]:
             raise ValueError(f"query and training volumes differ in shape ({a.shape[1]} vs {b.shape[1]} voxels)")
         ap, aa = a * p, a * a
@@ -93,8 +100,8 @@ def ncc_matrix(queries, train, value_range: tuple[float, float] = (-1.0, 1.0), c
         sum_ab = ap @ b.T + a @ bq.T - ap @ bq.T
         n = np.maximum(n, 1.0)
         cov = sum_ab - sum_a * sum_b / n
-        var_a = np.maximum(sum_aa - sum_a ** 2 / n, 0.0)
-        var_b = np.maximum(sum_bb - sum_b ** 2 / n, 0.0)
+        var_a = np.maximum(sum_aa - sum_a**2 / n, 0.0)
+        var_b = np.maximum(sum_bb - sum_b**2 / n, 0.0)
         denominator = np.sqrt(var_a * var_b)
         with np.errstate(invalid="ignore", divide="ignore"):
             out.append(np.where(denominator > 1e-12, cov / denominator, 0.0))
@@ -113,8 +120,9 @@ def ssim_matrix(queries, train, data_range: float = 2.0, pairs_mask: np.ndarray 
     return out
 
 
-def nearest_neighbours(synthetic, train, metric: str = "ncc", value_range: tuple[float, float] = (-1.0, 1.0),
-                       shortlist: int | None = None) -> Neighbours:
+def nearest_neighbours(
+    synthetic, train, metric: str = "ncc", value_range: tuple[float, float] = (-1.0, 1.0), shortlist: int | None = None
+) -> Neighbours:
     """The most similar training volume of each synthetic (or held-out) volume.
 
     Args:
@@ -145,8 +153,14 @@ def nearest_neighbours(synthetic, train, metric: str = "ncc", value_range: tuple
     return Neighbours(index=index, score=scores[np.arange(len(scores)), index], scores=scores, metric=metric)
 
 
-def calibrate_threshold(train, holdout, quantile: float = 0.99, metric: str = "ncc",
-                        value_range: tuple[float, float] = (-1.0, 1.0), shortlist: int | None = None) -> Calibration:
+def calibrate_threshold(
+    train,
+    holdout,
+    quantile: float = 0.99,
+    metric: str = "ncc",
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    shortlist: int | None = None,
+) -> Calibration:
     """Threshold of "likely copy": ``quantile`` (1.0 = max) of the nearest-training-neighbour scores of
     held-out real volumes, i.e. of how similar a *different* real patient gets to the training set.
 
@@ -156,13 +170,22 @@ def calibrate_threshold(train, holdout, quantile: float = 0.99, metric: str = "n
     if not 0.0 < quantile <= 1.0:
         raise ValueError(f"quantile must be in (0, 1], got {quantile}")
     nn = nearest_neighbours(holdout, train, metric, value_range, shortlist)
-    return Calibration(threshold=float(np.quantile(nn.score, quantile)), quantile=quantile,
-                       holdout_scores=nn.score, metric=metric)
+    return Calibration(
+        threshold=float(np.quantile(nn.score, quantile)), quantile=quantile, holdout_scores=nn.score, metric=metric
+    )
 
 
-def memorization_report(synthetic, train, holdout=None, calibration: Calibration | None = None,
-                        metric: str = "ncc", quantile: float = 0.99, n_pairs: int = 5,
-                        value_range: tuple[float, float] = (-1.0, 1.0), shortlist: int | None = None) -> dict:
+def memorization_report(
+    synthetic,
+    train,
+    holdout=None,
+    calibration: Calibration | None = None,
+    metric: str = "ncc",
+    quantile: float = 0.99,
+    n_pairs: int = 5,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    shortlist: int | None = None,
+) -> dict:
     """Memorization summary of a synthetic set against the training set.
 
     Args:
@@ -196,8 +219,15 @@ def memorization_report(synthetic, train, holdout=None, calibration: Calibration
         "fraction": float(len(copies) / len(nn.score)),
         "chance_fraction": float(max(1.0 - calibration.quantile, 1.0 / (len(calibration.holdout_scores) + 1))),
         "likely_copies": [int(i) for i in copies],
-        "closest_pairs": [{"synthetic": int(i), "train": int(nn.index[i]), "score": float(nn.score[i]),
-                           "likely_copy": bool(nn.score[i] > calibration.threshold)} for i in order],
+        "closest_pairs": [
+            {
+                "synthetic": int(i),
+                "train": int(nn.index[i]),
+                "score": float(nn.score[i]),
+                "likely_copy": bool(nn.score[i] > calibration.threshold),
+            }
+            for i in order
+        ],
         "max_score": float(nn.score.max()),
         "median_score": float(np.median(nn.score)),
         "synthetic_scores": [float(s) for s in nn.score],

@@ -56,10 +56,10 @@ EFFECT_P_VALUE = 0.05
 class ReportData:
     """Every volume the report needs, in memory, in the processed intensity range."""
 
-    real: pd.DataFrame                 # processed manifest (one row per real volume, with its split)
-    real_volumes: np.ndarray           # (N, D, H, W) float32
-    synthetic: pd.DataFrame            # synthetic manifest
-    synthetic_volumes: np.ndarray      # (M, D, H, W) float32, mapped from [0, 1] to value_range
+    real: pd.DataFrame  # processed manifest (one row per real volume, with its split)
+    real_volumes: np.ndarray  # (N, D, H, W) float32
+    synthetic: pd.DataFrame  # synthetic manifest
+    synthetic_volumes: np.ndarray  # (M, D, H, W) float32, mapped from [0, 1] to value_range
     space: dict
     reference_splits: list[str]
     synthetic_dir: Path = Path("data/synthetic")
@@ -134,16 +134,29 @@ def load_report_data(params: Params, processed_dir: Path, synthetic_dir: Path) -
         if array.shape != shape:
             raise StageError(f"{path}: shape {array.shape} differs from the processed space {shape}")
         volumes.append(np.float32(low) + array * np.float32(high - low))  # [0, 1] -> processed range
-    data = ReportData(real=real.manifest, real_volumes=real_volumes, synthetic=synthetic,
-                      synthetic_volumes=np.stack(volumes) if volumes else np.zeros((0, *shape), np.float32),
-                      space=space, reference_splits=list(params.report.reference_splits), synthetic_dir=synthetic_dir)
+    data = ReportData(
+        real=real.manifest,
+        real_volumes=real_volumes,
+        synthetic=synthetic,
+        synthetic_volumes=np.stack(volumes) if volumes else np.zeros((0, *shape), np.float32),
+        space=space,
+        reference_splits=list(params.report.reference_splits),
+        synthetic_dir=synthetic_dir,
+    )
     n_train, n_ref, n_syn = len(data.train_index), len(data.reference_index), len(synthetic)
     if n_train < 1 or n_ref < 2 or n_syn < 2:
-        raise StageError(f"the report needs at least 1 real training volume, 2 held-out real volumes "
-                         f"({'+'.join(data.reference_splits)}) and 2 synthetic volumes; got {n_train}, {n_ref} and "
-                         f"{n_syn}")
-    log.info("Report: %d synthetic volumes vs %d held-out real (%s); %d training volumes for predictors and privacy",
-             n_syn, n_ref, "+".join(data.reference_splits), n_train)
+        raise StageError(
+            f"the report needs at least 1 real training volume, 2 held-out real volumes "
+            f"({'+'.join(data.reference_splits)}) and 2 synthetic volumes; got {n_train}, {n_ref} and "
+            f"{n_syn}"
+        )
+    log.info(
+        "Report: %d synthetic volumes vs %d held-out real (%s); %d training volumes for predictors and privacy",
+        n_syn,
+        n_ref,
+        "+".join(data.reference_splits),
+        n_train,
+    )
     return data
 
 
@@ -178,8 +191,13 @@ def _put(metrics: dict, prefix: str, values: dict) -> None:
 # metric families
 
 
-def reconstruction_metrics(vqgan_dir: Path, volumes: np.ndarray, value_range: tuple[float, float],
-                           loss_params: VQGANLossParams, device: str = "auto") -> tuple[dict, tuple | None]:
+def reconstruction_metrics(
+    vqgan_dir: Path,
+    volumes: np.ndarray,
+    value_range: tuple[float, float],
+    loss_params: VQGANLossParams,
+    device: str = "auto",
+) -> tuple[dict, tuple | None]:
     """PSNR, 3D SSIM and 2.5D LPIPS of the VQ-GAN's reconstructions of ``volumes`` (means over volumes).
 
     The LPIPS settings (net, weights, slices) are the ones the model was trained with (its
@@ -228,8 +246,9 @@ def _mean_compare(ref: np.ndarray, fake: np.ndarray, k: int) -> dict[str, float]
         return compare_features(ref, fake, k)
 
 
-def fidelity_metrics(f_reference: np.ndarray, f_synthetic: np.ndarray, f_train: np.ndarray, k: int,
-                     seed: int = 0) -> dict[str, float]:
+def fidelity_metrics(
+    f_reference: np.ndarray, f_synthetic: np.ndarray, f_train: np.ndarray, k: int, seed: int = 0
+) -> dict[str, float]:
     """FD, MMD² and PRDC of the synthetic features against the held-out features
     (:func:`synthmri.metrics.distribution.compare_features`), plus the same numbers for random real
     training subsets of the synthetic set's size (``baseline_*``, mean of :data:`FD_BASELINE_DRAWS`
@@ -241,8 +260,10 @@ def fidelity_metrics(f_reference: np.ndarray, f_synthetic: np.ndarray, f_train: 
     if n >= 2:
         rng = np.random.default_rng(seed)
         draws = FD_BASELINE_DRAWS if len(f_train) > n else 1
-        runs = [_mean_compare(f_reference, f_train[np.sort(rng.choice(len(f_train), n, replace=False))], k)
-                for _ in range(draws)]
+        runs = [
+            _mean_compare(f_reference, f_train[np.sort(rng.choice(len(f_train), n, replace=False))], k)
+            for _ in range(draws)
+        ]
         for key in ("frechet_distance", "mmd2", "precision", "recall", "density", "coverage"):
             out[f"baseline_{key}"] = float(np.mean([r[key] for r in runs]))
         out["baseline_n"] = n
@@ -251,8 +272,9 @@ def fidelity_metrics(f_reference: np.ndarray, f_synthetic: np.ndarray, f_train: 
     return out
 
 
-def diversity_metrics(synthetic: np.ndarray, reference: np.ndarray, max_pairs: int, seed: int,
-                      data_range: float) -> dict[str, float]:
+def diversity_metrics(
+    synthetic: np.ndarray, reference: np.ndarray, max_pairs: int, seed: int, data_range: float
+) -> dict[str, float]:
     from synthmri.metrics.diversity import diversity_ratio
 
     out = diversity_ratio(synthetic, reference, max_pairs=max_pairs, seed=seed, data_range=data_range)
@@ -260,8 +282,9 @@ def diversity_metrics(synthetic: np.ndarray, reference: np.ndarray, max_pairs: i
     return out
 
 
-def intensity_metrics(reference: np.ndarray, synthetic: np.ndarray, bins: int,
-                      value_range: tuple[float, float]) -> tuple[dict, dict]:
+def intensity_metrics(
+    reference: np.ndarray, synthetic: np.ndarray, bins: int, value_range: tuple[float, float]
+) -> tuple[dict, dict]:
     from synthmri.metrics.distribution import histogram_distance
 
     result = histogram_distance(reference, synthetic, bins=bins, value_range=value_range)
@@ -269,8 +292,9 @@ def intensity_metrics(reference: np.ndarray, synthetic: np.ndarray, bins: int,
     return flat, result
 
 
-def privacy_metrics(synthetic: np.ndarray, train: np.ndarray, reference: np.ndarray, rp: ReportParams,
-                    value_range: tuple[float, float]) -> tuple[dict, dict]:
+def privacy_metrics(
+    synthetic: np.ndarray, train: np.ndarray, reference: np.ndarray, rp: ReportParams, value_range: tuple[float, float]
+) -> tuple[dict, dict]:
     """Nearest training volume of every synthetic volume by NCC and by SSIM
     (:func:`synthmri.metrics.privacy.memorization_report`), each with its own threshold calibrated on
     held-out real vs training. Adds ``excess_fraction`` = fraction of likely copies − chance fraction,
@@ -282,24 +306,48 @@ def privacy_metrics(synthetic: np.ndarray, train: np.ndarray, reference: np.ndar
     flat: dict[str, Any] = {"metric": rp.privacy_metric, "quantile": rp.privacy_quantile}
     details = {}
     for metric in ("ncc", "ssim"):
-        report = memorization_report(synthetic, train, holdout=reference, metric=metric,
-                                     quantile=rp.privacy_quantile, n_pairs=rp.n_pairs, value_range=value_range,
-                                     shortlist=rp.ssim_shortlist if metric == "ssim" else None)
+        report = memorization_report(
+            synthetic,
+            train,
+            holdout=reference,
+            metric=metric,
+            quantile=rp.privacy_quantile,
+            n_pairs=rp.n_pairs,
+            value_range=value_range,
+            shortlist=rp.ssim_shortlist if metric == "ssim" else None,
+        )
         near = (report["threshold"] + 1.0) / 2.0
         scores = np.asarray(report["synthetic_scores"])
         report["near_duplicate_threshold"] = near
         report["near_duplicates"] = [int(i) for i in np.flatnonzero(scores > near)]
         details[metric] = report
-        values = {"threshold": report["threshold"], "n_likely_copies": report["n_likely_copies"],
-                  "fraction": report["fraction"], "chance_fraction": report["chance_fraction"],
-                  "excess_fraction": report["fraction"] - report["chance_fraction"],
-                  "near_duplicate_threshold": near, "n_near_duplicates": len(report["near_duplicates"]),
-                  "max_score": report["max_score"], "median_score": report["median_score"],
-                  "holdout_max_score": float(np.max(report["holdout_scores"]))}
+        values = {
+            "threshold": report["threshold"],
+            "n_likely_copies": report["n_likely_copies"],
+            "fraction": report["fraction"],
+            "chance_fraction": report["chance_fraction"],
+            "excess_fraction": report["fraction"] - report["chance_fraction"],
+            "near_duplicate_threshold": near,
+            "n_near_duplicates": len(report["near_duplicates"]),
+            "max_score": report["max_score"],
+            "median_score": report["median_score"],
+            "holdout_max_score": float(np.max(report["holdout_scores"])),
+        }
         _put(flat, metric, values)
         if metric == rp.privacy_metric:
-            flat.update({k: values[k] for k in ("n_likely_copies", "fraction", "chance_fraction", "excess_fraction",
-                                                "n_near_duplicates", "threshold")})
+            flat.update(
+                {
+                    k: values[k]
+                    for k in (
+                        "n_likely_copies",
+                        "fraction",
+                        "chance_fraction",
+                        "excess_fraction",
+                        "n_near_duplicates",
+                        "threshold",
+                    )
+                }
+            )
     return {k: clean_number(v) for k, v in flat.items()}, details
 
 
@@ -308,15 +356,28 @@ def _slope_block(x_real, y_real, x_syn, y_syn) -> dict[str, float]:
 
     real = slope_and_correlation(x_real, y_real)
     syn = slope_and_correlation(x_syn, y_syn)
-    out = {"slope_real": real["slope"], "r_real": real["r"], "p_real": real["p_value"], "n_real": real["n"],
-           "slope_synthetic": syn["slope"], "r_synthetic": syn["r"], "n_synthetic": syn["n"]}
+    out = {
+        "slope_real": real["slope"],
+        "r_real": real["r"],
+        "p_real": real["p_value"],
+        "n_real": real["n"],
+        "slope_synthetic": syn["slope"],
+        "r_synthetic": syn["r"],
+        "n_synthetic": syn["n"],
+    }
     if math.isfinite(real["p_value"]) and real["p_value"] < EFFECT_P_VALUE and real["slope"] != 0:
         out["effect_ratio"] = syn["slope"] / real["slope"]
     return out
 
 
-def conditioning_metrics(data: ReportData, covariates: list[Covariate], f_train: np.ndarray, f_reference: np.ndarray,
-                         f_synthetic: np.ndarray, extractor_key: str) -> tuple[dict, dict]:
+def conditioning_metrics(
+    data: ReportData,
+    covariates: list[Covariate],
+    f_train: np.ndarray,
+    f_reference: np.ndarray,
+    f_synthetic: np.ndarray,
+    extractor_key: str,
+) -> tuple[dict, dict]:
     """Does the synthetic set follow the requested covariates?
 
     * ``age`` (continuous covariate of that name): dark-CSF fraction of the head against age
@@ -351,30 +412,45 @@ def conditioning_metrics(data: ReportData, covariates: list[Covariate], f_train:
             csf_syn = np.array([cond.csf_fraction(v, low_high) for v in data.synthetic_volumes])
             block = _slope_block(real_age[real_ok], csf_real[real_ok], syn_age[syn_ok], csf_syn[syn_ok])
             _put(flat, "age.csf_fraction", block)
-            details["age"] = {"real_age": real_age, "real_ok": real_ok, "synthetic_age": syn_age,
-                              "synthetic_ok": syn_ok,
-                              "measures": {"csf_fraction": (csf_real, csf_syn)}}
+            details["age"] = {
+                "real_age": real_age,
+                "real_ok": real_ok,
+                "synthetic_age": syn_age,
+                "synthetic_ok": syn_ok,
+                "measures": {"csf_fraction": (csf_real, csf_syn)},
+            }
             if DEMO_TRUTH_COLUMN in data.real.columns:
-                vent_real = np.array([cond.ventricle_volume_ml(v, data.affine, low_high, VENTRICLE_THRESHOLD)
-                                      for v in data.real_volumes])
-                vent_syn = np.array([cond.ventricle_volume_ml(v, data.affine, low_high, VENTRICLE_THRESHOLD)
-                                     for v in data.synthetic_volumes])
+                vent_real = np.array(
+                    [cond.ventricle_volume_ml(v, data.affine, low_high, VENTRICLE_THRESHOLD) for v in data.real_volumes]
+                )
+                vent_syn = np.array(
+                    [
+                        cond.ventricle_volume_ml(v, data.affine, low_high, VENTRICLE_THRESHOLD)
+                        for v in data.synthetic_volumes
+                    ]
+                )
                 block = _slope_block(real_age[real_ok], vent_real[real_ok], syn_age[syn_ok], vent_syn[syn_ok])
                 truth = pd.to_numeric(data.real[DEMO_TRUTH_COLUMN], errors="coerce").to_numpy(dtype=np.float64)
                 ok = real_ok & np.isfinite(truth)
                 block["slope_ground_truth"] = cond.slope_and_correlation(real_age[ok], truth[ok])["slope"]
-                block["r_proxy_vs_ground_truth"] = (float(np.corrcoef(vent_real[ok], truth[ok])[0, 1])
-                                                    if ok.sum() > 2 and np.ptp(vent_real[ok]) > 0 else float("nan"))
+                block["r_proxy_vs_ground_truth"] = (
+                    float(np.corrcoef(vent_real[ok], truth[ok])[0, 1])
+                    if ok.sum() > 2 and np.ptp(vent_real[ok]) > 0
+                    else float("nan")
+                )
                 _put(flat, "age.ventricle_ml", block)
                 details["age"]["measures"]["ventricle_ml"] = (vent_real, vent_syn)
         else:
-            log.info("Conditioning: no 'age' column in the %s manifest; age effects skipped",
-                     "real" if real_age is None else "synthetic")
+            log.info(
+                "Conditioning: no 'age' column in the %s manifest; age effects skipped",
+                "real" if real_age is None else "synthetic",
+            )
 
     sex = by_name.get("sex")
     if sex is not None and sex.kind == "categorical" and len(sex.levels or []) >= 2:
         real_sex, syn_sex = covariate_column(data.real, sex), covariate_column(data.synthetic, sex)
         if real_sex is not None and syn_sex is not None:
+
             def head_ml(volumes: np.ndarray) -> np.ndarray:
                 return np.array([head_mask_normalized(v, low_high).sum() for v in volumes]) * data.voxel_ml
 
@@ -407,8 +483,13 @@ def conditioning_metrics(data: ReportData, covariates: list[Covariate], f_train:
             continue
         (tv, tok), (rv, rok), (sv, sok) = train_v, ref_v, syn_v
         if tok.sum() < 3 or rok.sum() < 1 or sok.sum() < 1:
-            log.info("Conditioning: too few values of '%s' for a predictor (train %d, held-out %d, synthetic %d)",
-                     cov.name, tok.sum(), rok.sum(), sok.sum())
+            log.info(
+                "Conditioning: too few values of '%s' for a predictor (train %d, held-out %d, synthetic %d)",
+                cov.name,
+                tok.sum(),
+                rok.sum(),
+                sok.sum(),
+            )
             continue
         if cov.kind == "categorical" and len(set(tv[tok])) < 2:
             log.info("Conditioning: '%s' has a single level in the training split; no predictor", cov.name)
@@ -433,8 +514,8 @@ def conditioning_metrics(data: ReportData, covariates: list[Covariate], f_train:
 
 @dataclass
 class ReportResult:
-    metrics: dict[str, Any]                         # flat, JSON-safe
-    details: dict[str, Any] = field(default_factory=dict)   # arrays and lists for figures and tables
+    metrics: dict[str, Any]  # flat, JSON-safe
+    details: dict[str, Any] = field(default_factory=dict)  # arrays and lists for figures and tables
 
 
 def make_extractor(rp: ReportParams, value_range: tuple[float, float], device: str = "cpu"):
@@ -463,34 +544,51 @@ def compute_set_metrics(params: Params, data: ReportData, extractor=None) -> Rep
     device = str(pick_device(rp.device))
     extractor = extractor or make_extractor(rp, data.value_range, device)
     key = feature_key(extractor.name)
-    metrics: dict[str, Any] = {"extractor": extractor.name, "n_synthetic": len(data.synthetic),
-                               "n_reference": len(data.reference_index), "n_train": len(data.train_index),
-                               "reference_splits": "+".join(data.reference_splits)}
+    metrics: dict[str, Any] = {
+        "extractor": extractor.name,
+        "n_synthetic": len(data.synthetic),
+        "n_reference": len(data.reference_index),
+        "n_train": len(data.train_index),
+        "reference_splits": "+".join(data.reference_splits),
+    }
     details: dict[str, Any] = {"extractor_key": key}
 
-    log.info("Features (%s) of %d training, %d held-out and %d synthetic volumes", extractor.name,
-             len(data.train_index), len(data.reference_index), len(data.synthetic))
+    log.info(
+        "Features (%s) of %d training, %d held-out and %d synthetic volumes",
+        extractor.name,
+        len(data.train_index),
+        len(data.reference_index),
+        len(data.synthetic),
+    )
     with torch.inference_mode():
         f_train, f_ref, f_syn = extractor(data.train), extractor(data.reference), extractor(data.synthetic_volumes)
 
     _put(metrics, f"fidelity.{key}", fidelity_metrics(f_ref, f_syn, f_train, rp.prdc_k, rp.seed))
     log.info("Diversity: mean pairwise MS-SSIM (at most %d pairs per set)", rp.max_pairs)
-    _put(metrics, "diversity", diversity_metrics(data.synthetic_volumes, data.reference, rp.max_pairs, rp.seed,
-                                                 data.data_range))
+    _put(
+        metrics,
+        "diversity",
+        diversity_metrics(data.synthetic_volumes, data.reference, rp.max_pairs, rp.seed, data.data_range),
+    )
     log.info("Conditioning fidelity")
     flat, details["conditioning"] = conditioning_metrics(data, list(params.covariates), f_train, f_ref, f_syn, key)
     _put(metrics, "conditioning", flat)
     log.info("Memorization: nearest training volume of every synthetic volume (NCC, SSIM)")
     flat, details["privacy"] = privacy_metrics(data.synthetic_volumes, data.train, data.reference, rp, data.value_range)
     _put(metrics, "privacy", flat)
-    flat, details["intensity"] = intensity_metrics(data.reference, data.synthetic_volumes, rp.histogram_bins,
-                                                   data.value_range)
+    flat, details["intensity"] = intensity_metrics(
+        data.reference, data.synthetic_volumes, rp.histogram_bins, data.value_range
+    )
     _put(metrics, "intensity", flat)
     _name_closest_pairs(data, details["privacy"])
     closest = details["privacy"][rp.privacy_metric]["closest_pairs"][0]
-    metrics.update({"privacy.closest_synthetic": closest["synthetic_file"],
-                    "privacy.closest_train": closest["train_id"],
-                    "privacy.closest_score": clean_number(closest["score"])})
+    metrics.update(
+        {
+            "privacy.closest_synthetic": closest["synthetic_file"],
+            "privacy.closest_train": closest["train_id"],
+            "privacy.closest_score": clean_number(closest["score"]),
+        }
+    )
     return ReportResult(metrics, details)
 
 
@@ -517,8 +615,9 @@ def compute_report(params: Params, data: ReportData, vqgan_dir: Path | None) -> 
         log.warning("The %s split is empty: VQ-GAN reconstruction is measured on the %s split", rp.recon_split, split)
     if vqgan_dir is not None and (Path(vqgan_dir) / "model.safetensors").is_file() and len(recon_index):
         log.info("VQ-GAN reconstruction of %d %s volumes", len(recon_index), split)
-        recon, example = reconstruction_metrics(Path(vqgan_dir), data.real_volumes[recon_index], data.value_range,
-                                                params.vqgan.loss, rp.device)
+        recon, example = reconstruction_metrics(
+            Path(vqgan_dir), data.real_volumes[recon_index], data.value_range, params.vqgan.loss, rp.device
+        )
         recon["split"] = split
         _put(result.metrics, "recon", recon)
         result.details["recon_example"] = example
@@ -572,8 +671,10 @@ def gate_rules(metrics: dict, t: ReportThresholds) -> list[tuple[str, str, str, 
         if match:
             threshold = t.max_predictor_error_ratio if match[2] == "error_ratio" else t.max_predictor_accuracy_drop
             rules.append((f"predictor_{match[1]}", key, "<=", threshold))
-    rules += [("privacy_copies", "privacy.excess_fraction", "<=", t.max_copy_fraction_over_chance),
-              ("privacy_near_duplicates", "privacy.n_near_duplicates", "<=", t.max_near_duplicates)]
+    rules += [
+        ("privacy_copies", "privacy.excess_fraction", "<=", t.max_copy_fraction_over_chance),
+        ("privacy_near_duplicates", "privacy.n_near_duplicates", "<=", t.max_near_duplicates),
+    ]
     return rules
 
 
@@ -601,8 +702,12 @@ def gate_summary(checks: list[Check]) -> dict[str, Any]:
     """Flat gate keys for metrics.json: ``gate`` (pass|fail), ``gate_passed``, ``gate_failed_checks``
     (comma-separated), ``gate_n_failed``, ``gate_n_checked`` and ``check.<name>`` (true/false)."""
     failed = [c.name for c in checks if c.status == "fail"]
-    out: dict[str, Any] = {"gate": "fail" if failed else "pass", "gate_passed": not failed,
-                           "gate_failed_checks": ",".join(failed), "gate_n_failed": len(failed),
-                           "gate_n_checked": sum(c.status != "skipped" for c in checks)}
+    out: dict[str, Any] = {
+        "gate": "fail" if failed else "pass",
+        "gate_passed": not failed,
+        "gate_failed_checks": ",".join(failed),
+        "gate_n_failed": len(failed),
+        "gate_n_checked": sum(c.status != "skipped" for c in checks),
+    }
     out.update({f"check.{c.name}": c.status == "pass" for c in checks if c.status != "skipped"})
     return out

@@ -62,8 +62,15 @@ def real_vs_synthetic_figure(data: ReportData, covariates: list[str], n: int, pa
     id_column = "item_id" if "item_id" in data.real.columns else "subject_id"
     titles = [f"real {data.real[id_column].iloc[i]}\n{_covariate_label(data.real.iloc[i], covariates)}" for i in ref]
     titles += [f"synthetic #{i}\n{_covariate_label(data.synthetic.iloc[i], covariates)}" for i in syn]
-    return three_plane_grid(volumes, titles, path, data.spacing, panel_inches=1.5, shared_range=True,
-                            suptitle="held-out real (top) vs synthetic (bottom)")
+    return three_plane_grid(
+        volumes,
+        titles,
+        path,
+        data.spacing,
+        panel_inches=1.5,
+        shared_range=True,
+        suptitle="held-out real (top) vs synthetic (bottom)",
+    )
 
 
 def _grey_window(volumes: np.ndarray) -> tuple[float, float]:
@@ -110,8 +117,10 @@ def histogram_figure(intensity: dict, path: Path) -> Path:
     ax.plot(centres, intensity["fake_hist"], color=SYNTHETIC_COLOUR, label="synthetic")
     ax.set_xlabel("intensity inside the head (processed range)")
     ax.set_ylabel("density")
-    ax.set_title(f"in-head intensities: Wasserstein {intensity['wasserstein']:.4f}, "
-                 f"JS distance {intensity['js_distance']:.3f}", fontsize=9)
+    ax.set_title(
+        f"in-head intensities: Wasserstein {intensity['wasserstein']:.4f}, JS distance {intensity['js_distance']:.3f}",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     return _save(figure, path)
 
@@ -126,10 +135,19 @@ def nearest_pairs_figure(data: ReportData, privacy: dict, path: Path) -> Path | 
     for pair in pairs:
         flag = " LIKELY COPY" if pair["likely_copy"] else ""
         volumes += [data.synthetic_volumes[pair["synthetic"]], train[pair["train"]]]
-        titles += [f"synthetic #{pair['synthetic']}\n{privacy['metric'].upper()} {pair['score']:.3f}{flag}",
-                   f"nearest train\n{pair['train_id']}"]
-    return three_plane_grid(volumes, titles, path, data.spacing, panel_inches=1.3, shared_range=True,
-                            suptitle=f"closest pairs; copy if {privacy['metric'].upper()} > {privacy['threshold']:.3f}")
+        titles += [
+            f"synthetic #{pair['synthetic']}\n{privacy['metric'].upper()} {pair['score']:.3f}{flag}",
+            f"nearest train\n{pair['train_id']}",
+        ]
+    return three_plane_grid(
+        volumes,
+        titles,
+        path,
+        data.spacing,
+        panel_inches=1.3,
+        shared_range=True,
+        suptitle=f"closest pairs; copy if {privacy['metric'].upper()} > {privacy['threshold']:.3f}",
+    )
 
 
 def privacy_scores_figure(privacy: dict, path: Path) -> Path:
@@ -173,9 +191,10 @@ def conditioning_figure(conditioning: dict, path: Path) -> Path | None:
             ax.legend(fontsize=7)
             continue
         real_y, syn_y = values
-        for kind, x, y, ok, colour in (("real", age["real_age"], real_y, age["real_ok"], REAL_COLOUR),
-                                       ("synthetic", age["synthetic_age"], syn_y, age["synthetic_ok"],
-                                        SYNTHETIC_COLOUR)):
+        for kind, x, y, ok, colour in (
+            ("real", age["real_age"], real_y, age["real_ok"], REAL_COLOUR),
+            ("synthetic", age["synthetic_age"], syn_y, age["synthetic_ok"], SYNTHETIC_COLOUR),
+        ):
             x, y = np.asarray(x)[ok], np.asarray(y)[ok]
             ax.scatter(x, y, s=10, color=colour, alpha=0.6, label=kind)
             if len(x) >= 2 and np.ptp(x) > 0:
@@ -193,8 +212,10 @@ def conditioning_figure(conditioning: dict, path: Path) -> Path | None:
 def training_curves_figure(reports_dir: Path, path: Path) -> Path | None:
     """Loss curves of reports/vqgan/losses.csv and reports/ldm/losses.csv (+ validation.csv), when present."""
     sources = []
-    for name, columns in (("vqgan", ["l1", "perceptual", "vq", "g_adv", "feature_matching", "d_loss"]),
-                          ("ldm", ["loss"])):
+    for name, columns in (
+        ("vqgan", ["l1", "perceptual", "vq", "g_adv", "feature_matching", "d_loss"]),
+        ("ldm", ["loss"]),
+    ):
         losses = reports_dir / name / "losses.csv"
         if losses.is_file():
             try:
@@ -227,12 +248,19 @@ def training_curves_figure(reports_dir: Path, path: Path) -> Path | None:
 
 
 def recon_figure(example: tuple[np.ndarray, np.ndarray], subject: str, spacing, path: Path) -> Path:
-    return three_plane_grid([example[0], example[1]], [f"real {subject}", "VQ-GAN reconstruction"], path, spacing,
-                            panel_inches=1.6, shared_range=True)
+    return three_plane_grid(
+        [example[0], example[1]],
+        [f"real {subject}", "VQ-GAN reconstruction"],
+        path,
+        spacing,
+        panel_inches=1.6,
+        shared_range=True,
+    )
 
 
-def render_figures(data: ReportData, result: ReportResult, covariates: list[str], n_examples: int,
-                   figures_dir: Path, reports_dir: Path) -> dict[str, Path]:
+def render_figures(
+    data: ReportData, result: ReportResult, covariates: list[str], n_examples: int, figures_dir: Path, reports_dir: Path
+) -> dict[str, Path]:
     """Every figure of the report, as PNG files in ``figures_dir``; returns ``{name: path}`` in page order."""
     figures_dir.mkdir(parents=True, exist_ok=True)
     for stale in figures_dir.glob("*.png"):  # a figure that no longer applies must not linger
@@ -240,21 +268,26 @@ def render_figures(data: ReportData, result: ReportResult, covariates: list[str]
     details = result.details
     privacy = details["privacy"][result.metrics.get("privacy.metric", "ncc")]
     out: dict[str, Path | None] = {
-        "real_vs_synthetic": real_vs_synthetic_figure(data, covariates, n_examples,
-                                                      figures_dir / "real_vs_synthetic.png"),
+        "real_vs_synthetic": real_vs_synthetic_figure(
+            data, covariates, n_examples, figures_dir / "real_vs_synthetic.png"
+        ),
     }
     age = details.get("conditioning", {}).get("age")
     if age:
-        out["synthetic_by_age"] = synthetic_by_age_figure(data, np.asarray(age["synthetic_age"]),
-                                                          np.asarray(age["synthetic_ok"]),
-                                                          figures_dir / "synthetic_by_age.png")
+        out["synthetic_by_age"] = synthetic_by_age_figure(
+            data,
+            np.asarray(age["synthetic_age"]),
+            np.asarray(age["synthetic_ok"]),
+            figures_dir / "synthetic_by_age.png",
+        )
     out["conditioning"] = conditioning_figure(details.get("conditioning", {}), figures_dir / "conditioning.png")
     out["intensity_histograms"] = histogram_figure(details["intensity"], figures_dir / "intensity_histograms.png")
     out["nearest_neighbours"] = nearest_pairs_figure(data, privacy, figures_dir / "nearest_neighbours.png")
     out["privacy_scores"] = privacy_scores_figure(privacy, figures_dir / "privacy_scores.png")
     if details.get("recon_example") is not None:
-        out["reconstruction"] = recon_figure(details["recon_example"], details.get("recon_id", ""), data.spacing,
-                                             figures_dir / "reconstruction.png")
+        out["reconstruction"] = recon_figure(
+            details["recon_example"], details.get("recon_id", ""), data.spacing, figures_dir / "reconstruction.png"
+        )
     out["training_curves"] = training_curves_figure(reports_dir, figures_dir / "training_curves.png")
     return {name: path for name, path in out.items() if path is not None}
 
@@ -282,24 +315,29 @@ figcaption { font-size: 0.85em; color: #555; }
 
 CAPTIONS = {
     "real_vs_synthetic": "Held-out real volumes (top rows) and synthetic volumes (bottom rows), middle slices, "
-                         "one grey scale for all rows.",
+    "one grey scale for all rows.",
     "synthetic_by_age": "Synthetic subjects sorted by the age they were generated for: ventricles and sulci "
-                        "should widen with age.",
+    "should widen with age.",
     "conditioning": "Known covariate effects: the measure against age (real: recorded age; synthetic: requested "
-                    "age) with least-squares lines, and head volume by sex.",
+    "age) with least-squares lines, and head volume by sex.",
     "intensity_histograms": "Pooled intensity histograms inside the head masks.",
     "nearest_neighbours": "The synthetic volumes most similar to a training volume, each above its nearest "
-                          "training volume.",
+    "training volume.",
     "privacy_scores": "Similarity to the nearest training volume: held-out real subjects (what different people "
-                      "look like) vs synthetic volumes. Synthetic volumes right of the threshold are likely copies.",
+    "look like) vs synthetic volumes. Synthetic volumes right of the threshold are likely copies.",
     "reconstruction": "A test volume and its VQ-GAN reconstruction.",
     "training_curves": "Training curves from reports/vqgan/losses.csv and reports/ldm/losses.csv.",
 }
 
-FAMILIES = [("recon.", "VQ-GAN reconstruction"), ("fidelity.", "Fidelity and coverage"),
-            ("diversity.", "Diversity"), ("conditioning.", "Conditioning fidelity"),
-            ("privacy.", "Memorization / privacy"), ("intensity.", "Intensity"),
-            ("compare.", "VQ-GAN vs VQ-VAE (validation)")]
+FAMILIES = [
+    ("recon.", "VQ-GAN reconstruction"),
+    ("fidelity.", "Fidelity and coverage"),
+    ("diversity.", "Diversity"),
+    ("conditioning.", "Conditioning fidelity"),
+    ("privacy.", "Memorization / privacy"),
+    ("intensity.", "Intensity"),
+    ("compare.", "VQ-GAN vs VQ-VAE (validation)"),
+]
 
 
 def _fmt(value: Any) -> str:
@@ -343,22 +381,34 @@ def _looks_numeric(text: str) -> bool:
         return False
 
 
-def build_html(metrics: dict, checks: list[Check], result: ReportResult, figures: dict[str, Path],
-               provenance: dict[str, str], comparison: pd.DataFrame | None = None) -> str:
+def build_html(
+    metrics: dict,
+    checks: list[Check],
+    result: ReportResult,
+    figures: dict[str, Path],
+    provenance: dict[str, str],
+    comparison: pd.DataFrame | None = None,
+) -> str:
     """The report page as one self-contained HTML string."""
     passed = bool(metrics.get("gate_passed"))
     status = "PASS" if passed else "FAIL"
     failed = [c.name for c in checks if c.status == "fail"]
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             "<title>SynthMRI quality and privacy report</title>", f"<style>{CSS}</style></head><body>",
-             "<h1>SynthMRI quality and privacy report</h1>"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        "<title>SynthMRI quality and privacy report</title>",
+        f"<style>{CSS}</style></head><body>",
+        "<h1>SynthMRI quality and privacy report</h1>",
+    ]
     # no wall-clock "generated" time: the page depends on its inputs only (reproducible dvc.lock hash);
     # when it was made is in git, dvc.lock and the MLflow report run
-    info = [("synthetic volumes", _fmt(metrics.get("n_synthetic"))),
-            ("real held-out volumes", f"{_fmt(metrics.get('n_reference'))} ({metrics.get('reference_splits', '')})"),
-            ("real training volumes", _fmt(metrics.get("n_train"))),
-            ("feature extractor", str(metrics.get("extractor", ""))),
-            *[(k, v) for k, v in provenance.items()]]
+    info = [
+        ("synthetic volumes", _fmt(metrics.get("n_synthetic"))),
+        ("real held-out volumes", f"{_fmt(metrics.get('n_reference'))} ({metrics.get('reference_splits', '')})"),
+        ("real training volumes", _fmt(metrics.get("n_train"))),
+        ("feature extractor", str(metrics.get("extractor", ""))),
+        *[(k, v) for k, v in provenance.items()],
+    ]
     parts.append(_table(["", ""], [[k, str(v)] for k, v in info]))
     banner = f"Quality gate: <b>{status}</b>"
     if failed:
@@ -368,14 +418,27 @@ def build_html(metrics: dict, checks: list[Check], result: ReportResult, figures
     parts.append("<h2>Quality gate</h2>")
     rows = []
     for check in checks:
-        badge = {"pass": '<td class="pass">PASS</td>', "fail": '<td class="fail">FAIL</td>',
-                 "skipped": '<td class="skipped">skipped</td>'}[check.status]
-        rows.append([check.name, f"<td><code>{html.escape(check.key)}</code></td>", _fmt(check.value), check.rule,
-                     badge, check.note])
+        badge = {
+            "pass": '<td class="pass">PASS</td>',
+            "fail": '<td class="fail">FAIL</td>',
+            "skipped": '<td class="skipped">skipped</td>',
+        }[check.status]
+        rows.append(
+            [
+                check.name,
+                f"<td><code>{html.escape(check.key)}</code></td>",
+                _fmt(check.value),
+                check.rule,
+                badge,
+                check.note,
+            ]
+        )
     parts.append(_table(["check", "metric", "value", "threshold", "result", "note"], rows, raw_columns={1, 4}))
-    parts.append('<p class="note">Thresholds come from <code>report.thresholds</code> in params.yaml; '
-                 "<code>null</code> switches a check off. Feature-space numbers are only comparable within one "
-                 f"extractor (here <b>{html.escape(str(metrics.get('extractor', '')))}</b>).</p>")
+    parts.append(
+        '<p class="note">Thresholds come from <code>report.thresholds</code> in params.yaml; '
+        "<code>null</code> switches a check off. Feature-space numbers are only comparable within one "
+        f"extractor (here <b>{html.escape(str(metrics.get('extractor', '')))}</b>).</p>"
+    )
 
     parts.append("<h2>All metrics</h2>")
     for prefix, title in FAMILIES:
@@ -391,20 +454,41 @@ def build_html(metrics: dict, checks: list[Check], result: ReportResult, figures
     privacy = result.details.get("privacy", {}).get(metrics.get("privacy.metric", "ncc"))
     if privacy:
         parts.append("<h2>Closest synthetic / training pairs</h2>")
-        rows = [[p["synthetic_file"], p["train_id"], _fmt(p["score"]),
-                 "LIKELY COPY" if p["likely_copy"] else "no", "yes" if p["near_duplicate"] else "no"]
-                for p in privacy["closest_pairs"]]
-        parts.append(_table(["synthetic file", "nearest training subject", privacy["metric"].upper(), "likely copy",
-                             "near duplicate"], rows))
-        parts.append(f'<p class="note">Likely copy: similarity above {privacy["threshold"]:.4f}, the '
-                     f'{privacy["quantile"]:g} quantile of held-out real vs training similarity; near duplicate: '
-                     f'above {privacy["near_duplicate_threshold"]:.4f}. Fraction of likely copies '
-                     f'{privacy["fraction"]:.3f} (chance {privacy["chance_fraction"]:.3f}).</p>')
+        rows = [
+            [
+                p["synthetic_file"],
+                p["train_id"],
+                _fmt(p["score"]),
+                "LIKELY COPY" if p["likely_copy"] else "no",
+                "yes" if p["near_duplicate"] else "no",
+            ]
+            for p in privacy["closest_pairs"]
+        ]
+        parts.append(
+            _table(
+                [
+                    "synthetic file",
+                    "nearest training subject",
+                    privacy["metric"].upper(),
+                    "likely copy",
+                    "near duplicate",
+                ],
+                rows,
+            )
+        )
+        parts.append(
+            f'<p class="note">Likely copy: similarity above {privacy["threshold"]:.4f}, the '
+            f"{privacy['quantile']:g} quantile of held-out real vs training similarity; near duplicate: "
+            f"above {privacy['near_duplicate_threshold']:.4f}. Fraction of likely copies "
+            f"{privacy['fraction']:.3f} (chance {privacy['chance_fraction']:.3f}).</p>"
+        )
 
     parts.append("<h2>Figures</h2>")
     for name, path in figures.items():
-        parts.append(f'<figure><img alt="{html.escape(name)}" src="{_png_data_uri(path)}">'
-                     f"<figcaption>{html.escape(CAPTIONS.get(name, name))}</figcaption></figure>")
+        parts.append(
+            f'<figure><img alt="{html.escape(name)}" src="{_png_data_uri(path)}">'
+            f"<figcaption>{html.escape(CAPTIONS.get(name, name))}</figcaption></figure>"
+        )
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -88,30 +88,46 @@ def model_comparison(reports_dir: Path, vqvae_metrics: str | None) -> tuple[pd.D
         return None, {}
     vqgan = _read_json(reports_dir / "vqgan.json") or {}
     columns = {"VQ-GAN": vqgan, "VQ-VAE": vqvae}
-    table = pd.DataFrame({name: [clean_number(values.get(k)) for k in COMPARED] for name, values in columns.items()},
-                         index=list(COMPARED))
-    flat = {f"compare.{name.lower().replace('-', '')}.{k}": clean_number(values[k])
-            for name, values in columns.items() for k in COMPARED
-            if isinstance(values.get(k), (int, float)) and not isinstance(values.get(k), bool)}
+    table = pd.DataFrame(
+        {name: [clean_number(values.get(k)) for k in COMPARED] for name, values in columns.items()},
+        index=list(COMPARED),
+    )
+    flat = {
+        f"compare.{name.lower().replace('-', '')}.{k}": clean_number(values[k])
+        for name, values in columns.items()
+        for k in COMPARED
+        if isinstance(values.get(k), (int, float)) and not isinstance(values.get(k), bool)
+    }
     log.info("VQ-VAE metrics from %s shown next to the VQ-GAN's", vqvae_metrics)
     return table, flat
 
 
-def _log_to_mlflow(metrics: dict, data: ReportData, digest: str, files: list[Path], figures_dir: Path,
-                   seconds: float) -> None:
+def _log_to_mlflow(
+    metrics: dict, data: ReportData, digest: str, files: list[Path], figures_dir: Path, seconds: float
+) -> None:
     import mlflow
 
-    numbers = {k: float(v) for k, v in metrics.items()
-               if isinstance(v, (int, float)) and v is not None and math.isfinite(float(v))}
+    numbers = {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and v is not None and math.isfinite(float(v))
+    }
     mlflow.log_metrics({**numbers, "report_seconds": seconds})
-    mlflow.set_tags({"gate": metrics["gate"], "gate_failed_checks": metrics["gate_failed_checks"] or "-",
-                     "extractor": str(metrics.get("extractor", ""))})
+    mlflow.set_tags(
+        {
+            "gate": metrics["gate"],
+            "gate_failed_checks": metrics["gate_failed_checks"] or "-",
+            "extractor": str(metrics.get("extractor", "")),
+        }
+    )
     with warnings.catch_warnings():  # MLflow's own notes on ambiguous local sources and integer columns
-        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted",
-                                category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message="The specified dataset source can be interpreted", category=UserWarning
+        )
         warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
-        dataset = mlflow.data.from_pandas(data.synthetic, source=Path(data.synthetic_dir).resolve().as_uri(),
-                                          name="synthetic", digest=digest[:16])
+        dataset = mlflow.data.from_pandas(
+            data.synthetic, source=Path(data.synthetic_dir).resolve().as_uri(), name="synthetic", digest=digest[:16]
+        )
         mlflow.log_input(dataset, context="evaluation")
     for path in files:
         mlflow.log_artifact(str(path))
@@ -119,8 +135,14 @@ def _log_to_mlflow(metrics: dict, data: ReportData, digest: str, files: list[Pat
         mlflow.log_artifacts(str(figures_dir), artifact_path=FIGURES_DIR)
 
 
-def run_report(params: Params, processed_dir: Path = PROCESSED_DIR, synthetic_dir: Path = SYNTHETIC_DIR,
-               vqgan_dir: Path = VQGAN_DIR, reports_dir: Path = REPORTS_DIR, track: bool = True) -> dict:
+def run_report(
+    params: Params,
+    processed_dir: Path = PROCESSED_DIR,
+    synthetic_dir: Path = SYNTHETIC_DIR,
+    vqgan_dir: Path = VQGAN_DIR,
+    reports_dir: Path = REPORTS_DIR,
+    track: bool = True,
+) -> dict:
     """Compute the report, write metrics.json, report.html and figures, evaluate the gate, log to MLflow.
 
     Returns the flat metrics (as written to ``reports/metrics.json``). Never raises because the gate
@@ -135,10 +157,14 @@ def run_report(params: Params, processed_dir: Path = PROCESSED_DIR, synthetic_di
     provenance = synthetic_provenance(data.synthetic)
     digest = synthetic_digest(data.synthetic)
     tags = {**provenance, "synthetic_digest": digest}
-    run_ctx = tracking.stage_run("report", params.model_dump(mode="json"), tags=tags) if track \
+    run_ctx = (
+        tracking.stage_run("report", params.model_dump(mode="json"), tags=tags) if track else contextlib.nullcontext()
+    )
+    blas = (
+        threadpool_limits(limits=params.report.blas_threads, user_api="blas")
+        if params.report.blas_threads
         else contextlib.nullcontext()
-    blas = threadpool_limits(limits=params.report.blas_threads, user_api="blas") \
-        if params.report.blas_threads else contextlib.nullcontext()
+    )
     with run_ctx:
         with blas:
             result = compute_report(params, data, Path(vqgan_dir) if vqgan_dir is not None else None)
@@ -154,15 +180,25 @@ def run_report(params: Params, processed_dir: Path = PROCESSED_DIR, synthetic_di
         metrics = {k: clean_number(v) for k, v in metrics.items()}
         metrics_path = reports_dir / METRICS_FILE
         write_text_atomic(metrics_path, json.dumps(metrics, indent=2, allow_nan=False) + "\n")
-        html_path = write_html(build_html(metrics, checks, result, figures,
-                                          {**provenance, "synthetic set digest": digest[:16]}, comparison),
-                               reports_dir / HTML_FILE)
+        html_path = write_html(
+            build_html(
+                metrics, checks, result, figures, {**provenance, "synthetic set digest": digest[:16]}, comparison
+            ),
+            reports_dir / HTML_FILE,
+        )
 
         failed = [c for c in checks if c.status == "fail"]
         if failed:
-            log.warning("QUALITY GATE FAILED: %d of %d checks failed: %s", len(failed), metrics["gate_n_checked"],
-                        "; ".join(f"{c.name} ({c.key} = {c.value if c.value is not None else 'n/a'}, "
-                                  f"needs {c.rule}{', ' + c.note if c.note else ''})" for c in failed))
+            log.warning(
+                "QUALITY GATE FAILED: %d of %d checks failed: %s",
+                len(failed),
+                metrics["gate_n_checked"],
+                "; ".join(
+                    f"{c.name} ({c.key} = {c.value if c.value is not None else 'n/a'}, "
+                    f"needs {c.rule}{', ' + c.note if c.note else ''})"
+                    for c in failed
+                ),
+            )
             log.warning("The synthetic set must not be published (gate_passed: false in %s)", metrics_path)
         else:
             log.info("Quality gate passed: %d checks", metrics["gate_n_checked"])

@@ -32,8 +32,11 @@ def make_plan(params: Params, training_manifest: pd.DataFrame) -> list[dict]:
         if not cfg.grid:
             raise StageError("sample.plan is 'grid' but sample.grid lists no covariate values")
         keys = list(cfg.grid)
-        combos = [{**{n: None for n in names}, **dict(zip(keys, combo))}
-                  for combo in itertools.product(*(cfg.grid[k] for k in keys)) for _ in range(cfg.per_cell)]
+        combos = [
+            {**{n: None for n in names}, **dict(zip(keys, combo))}
+            for combo in itertools.product(*(cfg.grid[k] for k in keys))
+            for _ in range(cfg.per_cell)
+        ]
         plan = covariate_rows(pd.DataFrame(combos, columns=names, dtype=object), params.covariates)
     else:
         if not cfg.csv:

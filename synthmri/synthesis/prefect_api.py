@@ -65,14 +65,34 @@ def prefect_api() -> Iterator[str]:
     url = f"http://127.0.0.1:{port}/api"
     env = dict(os.environ, PREFECT_UI_ENABLED="0", PREFECT__SERVER_EPHEMERAL="1", PREFECT__SERVER_FINAL="1")
     # Prefect's own temporary-server command, started by us so that the parent-death signal can be set
-    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent),
-                               "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-                               "--port", str(port), "--log-level", "error", "--lifespan", "on"],
-                              env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              preexec_fn=_die_with_parent)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            str(Path(prefect.__file__).parent.parent),
+            "--factory",
+            "prefect.server.api.server:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "error",
+            "--lifespan",
+            "on",
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
+    )
     try:
-        log.info("Starting a temporary Prefect server on 127.0.0.1:%d for this stage (set PREFECT_API_URL to use "
-                 "yours)", port)
+        log.info(
+            "Starting a temporary Prefect server on 127.0.0.1:%d for this stage (set PREFECT_API_URL to use yours)",
+            port,
+        )
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not _healthy(url):
             if server.poll() is not None:

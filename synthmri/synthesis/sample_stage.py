@@ -39,8 +39,10 @@ from synthmri.training.train_diffusion import MODEL_DIR as LDM_DIR
 log = get_logger(__name__)
 
 SYNTHETIC_DIR = Path("data/synthetic")
-INTENSITY_NOTE = ("float32 in [0, 1]: 0 is background, values are the training space's intensities "
-                  "(clipped at percentiles inside the head and scaled), mapped linearly from [-1, 1]")
+INTENSITY_NOTE = (
+    "float32 in [0, 1]: 0 is background, values are the training space's intensities "
+    "(clipped at percentiles inside the head and scaled), mapped linearly from [-1, 1]"
+)
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,13 @@ class SampleJob:
 def _models(ldm_dir: str, vqgan_dir: str, latent_dir: str):
     """Models are loaded once per process (threads share them; each Dask worker loads its own)."""
     device = pick_device("auto")
-    return (load_ldm(ldm_dir, device), read_config(Path(ldm_dir)), load_vqgan(vqgan_dir, device),
-            LatentSet(latent_dir, split=None), device)
+    return (
+        load_ldm(ldm_dir, device),
+        read_config(Path(ldm_dir)),
+        load_vqgan(vqgan_dir, device),
+        LatentSet(latent_dir, split=None),
+        device,
+    )
 
 
 def sample_volume_name(index: int) -> str:
@@ -83,8 +90,17 @@ def _generate_shard(job: SampleJob, shard: int, items: list[tuple[int, dict]]) -
     ldm, config, vqgan, latents, device = _models(job.ldm_dir, job.vqgan_dir, job.latent_dir)
     seeds = [sample_seed(job.seed, index) for index, _ in items]
     rows = [row for _, row in items]
-    z = sample_latents(ldm.unet, ldm.encoder, make_sampler(job.sampler, ldm_schedule(config)), rows,
-                       tuple(config["latent_shape"]), job.steps, job.guidance_scale, seeds=seeds, device=device)
+    z = sample_latents(
+        ldm.unet,
+        ldm.encoder,
+        make_sampler(job.sampler, ldm_schedule(config)),
+        rows,
+        tuple(config["latent_shape"]),
+        job.steps,
+        job.guidance_scale,
+        seeds=seeds,
+        device=device,
+    )
     out_dir = Path(job.out_dir)
     numerics = "cuda" if device.type == "cuda" else f"{cpu_numerics()}, {job.torch_threads} thread(s)"
     records = []
@@ -93,11 +109,26 @@ def _generate_shard(job: SampleJob, shard: int, items: list[tuple[int, dict]]) -
             volume = vqgan.decode(latents.unstandardize(latent[None].cpu()).to(device), quantize=True)
         data = ((volume.clamp(-1, 1)[0, 0].float().cpu().numpy() + 1.0) / 2.0).astype(np.float32)
         name = Path("volumes") / sample_volume_name(index)
-        save_nifti(data, np.asarray(job.affine), out_dir / name,
-                   descrip=f"SynthMRI synthetic T1w, not a real subject; release {job.release}")
-        records.append({"file": name.as_posix(), "sample_index": index, "seed": seed, **row,
-                        "sampler": job.sampler, "steps": job.steps, "guidance_scale": job.guidance_scale,
-                        "numerics": numerics, "sha256": sha256_file(out_dir / name), **job.provenance})
+        save_nifti(
+            data,
+            np.asarray(job.affine),
+            out_dir / name,
+            descrip=f"SynthMRI synthetic T1w, not a real subject; release {job.release}",
+        )
+        records.append(
+            {
+                "file": name.as_posix(),
+                "sample_index": index,
+                "seed": seed,
+                **row,
+                "sampler": job.sampler,
+                "steps": job.steps,
+                "guidance_scale": job.guidance_scale,
+                "numerics": numerics,
+                "sha256": sha256_file(out_dir / name),
+                **job.provenance,
+            }
+        )
     write_text_atomic(out_dir / "shards" / f"shard-{shard:05d}.json", json.dumps(records, indent=1))
     return {"shard": shard, "n": len(records)}
 
@@ -116,31 +147,47 @@ def _task_runner(params: Params, api_url: str):
             return DaskTaskRunner(address=params.sample.dask_address)
         # The worker processes must report to this stage's Prefect API: without its address each one
         # starts a temporary server of its own, which outlives the worker when the cluster closes.
-        return DaskTaskRunner(cluster_kwargs={"n_workers": params.sample.workers, "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None,
-                                              "env": {"PREFECT_API_URL": api_url}})
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": params.sample.workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": None,
+                "env": {"PREFECT_API_URL": api_url},
+            }
+        )
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=params.sample.workers)
 
 
-def run_shards(params: Params, job: SampleJob, pending: list[tuple[int, list[tuple[int, dict]]]],
-               total_volumes: int, done_volumes: int) -> None:
+def run_shards(
+    params: Params,
+    job: SampleJob,
+    pending: list[tuple[int, list[tuple[int, dict]]]],
+    total_volumes: int,
+    done_volumes: int,
+) -> None:
     """Fan the pending shards out as Prefect tasks on the configured task runner."""
     with prefect_api() as api_url:
         _run_shard_flow(params, job, pending, total_volumes, done_volumes, api_url)
 
 
-def _run_shard_flow(params: Params, job: SampleJob, pending: list[tuple[int, list[tuple[int, dict]]]],
-                    total_volumes: int, done_volumes: int, api_url: str) -> None:
+def _run_shard_flow(
+    params: Params,
+    job: SampleJob,
+    pending: list[tuple[int, list[tuple[int, dict]]]],
+    total_volumes: int,
+    done_volumes: int,
+    api_url: str,
+) -> None:
     from prefect import flow, task
 
     shard_task = task(generate_shard, name="generate-shard", retries=1, retry_delay_seconds=2)
 
     @flow(name="sample-shards", task_runner=_task_runner(params, api_url))
     def sample_shards() -> None:
-        bar = tqdm(total=total_volumes, initial=done_volumes, unit="vol", desc="Sampling volumes",
-                   dynamic_ncols=True)
+        bar = tqdm(total=total_volumes, initial=done_volumes, unit="vol", desc="Sampling volumes", dynamic_ncols=True)
         started = time.perf_counter()
         futures = [shard_task.submit(job, shard, items) for shard, items in pending]
         for future in futures:
@@ -154,9 +201,14 @@ def _run_shard_flow(params: Params, job: SampleJob, pending: list[tuple[int, lis
 
 
 def _fingerprint(params: Params, provenance: dict) -> str:
-    blob = json.dumps({"sample": params.sample.model_dump(mode="json", exclude={"task_runner", "workers",
-                                                                                 "dask_address"}),
-                       "sampler": params.diffusion.sampler.model_dump(mode="json"), **provenance}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "sample": params.sample.model_dump(mode="json", exclude={"task_runner", "workers", "dask_address"}),
+            "sampler": params.diffusion.sampler.model_dump(mode="json"),
+            **provenance,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -165,9 +217,13 @@ def _provenance(ldm_dir: Path, vqgan_dir: Path) -> dict:
         registry = directory / "registry.json"
         return json.loads(registry.read_text())["version"] if registry.is_file() else "unregistered"
 
-    return {"vqgan_version": version(vqgan_dir), "vqgan_sha256": sha256_file(vqgan_dir / "model.safetensors"),
-            "ldm_version": version(ldm_dir), "ldm_sha256": sha256_file(ldm_dir / "model.safetensors"),
-            "synthmri_version": __version__}
+    return {
+        "vqgan_version": version(vqgan_dir),
+        "vqgan_sha256": sha256_file(vqgan_dir / "model.safetensors"),
+        "ldm_version": version(ldm_dir),
+        "ldm_sha256": sha256_file(ldm_dir / "model.safetensors"),
+        "synthmri_version": __version__,
+    }
 
 
 def write_card(out_dir: Path, params: Params, manifest: pd.DataFrame, provenance: dict, space: dict) -> None:
@@ -202,9 +258,15 @@ def write_card(out_dir: Path, params: Params, manifest: pd.DataFrame, provenance
     write_text_atomic(out_dir / "README.md", "\n".join(lines) + "\n")
 
 
-def run_sample(params: Params, latent_dir: Path = LATENT_DIR, processed_dir: Path = PROCESSED_DIR,
-               ldm_dir: Path = LDM_DIR, vqgan_dir: Path = VQGAN_DIR, out_dir: Path = SYNTHETIC_DIR,
-               track: bool = True) -> pd.DataFrame:
+def run_sample(
+    params: Params,
+    latent_dir: Path = LATENT_DIR,
+    processed_dir: Path = PROCESSED_DIR,
+    ldm_dir: Path = LDM_DIR,
+    vqgan_dir: Path = VQGAN_DIR,
+    out_dir: Path = SYNTHETIC_DIR,
+    track: bool = True,
+) -> pd.DataFrame:
     """Generate the set (as an MLflow ``sample`` run whose generated data set is logged with its digest)."""
     if not track:
         return _generate(params, latent_dir, processed_dir, ldm_dir, vqgan_dir, out_dir)
@@ -216,18 +278,33 @@ def run_sample(params: Params, latent_dir: Path = LATENT_DIR, processed_dir: Pat
         started = time.perf_counter()
         manifest = _generate(params, latent_dir, processed_dir, ldm_dir, vqgan_dir, out_dir)
         digest = hashlib.sha256("".join(manifest["sha256"]).encode()).hexdigest()
-        mlflow.set_tags({"dataset_digest": digest, **{k: str(v) for k, v in manifest.iloc[0].items()
-                                                     if k.endswith(("_version", "_sha256"))}})
-        mlflow.log_metrics({"volumes": len(manifest),
-                            "volumes_per_min_incl_resume": 60 * len(manifest) / (time.perf_counter() - started)})
-        tracking.log_dataset(run.info.run_id, out_dir / "manifest.csv", name="synthetic", digest=digest,
-                             source=out_dir.resolve().as_uri(), context="generated")
+        mlflow.set_tags(
+            {
+                "dataset_digest": digest,
+                **{k: str(v) for k, v in manifest.iloc[0].items() if k.endswith(("_version", "_sha256"))},
+            }
+        )
+        mlflow.log_metrics(
+            {
+                "volumes": len(manifest),
+                "volumes_per_min_incl_resume": 60 * len(manifest) / (time.perf_counter() - started),
+            }
+        )
+        tracking.log_dataset(
+            run.info.run_id,
+            out_dir / "manifest.csv",
+            name="synthetic",
+            digest=digest,
+            source=out_dir.resolve().as_uri(),
+            context="generated",
+        )
         mlflow.log_artifact(str(out_dir / "README.md"), artifact_path="card")
     return manifest
 
 
-def _generate(params: Params, latent_dir: Path, processed_dir: Path, ldm_dir: Path, vqgan_dir: Path,
-              out_dir: Path) -> pd.DataFrame:
+def _generate(
+    params: Params, latent_dir: Path, processed_dir: Path, ldm_dir: Path, vqgan_dir: Path, out_dir: Path
+) -> pd.DataFrame:
     """Generate every planned sample that is not on disk yet, then write the manifest and card."""
     space = json.loads((processed_dir / SPACE_FILE).read_text())
     training = LatentSet(latent_dir, "train").manifest
@@ -241,17 +318,38 @@ def _generate(params: Params, latent_dir: Path, processed_dir: Path, ldm_dir: Pa
     write_text_atomic(stamp, json.dumps({"fingerprint": fingerprint}))
 
     size = params.sample.shard_size
-    shards = [(s, [(i, plan[i]) for i in range(s * size, min((s + 1) * size, len(plan)))])
-              for s in range((len(plan) + size - 1) // size)]
+    shards = [
+        (s, [(i, plan[i]) for i in range(s * size, min((s + 1) * size, len(plan)))])
+        for s in range((len(plan) + size - 1) // size)
+    ]
     pending = [(s, items) for s, items in shards if not (out_dir / "shards" / f"shard-{s:05d}.json").is_file()]
     done = sum(len(items) for s, items in shards) - sum(len(items) for _, items in pending)
     sampler = params.diffusion.sampler
-    job = SampleJob(str(ldm_dir), str(vqgan_dir), str(latent_dir), str(out_dir), space["affine"], sampler.sampler,
-                    sampler.steps, sampler.guidance_scale, params.sample.seed, params.sample.release, provenance,
-                    params.sample.torch_threads)
-    log.info("Sampling %d volumes in %d shards (%d already done) with %s, %d steps, guidance %.1f, on %s x%d",
-             len(plan), len(shards), done, sampler.sampler, sampler.steps, sampler.guidance_scale,
-             params.sample.task_runner, params.sample.workers)
+    job = SampleJob(
+        str(ldm_dir),
+        str(vqgan_dir),
+        str(latent_dir),
+        str(out_dir),
+        space["affine"],
+        sampler.sampler,
+        sampler.steps,
+        sampler.guidance_scale,
+        params.sample.seed,
+        params.sample.release,
+        provenance,
+        params.sample.torch_threads,
+    )
+    log.info(
+        "Sampling %d volumes in %d shards (%d already done) with %s, %d steps, guidance %.1f, on %s x%d",
+        len(plan),
+        len(shards),
+        done,
+        sampler.sampler,
+        sampler.steps,
+        sampler.guidance_scale,
+        params.sample.task_runner,
+        params.sample.workers,
+    )
     if pending:
         run_shards(params, job, pending, len(plan), done)
 

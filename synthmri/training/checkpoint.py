@@ -51,8 +51,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise StageError(f"refusing to load {path}: it holds objects other than tensors and plain "
-                         f"containers (possible executable pickle content). {first}") from None
+        raise StageError(
+            f"refusing to load {path}: it holds objects other than tensors and plain "
+            f"containers (possible executable pickle content). {first}"
+        ) from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise StageError(f"cannot read checkpoint {path}: {exc}") from None
 
@@ -65,8 +67,20 @@ def latest_checkpoint(directory: str | Path) -> dict[str, Any] | None:
 
 # Settings that change how or how long a run executes, not what it learns: resuming with them changed
 # continues the same run (processes and grad_accumulation change the batch, so they are not here).
-SCHEDULE_ONLY = {"steps", "checkpoint_every", "val_every", "log_every", "sample_every", "num_workers", "device",
-                 "precision", "activation_checkpointing", "channels_last", "compile", "pin_memory"}
+SCHEDULE_ONLY = {
+    "steps",
+    "checkpoint_every",
+    "val_every",
+    "log_every",
+    "sample_every",
+    "num_workers",
+    "device",
+    "precision",
+    "activation_checkpointing",
+    "channels_last",
+    "compile",
+    "pin_memory",
+}
 
 
 def config_fingerprint(section: dict[str, Any], seed: int, data_file: str | Path) -> str:

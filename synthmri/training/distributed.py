@@ -32,9 +32,11 @@ log = get_logger(__name__)
 
 TIMEOUT = datetime.timedelta(minutes=60)
 # No buffer broadcast at every forward: the quantizer all-reduces its codebook itself (torch >= 2.14 renamed the flag)
-_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
-                   if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
-                   else {"broadcast_buffers": False})  # rank 0 validates and writes figures while the others wait
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)  # rank 0 validates and writes figures while the others wait
 
 
 def under_launcher() -> bool:
@@ -44,15 +46,26 @@ def under_launcher() -> bool:
 
 def relaunch_command(processes: int, argv: Sequence[str]) -> list[str]:
     """The ``torch.distributed.run`` command that runs ``synthmri <argv>`` on ``processes`` local ranks."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-            "-m", "synthmri.cli", *argv]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        "-m",
+        "synthmri.cli",
+        *argv,
+    ]
 
 
 def relaunch(processes: int, argv: Sequence[str]) -> int:
     """Run this stage again under torchrun with ``processes`` ranks; returns its exit status."""
     command = relaunch_command(processes, argv)
     log.info("Launching %d training processes with torchrun (DistributedDataParallel)", processes)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes))),
+    }
     return subprocess.run(command, env=env, check=False).returncode
 
 
@@ -93,7 +106,7 @@ class Context:
     def micro_batch(self, rows: torch.Tensor, micro_step: int, batch_size: int) -> torch.Tensor:
         """This rank's ``batch_size`` rows of micro-step ``micro_step`` in a global batch ``rows``."""
         start = (micro_step * self.world_size + self.rank) * batch_size
-        return rows[start:start + batch_size]
+        return rows[start : start + batch_size]
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         """Scalars averaged over ranks (the loss of the global batch, what a single process would log)."""
@@ -123,6 +136,7 @@ def initialize(device_choice: str = "auto") -> Context:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     if rank != 0:
         import logging
+
         logging.getLogger("synthmri").setLevel(logging.WARNING)  # one voice in the log: rank 0's
     return Context(rank=rank, world_size=world, device=device)
 

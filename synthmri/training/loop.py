@@ -44,8 +44,13 @@ class ResumableTrainer:
         raise NotImplementedError
 
     def state(self) -> dict[str, Any]:
-        return {"fingerprint": self.fingerprint, "history": self.history, "val_history": self.val_history,
-                "rng": rng_state(), **{key: part.state_dict() for key, part in self.stateful().items()}}
+        return {
+            "fingerprint": self.fingerprint,
+            "history": self.history,
+            "val_history": self.val_history,
+            "rng": rng_state(),
+            **{key: part.state_dict() for key, part in self.stateful().items()},
+        }
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint of the same run, if any."""
@@ -60,9 +65,16 @@ class ResumableTrainer:
         return True
 
 
-def train_loop(trainer: Trainer, schedule: TrainParams, checkpoint_dir: Path, desc: str,
-               validate: Callable[[], None], mlflow: Any | None = None, postfix: tuple[str, ...] = (),
-               ctx: Context | None = None) -> float:
+def train_loop(
+    trainer: Trainer,
+    schedule: TrainParams,
+    checkpoint_dir: Path,
+    desc: str,
+    validate: Callable[[], None],
+    mlflow: Any | None = None,
+    postfix: tuple[str, ...] = (),
+    ctx: Context | None = None,
+) -> float:
     """Run ``trainer`` from its current step to ``schedule.steps``; returns volumes (samples) per second.
 
     Losses are recorded every ``log_every`` steps (history + MLflow), ``validate`` runs every
@@ -71,8 +83,15 @@ def train_loop(trainer: Trainer, schedule: TrainParams, checkpoint_dir: Path, de
     """
     ctx = ctx or Context()
     batch = schedule.batch_size * schedule.grad_accumulation * ctx.world_size  # volumes per optimizer step
-    bar = tqdm(total=schedule.steps * batch, initial=trainer.step * batch, unit="vol", desc=desc,
-               dynamic_ncols=True, mininterval=1.0, disable=not ctx.is_main)
+    bar = tqdm(
+        total=schedule.steps * batch,
+        initial=trainer.step * batch,
+        unit="vol",
+        desc=desc,
+        dynamic_ncols=True,
+        mininterval=1.0,
+        disable=not ctx.is_main,
+    )
     started, seen = time.perf_counter(), 0
     while trainer.step < schedule.steps:
         losses = trainer.next_step()

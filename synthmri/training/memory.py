@@ -26,9 +26,9 @@ from torch import nn
 
 from synthmri.config import Params
 
-GiB = 1024 ** 3
+GiB = 1024**3
 CUDA_CONTEXT_BYTES = int(0.6 * GiB)  # driver + kernels, outside torch's allocator
-FRAGMENTATION = 0.10                 # caching-allocator slack
+FRAGMENTATION = 0.10  # caching-allocator slack
 _SDPA = F.scaled_dot_product_attention
 
 
@@ -76,10 +76,12 @@ class SavedTensorCounter:
         from synthmri.models import unet as unet_module
         from synthmri.models import vqgan as vqgan_module
 
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t), \
-                mock.patch.object(vqgan_module, "checkpoint", self.checkpoint), \
-                mock.patch.object(unet_module, "checkpoint", self.checkpoint), \
-                mock.patch.object(F, "scaled_dot_product_attention", self.attention):
+        with (
+            torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t),
+            mock.patch.object(vqgan_module, "checkpoint", self.checkpoint),
+            mock.patch.object(unet_module, "checkpoint", self.checkpoint),
+            mock.patch.object(F, "scaled_dot_product_attention", self.attention),
+        ):
             yield self
 
     def activation_bytes(self, checkpointing: bool) -> int:
@@ -144,8 +146,9 @@ def _trace(modules: list[nn.Module], forward) -> SavedTensorCounter:
     return counter
 
 
-def plan_vqgan(params: Params, batch_size: int | None = None, precision: str | None = None,
-               device: str = "meta") -> MemoryPlan:
+def plan_vqgan(
+    params: Params, batch_size: int | None = None, precision: str | None = None, device: str = "meta"
+) -> MemoryPlan:
     """Generator step of the VQ-GAN (the peak: encoder, decoder and the critics' view of the fake)."""
     from synthmri.training.train_vqgan import build_models
 
@@ -174,12 +177,24 @@ def plan_vqgan(params: Params, batch_size: int | None = None, precision: str | N
         components[f"discriminator {name}"] = value
     components["activations"] = activations
     components["backward transient"] = 2 * counter.largest
-    return MemoryPlan("train_vqgan", batch, precision, t.activation_checkpointing, n_params + n_disc, components,
-                      per_sample=(activations + 2 * counter.largest) // batch)
+    return MemoryPlan(
+        "train_vqgan",
+        batch,
+        precision,
+        t.activation_checkpointing,
+        n_params + n_disc,
+        components,
+        per_sample=(activations + 2 * counter.largest) // batch,
+    )
 
 
-def plan_diffusion(params: Params, batch_size: int | None = None, precision: str | None = None,
-                   latent_shape: tuple[int, ...] | None = None, device: str = "meta") -> MemoryPlan:
+def plan_diffusion(
+    params: Params,
+    batch_size: int | None = None,
+    precision: str | None = None,
+    latent_shape: tuple[int, ...] | None = None,
+    device: str = "meta",
+) -> MemoryPlan:
     """Diffusion U-Net step on the latents the VQ-GAN of ``params`` produces."""
     from synthmri.models.loading import build_ldm
 
@@ -188,8 +203,7 @@ def plan_diffusion(params: Params, batch_size: int | None = None, precision: str
     precision = precision or t.precision
     dtype = _dtype(precision)
     factor = 2 ** (len(params.vqgan.model.channels) - 1)
-    latent_shape = latent_shape or (params.vqgan.model.latent_channels,
-                                    *(s // factor for s in params.normalize.shape))
+    latent_shape = latent_shape or (params.vqgan.model.latent_channels, *(s // factor for s in params.normalize.shape))
     with torch.device(device):
         model = build_ldm(params.diffusion.unet, params.covariates, latent_shape[0], checkpointing=True)
     model.to(dtype).train()
@@ -204,15 +218,24 @@ def plan_diffusion(params: Params, batch_size: int | None = None, precision: str
     components = _persistent(n_params, precision, ema=True)
     components["activations"] = activations
     components["backward transient"] = 2 * counter.largest
-    return MemoryPlan("train_diffusion", batch, precision, t.activation_checkpointing, n_params, components,
-                      per_sample=(activations + 2 * counter.largest) // batch)
+    return MemoryPlan(
+        "train_diffusion",
+        batch,
+        precision,
+        t.activation_checkpointing,
+        n_params,
+        components,
+        per_sample=(activations + 2 * counter.largest) // batch,
+    )
 
 
 def format_plan(plan: MemoryPlan, capacity_gb: float) -> str:
     """A small table a user reads before renting a GPU."""
     capacity = capacity_gb * GiB
-    lines = [f"{plan.stage}: batch {plan.batch_size} per GPU, {plan.precision}, activation checkpointing "
-             f"{'on' if plan.checkpointing else 'off'}, {plan.parameters / 1e6:.1f} M parameters"]
+    lines = [
+        f"{plan.stage}: batch {plan.batch_size} per GPU, {plan.precision}, activation checkpointing "
+        f"{'on' if plan.checkpointing else 'off'}, {plan.parameters / 1e6:.1f} M parameters"
+    ]
     for name, value in plan.components.items():
         lines.append(f"  {name:<36} {value / GiB:9.2f} GiB")
     lines.append(f"  {'allocator slack (10 %) + CUDA context':<36} {(plan.peak - plan.allocated) / GiB:9.2f} GiB")

@@ -53,15 +53,15 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
     return torch.randint(n, (batch_size,), generator=generator)
 
 
-def to_device(batch: torch.Tensor, device: torch.device, pin_memory: bool = True,
-              channels_last: bool = False) -> torch.Tensor:
+def to_device(
+    batch: torch.Tensor, device: torch.device, pin_memory: bool = True, channels_last: bool = False
+) -> torch.Tensor:
     """Host batch → device: page-locked and asynchronous on CUDA; optionally channels-last-3d."""
     if device.type == "cuda":
         batch = (batch.pin_memory() if pin_memory else batch).to(device, non_blocking=pin_memory)
     if channels_last and batch.dim() == 5:
         batch = batch.contiguous(memory_format=torch.channels_last_3d)
     return batch
-
 
 
 @contextlib.contextmanager

@@ -52,8 +52,9 @@ REPORT_DIR = Path("reports/vqgan")
 METRICS_FILE = Path("reports/vqgan.json")
 
 
-def build_models(params: Params, device: torch.device,
-                 checkpointing: bool = False) -> tuple[VQGAN, torch.nn.ModuleList]:
+def build_models(
+    params: Params, device: torch.device, checkpointing: bool = False
+) -> tuple[VQGAN, torch.nn.ModuleList]:
     cfg = params.vqgan
     model = VQGAN.from_params(cfg.model, cfg.quantizer, checkpointing=checkpointing).to(device)
     discriminators = torch.nn.ModuleList()
@@ -65,8 +66,9 @@ def build_models(params: Params, device: torch.device,
 
 
 @torch.inference_mode()
-def validate(model: VQGAN, volumes: ProcessedVolumes, lpips: LPIPS25D, device: torch.device,
-             data_range: float) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
+def validate(
+    model: VQGAN, volumes: ProcessedVolumes, lpips: LPIPS25D, device: torch.device, data_range: float
+) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
     """PSNR, SSIM (3D, scikit-image) and 2.5D LPIPS of the reconstructions of ``volumes``."""
     model.eval()
     scores = {"psnr": [], "ssim": [], "lpips": []}
@@ -96,9 +98,15 @@ class VQGANTrainer(ResumableTrainer):
 
     name = "VQ-GAN"
 
-    def __init__(self, params: Params, train_set: ProcessedVolumes | None = None,
-                 val_set: ProcessedVolumes | None = None, checkpoint_dir: Path = CHECKPOINT_DIR,
-                 fingerprint: str = "", ctx: Context | None = None) -> None:
+    def __init__(
+        self,
+        params: Params,
+        train_set: ProcessedVolumes | None = None,
+        val_set: ProcessedVolumes | None = None,
+        checkpoint_dir: Path = CHECKPOINT_DIR,
+        fingerprint: str = "",
+        ctx: Context | None = None,
+    ) -> None:
         self.params, self.cfg = params, params.vqgan
         t = self.cfg.train
         self.ctx = ctx or Context(device=pick_device(t.device))
@@ -111,7 +119,9 @@ class VQGANTrainer(ResumableTrainer):
         self.train_discriminators = [self.ctx.prepare(d, t.channels_last, t.compile) for d in self.discriminators]
         self.opt_g = adamw(self.model.parameters(), t)
         self.lr_schedule_g = lr_scheduler(self.opt_g, t)
-        self.opt_d = adamw(self.discriminators.parameters(), t, t.lr_discriminator) if len(self.discriminators) else None
+        self.opt_d = (
+            adamw(self.discriminators.parameters(), t, t.lr_discriminator) if len(self.discriminators) else None
+        )
         self.lpips_metric, self.backbone = LPIPS25D.from_params(self.cfg.loss, random_slices=False)
         self.lpips_loss = LPIPS25D(self.lpips_metric.net, self.cfg.loss.lpips_slices_per_axis, random_slices=True)
         self.lpips_metric.to(self.device), self.lpips_loss.to(self.device)
@@ -121,8 +131,12 @@ class VQGANTrainer(ResumableTrainer):
     # -- state -----------------------------------------------------------------------------------
 
     def stateful(self) -> dict:
-        parts = {"model": self.model, "discriminators": self.discriminators, "opt_g": self.opt_g,
-                 "lr_schedule_g": self.lr_schedule_g}
+        parts = {
+            "model": self.model,
+            "discriminators": self.discriminators,
+            "opt_g": self.opt_g,
+            "lr_schedule_g": self.lr_schedule_g,
+        }
         return {**parts, "opt_d": self.opt_d} if self.opt_d else parts
 
     # -- one step --------------------------------------------------------------------------------
@@ -133,7 +147,9 @@ class VQGANTrainer(ResumableTrainer):
         global_batch = t.batch_size * ctx.world_size * t.grad_accumulation
         indices = batch_indices(len(self.train_set), global_batch, self.params.seed, self.step)
         rows = torch.arange(global_batch)
-        flips = torch.rand(global_batch, generator=torch.Generator().manual_seed(self.params.seed + self.step)) < t.flip_lr
+        flips = (
+            torch.rand(global_batch, generator=torch.Generator().manual_seed(self.params.seed + self.step)) < t.flip_lr
+        )
         micro_batches = []
         for m in range(t.grad_accumulation):
             mine = ctx.micro_batch(rows, m, t.batch_size)
@@ -164,15 +180,27 @@ class VQGANTrainer(ResumableTrainer):
                         with torch.no_grad():
                             outputs_real = [d(x) for d in self.discriminators]
                         g_adv = sum(hinge_g_loss(logits) for logits, _ in outputs_fake)
-                        fm = sum(feature_matching_loss(real_f, fake_f)
-                                 for (_, real_f), (_, fake_f) in zip(outputs_real, outputs_fake))
-                        gan_weight = adaptive_gan_weight(rec_loss, g_adv, self.model.last_layer_weight) * loss_cfg.adversarial
+                        fm = sum(
+                            feature_matching_loss(real_f, fake_f)
+                            for (_, real_f), (_, fake_f) in zip(outputs_real, outputs_fake)
+                        )
+                        gan_weight = (
+                            adaptive_gan_weight(rec_loss, g_adv, self.model.last_layer_weight) * loss_cfg.adversarial
+                        )
                     loss = rec_loss + vq_loss + gan_weight * g_adv + loss_cfg.feature_matching * fm
                 (loss / n).backward()
             recons.append(recon.detach())
-            values = {"loss": loss, "l1": l1, "perceptual": perceptual, "vq": vq_loss, "g_adv": g_adv,
-                      "feature_matching": fm, "gan_weight": gan_weight,
-                      "perplexity": stats["perplexity"], "codebook_usage": stats["usage"]}
+            values = {
+                "loss": loss,
+                "l1": l1,
+                "perceptual": perceptual,
+                "vq": vq_loss,
+                "g_adv": g_adv,
+                "feature_matching": fm,
+                "gan_weight": gan_weight,
+                "perplexity": stats["perplexity"],
+                "codebook_usage": stats["usage"],
+            }
             for name, value in values.items():
                 totals[name] = totals.get(name, 0.0) + float(value.detach()) / n
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
@@ -189,8 +217,9 @@ class VQGANTrainer(ResumableTrainer):
                         stack.enter_context(ctx.no_sync(d, sync=i == n - 1))
                     with autocast(self.device, t.precision):
                         # real and fake in one forward: one DDP forward per backward
-                        d_loss = sum(hinge_d_loss(*d(torch.cat([x, recon]))[0].chunk(2))
-                                     for d in self.train_discriminators)
+                        d_loss = sum(
+                            hinge_d_loss(*d(torch.cat([x, recon]))[0].chunk(2)) for d in self.train_discriminators
+                        )
                     (d_loss / n).backward()
                 totals["d_loss"] += float(d_loss.detach()) / n
             torch.nn.utils.clip_grad_norm_(self.discriminators.parameters(), t.grad_clip)
@@ -198,22 +227,31 @@ class VQGANTrainer(ResumableTrainer):
         return totals
 
 
-def _write_outputs(trainer: VQGANTrainer, model_dir: Path, report_dir: Path, metrics_file: Path,
-                   val_scores: dict[str, float]) -> dict:
+def _write_outputs(
+    trainer: VQGANTrainer, model_dir: Path, report_dir: Path, metrics_file: Path, val_scores: dict[str, float]
+) -> dict:
     """Weights, curves and the DVC metrics: only what the inputs determine (no wall-clock figures), so a
     rerun reproduces every hash in dvc.lock."""
-    config = {"vqgan": trainer.params.vqgan.model_dump(mode="json"),
-              "normalize": trainer.params.normalize.model_dump(mode="json"),
-              "lpips_backbone": trainer.backbone, "steps": trainer.step}
+    config = {
+        "vqgan": trainer.params.vqgan.model_dump(mode="json"),
+        "normalize": trainer.params.normalize.model_dump(mode="json"),
+        "lpips_backbone": trainer.backbone,
+        "steps": trainer.step,
+    }
     save_weights(trainer.model, config, model_dir)
     write_csv_atomic(pd.DataFrame(trainer.history), report_dir / "losses.csv")
     write_csv_atomic(pd.DataFrame(trainer.val_history), report_dir / "validation.csv")
     last = trainer.history[-1] if trainer.history else {}
-    metrics = {"val_psnr": val_scores["psnr"], "val_ssim": val_scores["ssim"], "val_lpips": val_scores["lpips"],
-               "codebook_usage": last.get("codebook_usage", 0.0), "perplexity": last.get("perplexity", 0.0),
-               "steps": trainer.step,
-               "model": "vqvae" if trainer.opt_d is None and trainer.cfg.loss.perceptual == 0 else "vqgan",
-               "lpips_backbone": trainer.backbone}
+    metrics = {
+        "val_psnr": val_scores["psnr"],
+        "val_ssim": val_scores["ssim"],
+        "val_lpips": val_scores["lpips"],
+        "codebook_usage": last.get("codebook_usage", 0.0),
+        "perplexity": last.get("perplexity", 0.0),
+        "steps": trainer.step,
+        "model": "vqvae" if trainer.opt_d is None and trainer.cfg.loss.perceptual == 0 else "vqgan",
+        "lpips_backbone": trainer.backbone,
+    }
     write_text_atomic(metrics_file, json.dumps(metrics, indent=2))
     return metrics
 
@@ -222,17 +260,26 @@ def _log_validation(trainer: VQGANTrainer, mlflow, report_dir: Path, val_set: Pr
     """Validate, record the scores, and show real vs reconstruction in MLflow."""
     scores, example = validate(trainer.model, val_set, trainer.lpips_metric, trainer.device, trainer.data_range)
     trainer.val_history.append({"step": trainer.step, **scores})
-    figure = three_plane_grid([example[0], example[1]], ["real (val)", f"reconstruction, step {trainer.step}"],
-                              report_dir / "reconstruction.png")
+    figure = three_plane_grid(
+        [example[0], example[1]],
+        ["real (val)", f"reconstruction, step {trainer.step}"],
+        report_dir / "reconstruction.png",
+    )
     if mlflow is not None:
         mlflow.log_metrics({f"val_{k}": v for k, v in scores.items()}, step=trainer.step)
         mlflow.log_artifact(str(figure), artifact_path=f"figures/step-{trainer.step:07d}")
     return scores
 
 
-def run_train_vqgan(params: Params, processed_dir: Path = PROCESSED_DIR, model_dir: Path = MODEL_DIR,
-                    checkpoint_dir: Path = CHECKPOINT_DIR, report_dir: Path = REPORT_DIR,
-                    metrics_file: Path = METRICS_FILE, track: bool = True) -> dict:
+def run_train_vqgan(
+    params: Params,
+    processed_dir: Path = PROCESSED_DIR,
+    model_dir: Path = MODEL_DIR,
+    checkpoint_dir: Path = CHECKPOINT_DIR,
+    report_dir: Path = REPORT_DIR,
+    metrics_file: Path = METRICS_FILE,
+    track: bool = True,
+) -> dict:
     """Train (or resume), validate, write ``model_dir`` and the metrics; log everything to MLflow."""
 
     train_set, val_set = ProcessedVolumes(processed_dir, "train"), ProcessedVolumes(processed_dir, "val")
@@ -240,48 +287,85 @@ def run_train_vqgan(params: Params, processed_dir: Path = PROCESSED_DIR, model_d
         raise StageError("the training split is empty: check normalize.split")
     ctx = distributed.initialize(params.vqgan.train.device)
     try:
-        trainer = VQGANTrainer(params, train_set, val_set, checkpoint_dir,
-                               config_fingerprint(params.vqgan.model_dump(mode="json"), params.seed,
-                                                  Path(processed_dir) / "manifest.csv"), ctx)
+        trainer = VQGANTrainer(
+            params,
+            train_set,
+            val_set,
+            checkpoint_dir,
+            config_fingerprint(params.vqgan.model_dump(mode="json"), params.seed, Path(processed_dir) / "manifest.csv"),
+            ctx,
+        )
         return _train(trainer, model_dir, checkpoint_dir, report_dir, metrics_file, track and ctx.is_main)
     finally:
         distributed.shutdown()
 
 
-def _train(trainer: VQGANTrainer, model_dir: Path, checkpoint_dir: Path, report_dir: Path, metrics_file: Path,
-           track: bool) -> dict:
+def _train(
+    trainer: VQGANTrainer, model_dir: Path, checkpoint_dir: Path, report_dir: Path, metrics_file: Path, track: bool
+) -> dict:
     """The training run of one rank; rank 0 also validates, logs and writes every output."""
     from synthmri import tracking
 
     t, ctx = trainer.cfg.train, trainer.ctx
     mlflow = importlib.import_module("mlflow") if track else None
-    run_ctx = tracking.stage_run("train_vqgan", trainer.params.model_dump(mode="json"),
-                                 tags={"lpips_backbone": trainer.backbone}) if track else contextlib.nullcontext()
+    run_ctx = (
+        tracking.stage_run(
+            "train_vqgan", trainer.params.model_dump(mode="json"), tags={"lpips_backbone": trainer.backbone}
+        )
+        if track
+        else contextlib.nullcontext()
+    )
     with run_ctx as run:
         trainer.resume()
-        log.info("Training the %s on %d volumes (%d validation) for %d steps on %s, %d process(es) x %d x %d "
-                 "volumes per step; LPIPS backbone: %s", "VQ-GAN" if trainer.opt_d else "VQ-VAE",
-                 len(trainer.train_set), len(trainer.val_set), t.steps, trainer.device, ctx.world_size,
-                 t.grad_accumulation, t.batch_size, trainer.backbone)
+        log.info(
+            "Training the %s on %d volumes (%d validation) for %d steps on %s, %d process(es) x %d x %d "
+            "volumes per step; LPIPS backbone: %s",
+            "VQ-GAN" if trainer.opt_d else "VQ-VAE",
+            len(trainer.train_set),
+            len(trainer.val_set),
+            t.steps,
+            trainer.device,
+            ctx.world_size,
+            t.grad_accumulation,
+            t.batch_size,
+            trainer.backbone,
+        )
         trainer.model.train()
         throughput = train_loop(
-            trainer, t, checkpoint_dir, "Training VQ-GAN", mlflow=mlflow, postfix=("l1", "vq", "codebook_usage"),
-            validate=lambda: _log_validation(trainer, mlflow, report_dir, trainer.val_set) if len(trainer.val_set) else None,
-            ctx=ctx)
+            trainer,
+            t,
+            checkpoint_dir,
+            "Training VQ-GAN",
+            mlflow=mlflow,
+            postfix=("l1", "vq", "codebook_usage"),
+            validate=lambda: (
+                _log_validation(trainer, mlflow, report_dir, trainer.val_set) if len(trainer.val_set) else None
+            ),
+            ctx=ctx,
+        )
         if not ctx.is_main:
             return {}
-        scores = _log_validation(trainer, mlflow, report_dir,
-                                 trainer.val_set if len(trainer.val_set) else trainer.train_set)
+        scores = _log_validation(
+            trainer, mlflow, report_dir, trainer.val_set if len(trainer.val_set) else trainer.train_set
+        )
         metrics = _write_outputs(trainer, model_dir, report_dir, metrics_file, scores)
-        log.info("Validation after %d steps: PSNR %.2f dB, SSIM %.3f, LPIPS %.3f; codebook usage %.0f%%; "
-                 "%.2f volumes/s", trainer.step, scores["psnr"], scores["ssim"], scores["lpips"],
-                 100 * metrics["codebook_usage"], throughput)
+        log.info(
+            "Validation after %d steps: PSNR %.2f dB, SSIM %.3f, LPIPS %.3f; codebook usage %.0f%%; %.2f volumes/s",
+            trainer.step,
+            scores["psnr"],
+            scores["ssim"],
+            scores["lpips"],
+            100 * metrics["codebook_usage"],
+            throughput,
+        )
         if mlflow is not None:
             mlflow.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=trainer.step)
             mlflow.log_metric("train_volumes_per_s", throughput, step=trainer.step)
-            version = tracking.register_model("synthmri-vqgan", model_dir, run,
-                                              {"sha256": sha256_file(model_dir / "model.safetensors")})
-            write_text_atomic(model_dir / "registry.json",
-                              json.dumps({"name": "synthmri-vqgan", "version": version}, indent=2))
+            version = tracking.register_model(
+                "synthmri-vqgan", model_dir, run, {"sha256": sha256_file(model_dir / "model.safetensors")}
+            )
+            write_text_atomic(
+                model_dir / "registry.json", json.dumps({"name": "synthmri-vqgan", "version": version}, indent=2)
+            )
     shutil.rmtree(checkpoint_dir, ignore_errors=True)  # finished: checkpoints only serve interrupted runs
     return metrics
