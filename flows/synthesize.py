@@ -42,6 +42,7 @@ from prefect.runtime import flow_run
 
 from synthmri import publish as pub
 from synthmri import tracking
+from synthmri.io import sha256_file
 
 PROGRESS_EVERY_S = 15.0
 # A failing stage is retried unless its output says the failure cannot go away by itself.
@@ -325,7 +326,7 @@ def synthesize(
                     name=stage, task_run_name=stage, retries=retries, retry_delay_seconds=retry_delay_s
                 )
                 outcomes[stage] = stage_task(stage, str(root), parent)
-            lock_digest = pub.sha256_file(root / "dvc.lock") if (root / "dvc.lock").is_file() else None
+            lock_digest = sha256_file(root / "dvc.lock") if (root / "dvc.lock").is_file() else None
             gate = summarize_report(str(root), outcomes)
             tracking.set_run_tags(
                 parent,

@@ -29,6 +29,20 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def dvc_directory_hash(path: str | Path) -> str:
+    """The hash DVC gives the folder ``path`` as a stage output (``<md5>.dir``, as in ``dvc.lock``), computed
+    by DVC's own hashing library: the one digest of a data set that sample, report, publish, the MLflow
+    runs, ``release.json`` and ``dvc get`` all know it by."""
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db.local import LocalHashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+
+    fs = LocalFileSystem()
+    with tempfile.TemporaryDirectory(prefix="synthmri-hash-") as scratch:
+        _, _, tree = build(LocalHashFileDB(fs, scratch), os.path.abspath(path), fs, "md5", dry_run=True)
+    return str(tree.hash_info.value)
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; it becomes ``final`` only if the block succeeds."""

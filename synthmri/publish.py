@@ -30,7 +30,6 @@ import contextlib
 import datetime as _dt
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from synthmri.errors import StageError
+from synthmri.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +112,6 @@ def git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
 
 def dvc(repo: Path, *args: str, check: bool = True, timeout: float = 6 * 3600) -> subprocess.CompletedProcess:
     return _run([_bin("dvc"), *args], repo, check=check, timeout=timeout)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -70,6 +70,26 @@ def test_repro_builds_every_stage(smoke_repo):
     assert len(synthetic) == 6 and all((work / "data" / "synthetic" / f).is_file() for f in synthetic["file"])
 
 
+def test_sample_and_report_runs_log_the_set_under_its_dvc_hash(smoke_repo):
+    """One digest of a synthetic set: the one DVC records in dvc.lock is the MLflow dataset digest of both
+    the run that made the set and the run that judged it."""
+    from mlflow import MlflowClient
+
+    work, _ = smoke_repo
+    lock = yaml.safe_load((work / "dvc.lock").read_text())
+    dvc_hash = next(o["md5"] for o in lock["stages"]["sample"]["outs"] if o["path"] == "data/synthetic")
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("synthmri").experiment_id])
+    digests = {
+        r.data.tags["synthmri.stage"]: [
+            i.dataset.digest for i in r.inputs.dataset_inputs if i.dataset.name == "synthetic"
+        ]
+        for r in runs
+        if r.data.tags.get("synthmri.stage") in ("sample", "report")
+    }
+    assert digests == {"sample": [dvc_hash], "report": [dvc_hash]}
+
+
 def test_second_repro_is_a_fast_noop(smoke_repo):
     work, env = smoke_repo
     start = time.perf_counter()

@@ -15,7 +15,7 @@ import torch
 from conftest import REPO, blob_volume, make_params, make_processed
 
 from synthmri.config import ReportThresholds
-from synthmri.io import save_nifti, sha256_file
+from synthmri.io import dvc_directory_hash, save_nifti, sha256_file
 from synthmri.models.loading import save_weights
 from synthmri.models.vqgan import VQGAN
 from synthmri.report.compute import Check, compute_set_metrics, evaluate_gate, load_report_data
@@ -270,7 +270,9 @@ def test_cli_runs_the_stage_logs_to_mlflow_and_exits_zero_on_a_failing_gate(setu
     assert run.data.metrics["gate_passed"] == 0.0 and "recon.psnr" in run.data.metrics
     inputs = run.inputs.dataset_inputs
     assert [i.dataset.name for i in inputs] == ["synthetic"]
-    assert inputs[0].dataset.digest == run.data.tags["synthetic_digest"][:16]
+    assert (
+        inputs[0].dataset.digest == run.data.tags["synthetic_digest"] == dvc_directory_hash(work / "data" / "synthetic")
+    )
     assert {i.key: i.value for i in inputs[0].tags}.get("mlflow.data.context") == "evaluation"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"metrics.json", "report.html", "figures"} <= artifacts

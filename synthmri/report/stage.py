@@ -11,19 +11,18 @@ set and with the set itself as an evaluation dataset input.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 
+from synthmri import tracking
 from synthmri.config import Params
-from synthmri.io import write_text_atomic
+from synthmri.io import dvc_directory_hash, write_text_atomic
 from synthmri.logs import get_logger
 from synthmri.report.compute import (
     ReportData,
@@ -56,17 +55,6 @@ def synthetic_provenance(manifest: pd.DataFrame) -> dict[str, str]:
             if values:
                 out[column] = ",".join(values)
     return out
-
-
-def synthetic_digest(manifest: pd.DataFrame) -> str:
-    """Content digest of a synthetic set: sha256 of its sorted ``file  sha256`` lines (the manifest text
-    when it has no checksums). Same files, same digest."""
-    if "sha256" in manifest.columns:
-        lines = sorted(f"{f}  {d}" for f, d in zip(manifest["file"], manifest["sha256"]))
-        blob = "\n".join(lines)
-    else:
-        blob = manifest.to_csv(index=False)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _read_json(path: Path) -> dict | None:
@@ -120,15 +108,15 @@ def _log_to_mlflow(
             "extractor": str(metrics.get("extractor", "")),
         }
     )
-    with warnings.catch_warnings():  # MLflow's own notes on ambiguous local sources and integer columns
-        warnings.filterwarnings(
-            "ignore", message="The specified dataset source can be interpreted", category=UserWarning
-        )
-        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
-        dataset = mlflow.data.from_pandas(
-            data.synthetic, source=Path(data.synthetic_dir).resolve().as_uri(), name="synthetic", digest=digest[:16]
-        )
-        mlflow.log_input(dataset, context="evaluation")
+    run = mlflow.active_run()
+    tracking.log_dataset(
+        run.info.run_id,
+        Path(data.synthetic_dir) / "manifest.csv",
+        name="synthetic",
+        digest=digest,
+        source=Path(data.synthetic_dir).resolve().as_uri(),
+        context="evaluation",
+    )
     for path in files:
         mlflow.log_artifact(str(path))
     if figures_dir.is_dir():
@@ -148,14 +136,13 @@ def run_report(
     Returns the flat metrics (as written to ``reports/metrics.json``). Never raises because the gate
     fails; raises :class:`~synthmri.errors.StageError` when an input is missing or unusable.
     """
-    from synthmri import tracking
     from synthmri.report.html import build_html, render_figures, write_html
 
     start = time.perf_counter()
     reports_dir = Path(reports_dir)
     data = load_report_data(params, Path(processed_dir), Path(synthetic_dir))
     provenance = synthetic_provenance(data.synthetic)
-    digest = synthetic_digest(data.synthetic)
+    digest = dvc_directory_hash(data.synthetic_dir)
     tags = {**provenance, "synthetic_digest": digest}
     run_ctx = (
         tracking.stage_run("report", params.model_dump(mode="json"), tags=tags) if track else contextlib.nullcontext()

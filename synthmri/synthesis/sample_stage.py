@@ -28,7 +28,7 @@ from synthmri.data.latents import LATENT_DIR, VQGAN_DIR, LatentSet
 from synthmri.data.normalize import PROCESSED_DIR, SPACE_FILE
 from synthmri.diffusion.sampling import sample_latents, sample_seed
 from synthmri.diffusion.schedulers import make_sampler
-from synthmri.io import save_nifti, sha256_file, write_csv_atomic, write_text_atomic
+from synthmri.io import dvc_directory_hash, save_nifti, sha256_file, write_csv_atomic, write_text_atomic
 from synthmri.logs import get_logger
 from synthmri.models.loading import load_ldm, load_vqgan, read_config
 from synthmri.synthesis.plan import make_plan
@@ -277,10 +277,10 @@ def run_sample(
     with tracking.stage_run("sample", params.model_dump(mode="json")) as run:
         started = time.perf_counter()
         manifest = _generate(params, latent_dir, processed_dir, ldm_dir, vqgan_dir, out_dir)
-        digest = hashlib.sha256("".join(manifest["sha256"]).encode()).hexdigest()
+        digest = dvc_directory_hash(out_dir)
         mlflow.set_tags(
             {
-                "dataset_digest": digest,
+                "synthetic_digest": digest,
                 **{k: str(v) for k, v in manifest.iloc[0].items() if k.endswith(("_version", "_sha256"))},
             }
         )
