@@ -94,7 +94,7 @@ def run(
         cpu_s += time.process_time() - c0
         wall_s += time.perf_counter() - w0
         if trainer.step in marks:
-            scores, _ = validate(trainer.model, val_set, trainer.lpips_metric, trainer.device, trainer.data_range)
+            scores, _ = validate(trainer.model, val_set, trainer.lpips_metric, trainer.device, trainer.value_range)
             row = {
                 "label": label,
                 "seed": seed,

@@ -378,3 +378,29 @@ def test_ventricle_volume_uses_the_demo_proxy_on_shifted_intensities():
     affine[:3, 3] = -4.0 * (np.array(SHAPE) - 1)  # centre of the grid at the world origin (inside the MNI box)
     assert conditioning.ventricle_volume_ml(small, affine) == pytest.approx(ventricle_proxy_ml(small + 1, affine))
     assert conditioning.ventricle_volume_ml(large, affine) > conditioning.ventricle_volume_ml(small, affine) > 0
+
+
+def test_reconstruction_scores_are_the_scikit_image_ones_per_volume_and_restore_the_mode():
+    """The one reconstruction scorer (training validation and report): a model that adds a known offset
+    has PSNR 20*log10(range/offset) on every volume, and the model's train/eval mode is left as it was."""
+    import torch
+
+    from synthmri.metrics.reconstruction import score_reconstructions
+
+    class Offset(torch.nn.Module):
+        def encode(self, x):
+            assert not self.training
+            return x
+
+        def decode(self, z):
+            return z + 0.02
+
+    model = Offset().train()
+    volumes = [np.zeros((8, 8, 8), np.float32), torch.full((1, 8, 8, 8), 0.5)]
+    scores = score_reconstructions(
+        model, volumes, lambda a, b: (a - b).abs().mean(), torch.device("cpu"), (-1.0, 1.0), keep=True
+    )
+    assert model.training
+    assert np.allclose(scores.psnr, 20 * np.log10(2.0 / 0.02), atol=1e-3)
+    assert np.allclose(scores.lpips, 0.02, atol=1e-6) and scores.summary()["n"] == 2
+    assert np.allclose(scores.reconstructions[1], 0.52) and scores.example[0].shape == (8, 8, 8)

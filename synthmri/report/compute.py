@@ -203,10 +203,8 @@ def reconstruction_metrics(
     The LPIPS settings (net, weights, slices) are the ones the model was trained with (its
     ``config.json``), else ``loss_params``. Returns the metrics and one (real, reconstruction) example.
     """
-    import torch
-
     from synthmri.losses.perceptual import LPIPS25D
-    from synthmri.metrics.image import psnr, ssim3d
+    from synthmri.metrics.reconstruction import score_reconstructions
     from synthmri.models.loading import load_vqgan, read_config
     from synthmri.training.runtime import pick_device
 
@@ -217,25 +215,8 @@ def reconstruction_metrics(
         loss_params = VQGANLossParams(**trained_loss)
     lpips, backbone = LPIPS25D.from_params(loss_params)
     lpips.to(torch_device)
-    low, high = value_range
-    data_range = high - low
-    scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "lpips": []}
-    example = None
-    with torch.inference_mode():
-        for volume in volumes:
-            x = torch.from_numpy(np.ascontiguousarray(volume)[None, None]).to(torch_device)
-            recon = model.decode(model.encode(x)).clamp(low, high).float()
-            real, fake = volume, recon[0, 0].cpu().numpy()
-            scores["psnr"].append(psnr(real, fake, data_range))
-            scores["ssim"].append(ssim3d(real, fake, data_range))
-            scores["lpips"].append(float(lpips(x.float(), recon)))
-            if example is None:
-                example = (real, fake)
-    out = {key: float(np.mean(values)) for key, values in scores.items()}
-    out["psnr_min"] = float(np.min(scores["psnr"]))
-    out["n"] = len(volumes)
-    out["lpips_backbone"] = backbone.split(" (")[0]
-    return out, example
+    scores = score_reconstructions(model, volumes, lpips, torch_device, value_range)
+    return {**scores.summary(), "lpips_backbone": backbone.split(" (")[0]}, scores.example
 
 
 def _mean_compare(ref: np.ndarray, fake: np.ndarray, k: int) -> dict[str, float]:

@@ -32,7 +32,7 @@ from synthmri.losses.adversarial import (
     hinge_g_loss,
 )
 from synthmri.losses.perceptual import LPIPS25D
-from synthmri.metrics.image import psnr, ssim3d
+from synthmri.metrics.reconstruction import score_reconstructions
 from synthmri.models.discriminator import PatchDiscriminator, SliceDiscriminator
 from synthmri.models.loading import save_weights
 from synthmri.models.vqgan import VQGAN
@@ -65,24 +65,13 @@ def build_models(
     return model, discriminators.to(device)
 
 
-@torch.inference_mode()
 def validate(
-    model: VQGAN, volumes: ProcessedVolumes, lpips: LPIPS25D, device: torch.device, data_range: float
+    model: VQGAN, volumes: ProcessedVolumes, lpips: LPIPS25D, device: torch.device, value_range: tuple[float, float]
 ) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
-    """PSNR, SSIM (3D, scikit-image) and 2.5D LPIPS of the reconstructions of ``volumes``."""
-    model.eval()
-    scores = {"psnr": [], "ssim": [], "lpips": []}
-    example = None
-    for index in range(len(volumes)):
-        x = volumes.batch([index]).to(device)
-        recon = model.decode(model.encode(x)).clamp(-1, 1)
-        real, fake = x[0, 0].float().cpu().numpy(), recon[0, 0].float().cpu().numpy()
-        scores["psnr"].append(psnr(real, fake, data_range))
-        scores["ssim"].append(ssim3d(real, fake, data_range))
-        scores["lpips"].append(float(lpips(x.float(), recon.float())))
-        example = example or (real, fake)
-    model.train()
-    return {k: float(np.mean(v)) for k, v in scores.items()}, example
+    """PSNR, SSIM (3D, scikit-image) and 2.5D LPIPS of the reconstructions of ``volumes``, and one example."""
+    scores = score_reconstructions(model, volumes.volumes, lpips, device, value_range)
+    summary = scores.summary()
+    return {k: summary[k] for k in ("psnr", "ssim", "lpips")}, scores.example
 
 
 def mirror_left_right(volumes: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
@@ -113,7 +102,7 @@ class VQGANTrainer(ResumableTrainer):
         self.device = self.ctx.device
         seed_everything(params.seed)
         self.train_set, self.val_set = train_set, val_set
-        self.data_range = float(np.diff(params.normalize.out_range)[0])
+        self.value_range = tuple(params.normalize.out_range)
         self.model, self.discriminators = build_models(params, self.device, t.activation_checkpointing)
         self.train_model = self.ctx.prepare(self.model, t.channels_last, t.compile)
         self.train_discriminators = [self.ctx.prepare(d, t.channels_last, t.compile) for d in self.discriminators]
@@ -258,7 +247,7 @@ def _write_outputs(
 
 def _log_validation(trainer: VQGANTrainer, mlflow, report_dir: Path, val_set: ProcessedVolumes):
     """Validate, record the scores, and show real vs reconstruction in MLflow."""
-    scores, example = validate(trainer.model, val_set, trainer.lpips_metric, trainer.device, trainer.data_range)
+    scores, example = validate(trainer.model, val_set, trainer.lpips_metric, trainer.device, trainer.value_range)
     trainer.val_history.append({"step": trainer.step, **scores})
     figure = three_plane_grid(
         [example[0], example[1]],
