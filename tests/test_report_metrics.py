@@ -396,11 +396,11 @@ def test_reconstruction_scores_are_the_scikit_image_ones_per_volume_and_restore_
             return z + 0.02
 
     model = Offset().train()
-    volumes = [np.zeros((8, 8, 8), np.float32), torch.full((1, 8, 8, 8), 0.5)]
+    volumes = [np.zeros((12, 12, 12), np.float32), torch.full((1, 12, 12, 12), 0.5)]
     scores = score_reconstructions(
         model, volumes, lambda a, b: (a - b).abs().mean(), torch.device("cpu"), (-1.0, 1.0), keep=True
     )
     assert model.training
     assert np.allclose(scores.psnr, 20 * np.log10(2.0 / 0.02), atol=1e-3)
     assert np.allclose(scores.lpips, 0.02, atol=1e-6) and scores.summary()["n"] == 2
-    assert np.allclose(scores.reconstructions[1], 0.52) and scores.example[0].shape == (8, 8, 8)
+    assert np.allclose(scores.reconstructions[1], 0.52) and scores.example[0].shape == (12, 12, 12)
