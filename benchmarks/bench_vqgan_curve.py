@@ -27,9 +27,9 @@ import pandas as pd
 import torch
 from common import cpu_model
 
+from synthmri.catalog import PROCESSED_DIR
 from synthmri.config import load_params
 from synthmri.data.datasets import ProcessedVolumes
-from synthmri.data.normalize import PROCESSED_DIR
 from synthmri.training.train_vqgan import VQGANTrainer, validate
 
 OUT = Path(__file__).parent / "results" / "vqgan_curve.csv"

@@ -42,6 +42,7 @@ from prefect.runtime import flow_run
 
 from synthmri import publish as pub
 from synthmri import tracking
+from synthmri.catalog import MODEL_REGISTRY_FILES, REPORT_METRICS_FILE, SYNTHETIC_DIR
 from synthmri.io import sha256_file
 
 PROGRESS_EVERY_S = 15.0
@@ -220,8 +221,8 @@ def run_stage(stage: str, repo: str, parent_run_id: str | None = None) -> str:
 def summarize_report(repo: str, stages: dict[str, str]) -> dict[str, Any]:
     """Read the gate of ``reports/metrics.json`` and publish it as a markdown artifact."""
     logger = get_run_logger()
-    gate = pub.read_gate(Path(repo) / pub.METRICS_FILE)
-    gate.source = pub.METRICS_FILE.as_posix()
+    gate = pub.read_gate(Path(repo) / REPORT_METRICS_FILE)
+    gate.source = REPORT_METRICS_FILE.as_posix()
     create_markdown_artifact(
         markdown=gate_markdown(gate, stages),
         key="synthmri-quality-report",
@@ -363,10 +364,10 @@ def synthesize(
             summary.update(tag=tag, commit=release["commit"], already_published=release["already_published"])
             tracking.set_run_tags(parent, {"dataset_tag": tag, "release_commit": release["commit"]})
             aliases = tracking.set_alias(
-                [root / p for p in pub.MODEL_REGISTRY_FILES], "production", tags={"dataset_tag": tag}
+                [root / p for p in MODEL_REGISTRY_FILES], "production", tags={"dataset_tag": tag}
             )
             summary["production_models"] = aliases
-            manifest = root / pub.SYNTHETIC_PATH / "manifest.csv"
+            manifest = root / SYNTHETIC_DIR / "manifest.csv"
             digest = release["record"].get("dataset", {}).get("md5") or lock_digest or ""
             if manifest.is_file():
                 with contextlib.suppress(Exception):
@@ -375,7 +376,7 @@ def synthesize(
                         manifest,
                         name=f"synthmri-synthetic@{tag}",
                         digest=digest,
-                        source=str(root / pub.SYNTHETIC_PATH),
+                        source=str(root / SYNTHETIC_DIR),
                         context="published",
                     )
             logger.info(

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from synthmri.catalog import DEMO_DIR
+
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 
 
@@ -64,7 +66,7 @@ class IngestParams(_Section):
     """Where raw data comes from and what a valid file looks like."""
 
     source: Literal["demo", "bids", "table"] = "demo"
-    root: str = "data/raw/demo"
+    root: str = DEMO_DIR.as_posix()
     table: str | None = None
     path_column: str = "path"
     id_column: str = "participant_id"

@@ -33,7 +33,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -44,18 +43,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from synthmri.catalog import MODEL_REGISTRY_FILES, RELEASE_FILE, REPORT_METRICS_FILE, SYNTHETIC_DIR
 from synthmri.errors import StageError
 from synthmri.io import sha256_file
+from synthmri.versions import TAG_PATTERN
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = Path("reports/metrics.json")
-RELEASE_FILE = Path("reports/release.json")
-SYNTHETIC_PATH = "data/synthetic"
 LOCK_FILE = ".synthmri.lock"
 TAG_PREFIX = "synth-"
-MODEL_REGISTRY_FILES = (Path("models/vqgan/registry.json"), Path("models/ldm/registry.json"))
-_TAG_RE = re.compile(r"^synth-\d{8}(-\d+)?$")
 
 
 class PublishError(StageError):
@@ -132,7 +128,7 @@ class Gate:
         return f"quality gate failed ({self.source}): {reasons}"
 
 
-def read_gate(path: str | Path = METRICS_FILE) -> Gate:
+def read_gate(path: str | Path = REPORT_METRICS_FILE) -> Gate:
     """The gate verdict of the report stage; anything but ``"gate_passed": true`` is a failure."""
     path = Path(path)
     if not path.is_file():
@@ -251,7 +247,7 @@ def head_commit(repo: Path) -> str:
 
 def tags_at(repo: Path, rev: str = "HEAD") -> list[str]:
     out = git(repo, "tag", "--points-at", rev, "--list", f"{TAG_PREFIX}*").stdout.split()
-    return sorted(t for t in out if _TAG_RE.match(t))
+    return sorted(t for t in out if TAG_PATTERN.match(t))
 
 
 def next_tag(repo: Path, day: _dt.date | None = None) -> str:
@@ -304,7 +300,7 @@ def model_versions(repo: Path) -> dict[str, str]:
 def release_record(
     repo: Path, tag: str, gate: Gate, code_commit: str, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    manifest = repo / SYNTHETIC_PATH / "manifest.csv"
+    manifest = repo / SYNTHETIC_DIR.as_posix() / "manifest.csv"
     n_volumes = None
     if manifest.is_file():
         n_volumes = max(0, sum(1 for _ in manifest.open(encoding="utf-8")) - 1)
@@ -313,12 +309,16 @@ def release_record(
         "created": _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat(),
         "code_commit": code_commit,
         "dvc_lock_sha256": sha256_file(repo / "dvc.lock"),
-        "dataset": {"path": SYNTHETIC_PATH, "volumes": n_volumes, **_lock_entry(repo, SYNTHETIC_PATH)},
+        "dataset": {
+            "path": SYNTHETIC_DIR.as_posix(),
+            "volumes": n_volumes,
+            **_lock_entry(repo, SYNTHETIC_DIR.as_posix()),
+        },
         "models": model_versions(repo),
         "gate": {"passed": gate.passed, "failures": gate.failures},
         "metrics": {k: v for k, v in gate.metrics.items() if isinstance(v, (int, float, str, bool)) or v is None},
-        "card": card_summary(repo / SYNTHETIC_PATH / "README.md"),
-        "fetch": f"dvc get <this repository> {SYNTHETIC_PATH} --rev {tag}",
+        "card": card_summary(repo / SYNTHETIC_DIR.as_posix() / "README.md"),
+        "fetch": f"dvc get <this repository> {SYNTHETIC_DIR.as_posix()} --rev {tag}",
         **(extra or {}),
     }
 
@@ -347,7 +347,7 @@ class Release:
 def publish(
     repo: str | Path = ".",
     *,
-    metrics_file: str | Path = METRICS_FILE,
+    metrics_file: str | Path = REPORT_METRICS_FILE,
     remote: str | None = None,
     git_remote: str | None = None,
     day: _dt.date | None = None,
@@ -408,7 +408,7 @@ def publish(
             f"Publish synthetic data set {tag}",
             "-m",
             f"Quality gate passed. Pipeline state of {code_commit[:10]}: dvc.lock, reports, "
-            f"{RELEASE_FILE.as_posix()}. Fetch: dvc get <repo> {SYNTHETIC_PATH} --rev {tag}",
+            f"{RELEASE_FILE.as_posix()}. Fetch: dvc get <repo> {SYNTHETIC_DIR.as_posix()} --rev {tag}",
         )
         logger.info("Committed %d file(s): %s", len(staged), ", ".join(staged))
     commit = head_commit(repo)

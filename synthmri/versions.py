@@ -30,11 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from synthmri.catalog import RELEASE_FILE, SYNTHETIC_DIR
 from synthmri.errors import StageError
 
 TAG_PATTERN = re.compile(r"^synth-\d{8}(-\d+)?$")
-RELEASE_FILE = "reports/release.json"
-DATASET_PATH = "data/synthetic"
 
 
 @dataclass
@@ -98,11 +97,11 @@ def read_release(tag: str, repo: str | Path = ".") -> dict[str, Any]:
     repo = str(repo)
     try:
         if _is_local(repo):
-            text = _git("show", f"{tag}:{RELEASE_FILE}", cwd=repo)
+            text = _git("show", f"{tag}:{RELEASE_FILE.as_posix()}", cwd=repo)
         else:
             import dvc.api
 
-            text = dvc.api.read(RELEASE_FILE, repo=repo, rev=tag)
+            text = dvc.api.read(RELEASE_FILE.as_posix(), repo=repo, rev=tag)
         return json.loads(text)
     except (StageError, ValueError, OSError, FileNotFoundError) as exc:
         return {"error": f"no readable {RELEASE_FILE} at {tag}: {exc}"}
@@ -161,7 +160,7 @@ def fetch_version(tag: str, repo: str | Path = ".", cache_dir: str | Path | None
     staging = Path(tempfile.mkdtemp(prefix=f".{tag}.", dir=target.parent))
     try:
         fs = DVCFileSystem(repo, rev=tag)
-        fs.get(DATASET_PATH, str(staging / "synthetic"), recursive=True)
+        fs.get(SYNTHETIC_DIR.as_posix(), str(staging / "synthetic"), recursive=True)
         bad = SyntheticDataset(staging / "synthetic").verify() if verify else []
         if bad:
             raise StageError(f"{len(bad)} file(s) of {tag} do not match manifest.csv: {', '.join(bad[:5])}")

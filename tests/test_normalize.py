@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 from conftest import SMALL_COHORT, blob_volume, make_params, write_nifti
 
+from synthmri.catalog import LANDMARKS_NAME
 from synthmri.config import SplitParams
 from synthmri.data.ingest import run_ingest
-from synthmri.data.normalize import LANDMARKS_FILE, fit_histogram_landmarks, head_mask, run_normalize
+from synthmri.data.normalize import fit_histogram_landmarks, head_mask, run_normalize
 from synthmri.data.split import assign_splits
 from synthmri.errors import StageError
 
@@ -127,7 +128,7 @@ def test_small_cohort_still_gets_val_and_test():
 def test_nyul_landmarks_fitted_on_training_split_only(ingested, tmp_path):
     _, in_dir = ingested
     params, manifest = _normalize(ingested, tmp_path, "normalize.histogram_standardization=true")
-    saved = np.load(tmp_path / "processed" / LANDMARKS_FILE)
+    saved = np.load(tmp_path / "processed" / LANDMARKS_NAME)
     train = manifest.loc[manifest["split"] == "train", "path"]
     expected = fit_histogram_landmarks([in_dir / p for p in train], tmp_path / "check.npy")
     np.testing.assert_allclose(saved, expected)

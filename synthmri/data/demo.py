@@ -48,6 +48,7 @@ from synthmri.data.covariates import BIDS_MISSING
 from synthmri.io import atomic_path, save_nifti, write_text_atomic
 from synthmri.logs import get_logger, progress
 from synthmri.viz import three_plane_grid
+from synthmri.catalog import DEMO_DIR
 
 if TYPE_CHECKING:
     from synthmri.config import Params
@@ -498,7 +499,6 @@ def _remove_leftovers(out_dir: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-DEMO_DIR = Path("data/raw/demo")
 
 
 def run_demo(params: "Params") -> Path:

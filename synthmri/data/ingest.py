@@ -21,10 +21,10 @@ from synthmri.data.validate import check_path, load_valid_volume
 from synthmri.errors import InvalidInput, StageError
 from synthmri.io import display_path, save_nifti, sha256_file, write_csv_atomic
 from synthmri.logs import get_logger, progress
+from synthmri.catalog import INGESTED_DIR
 
 log = get_logger(__name__)
 
-INGESTED_DIR = Path("data/ingested")
 QUARANTINE_COLUMNS = ["item", "subject_id", "reason"]
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _T1W = re.compile(r"^(?P<stem>sub-[^_]+.*)_T1w\.nii(\.gz)?$")

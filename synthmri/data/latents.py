@@ -16,17 +16,15 @@ from safetensors.torch import load_file, save_file
 
 from synthmri.config import Params
 from synthmri.data.datasets import ProcessedVolumes
-from synthmri.data.normalize import PROCESSED_DIR
 from synthmri.errors import StageError
 from synthmri.io import atomic_path, write_csv_atomic, write_text_atomic
 from synthmri.logs import get_logger, progress
 from synthmri.models.loading import load_vqgan
 from synthmri.training.runtime import pick_device
+from synthmri.catalog import LATENT_DIR, PROCESSED_DIR, VQGAN_DIR
 
 log = get_logger(__name__)
 
-LATENT_DIR = Path("data/latents")
-VQGAN_DIR = Path("models/vqgan")
 
 
 @torch.inference_mode()

@@ -19,17 +19,14 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 
 from synthmri.config import Params
-from synthmri.data.ingest import INGESTED_DIR
 from synthmri.data.split import assign_splits, check_split_sizes
 from synthmri.errors import StageError
 from synthmri.io import save_nifti, write_csv_atomic, write_text_atomic
 from synthmri.logs import get_logger, progress
+from synthmri.catalog import INGESTED_DIR, LANDMARKS_NAME, PROCESSED_DIR, SPACE_NAME
 
 log = get_logger(__name__)
 
-PROCESSED_DIR = Path("data/processed")
-LANDMARKS_FILE = "nyul_landmarks.npy"
-SPACE_FILE = "space.json"
 
 
 def head_mask(volume: np.ndarray) -> np.ndarray:
@@ -102,11 +99,11 @@ def run_normalize(params: Params, in_dir: Path = INGESTED_DIR, out_dir: Path = P
     shutil.rmtree(out_dir / "volumes", ignore_errors=True)
     (out_dir / "volumes").mkdir(parents=True, exist_ok=True)
     landmarks = None
-    (out_dir / LANDMARKS_FILE).unlink(missing_ok=True)
+    (out_dir / LANDMARKS_NAME).unlink(missing_ok=True)
     if cfg.histogram_standardization:
         train_paths = [in_dir / p for p in manifest.loc[manifest["split"] == "train", "path"]]
         log.info("Fitting Nyúl histogram landmarks on %d training volumes", len(train_paths))
-        landmarks = fit_histogram_landmarks(train_paths, out_dir / LANDMARKS_FILE)
+        landmarks = fit_histogram_landmarks(train_paths, out_dir / LANDMARKS_NAME)
     transform = build_transform(params, landmarks)
 
     processed, affines = [], []
@@ -130,7 +127,7 @@ def run_normalize(params: Params, in_dir: Path = INGESTED_DIR, out_dir: Path = P
         "intensity": f"clipped at percentiles {list(cfg.percentiles)} inside the head, scaled to "
                      f"{list(cfg.out_range)}" + (", after Nyúl standardization" if landmarks is not None else ""),
     }
-    write_text_atomic(out_dir / SPACE_FILE, json.dumps(space, indent=2))
+    write_text_atomic(out_dir / SPACE_NAME, json.dumps(space, indent=2))
     log.info("Wrote %d normalized volumes of shape %s at %s mm to %s", len(manifest), tuple(cfg.shape),
              tuple(cfg.spacing), out_dir)
     return manifest

@@ -29,6 +29,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from synthmri.catalog import SPACE_NAME, SYNTHETIC_DIR
 from synthmri.config import Covariate, Params, ReportParams, ReportThresholds, VQGANLossParams
 from synthmri.data.covariates import covariate_column
 from synthmri.errors import StageError
@@ -36,7 +37,6 @@ from synthmri.logs import get_logger
 
 log = get_logger(__name__)
 
-SPACE_FILE = "space.json"
 #: Threshold of :func:`synthmri.metrics.conditioning.ventricle_volume_ml` on processed demo volumes: with
 #: 0.4 the image proxy correlates with the demo's ground-truth ventricle_ml at r ≈ 0.98 (0.5: r ≈ 0.89).
 VENTRICLE_THRESHOLD = 0.4
@@ -62,7 +62,7 @@ class ReportData:
     synthetic_volumes: np.ndarray  # (M, D, H, W) float32, mapped from [0, 1] to value_range
     space: dict
     reference_splits: list[str]
-    synthetic_dir: Path = Path("data/synthetic")
+    synthetic_dir: Path = SYNTHETIC_DIR
 
     @property
     def value_range(self) -> tuple[float, float]:
@@ -110,7 +110,7 @@ def load_report_data(params: Params, processed_dir: Path, synthetic_dir: Path) -
     from synthmri.data.datasets import ProcessedVolumes
 
     processed_dir, synthetic_dir = Path(processed_dir), Path(synthetic_dir)
-    space_path = processed_dir / SPACE_FILE
+    space_path = processed_dir / SPACE_NAME
     if not space_path.is_file():
         raise StageError(f"{space_path} not found: run `synthmri normalize` first")
     space = json.loads(space_path.read_text())

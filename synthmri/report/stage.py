@@ -21,6 +21,15 @@ import pandas as pd
 from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 
 from synthmri import tracking
+from synthmri.catalog import (
+    PROCESSED_DIR,
+    REPORT_FIGURES_NAME,
+    REPORT_HTML_NAME,
+    REPORT_METRICS_NAME,
+    REPORTS_DIR,
+    SYNTHETIC_DIR,
+    VQGAN_DIR,
+)
 from synthmri.config import Params
 from synthmri.io import dvc_directory_hash, write_text_atomic
 from synthmri.logs import get_logger
@@ -35,13 +44,6 @@ from synthmri.report.compute import (
 
 log = get_logger(__name__)
 
-PROCESSED_DIR = Path("data/processed")
-SYNTHETIC_DIR = Path("data/synthetic")
-VQGAN_DIR = Path("models/vqgan")
-REPORTS_DIR = Path("reports")
-METRICS_FILE = "metrics.json"
-HTML_FILE = "report.html"
-FIGURES_DIR = "figures"
 PROVENANCE_COLUMNS = ("vqgan_version", "vqgan_sha256", "ldm_version", "ldm_sha256", "synthmri_version")
 COMPARED = ("val_psnr", "val_ssim", "val_lpips", "codebook_usage", "perplexity", "steps")
 
@@ -120,7 +122,7 @@ def _log_to_mlflow(
     for path in files:
         mlflow.log_artifact(str(path))
     if figures_dir.is_dir():
-        mlflow.log_artifacts(str(figures_dir), artifact_path=FIGURES_DIR)
+        mlflow.log_artifacts(str(figures_dir), artifact_path=REPORT_FIGURES_NAME)
 
 
 def run_report(
@@ -161,17 +163,17 @@ def run_report(
         checks = evaluate_gate(metrics, params.report.thresholds)
         metrics.update(gate_summary(checks))
 
-        figures_dir = reports_dir / FIGURES_DIR
+        figures_dir = reports_dir / REPORT_FIGURES_NAME
         covariate_names = [c.name for c in params.covariates]
         figures = render_figures(data, result, covariate_names, params.report.n_examples, figures_dir, reports_dir)
         metrics = {k: clean_number(v) for k, v in metrics.items()}
-        metrics_path = reports_dir / METRICS_FILE
+        metrics_path = reports_dir / REPORT_METRICS_NAME
         write_text_atomic(metrics_path, json.dumps(metrics, indent=2, allow_nan=False) + "\n")
         html_path = write_html(
             build_html(
                 metrics, checks, result, figures, {**provenance, "synthetic set digest": digest[:16]}, comparison
             ),
-            reports_dir / HTML_FILE,
+            reports_dir / REPORT_HTML_NAME,
         )
 
         failed = [c for c in checks if c.status == "fail"]

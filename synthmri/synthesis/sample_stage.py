@@ -23,9 +23,9 @@ import torch
 from tqdm.auto import tqdm
 
 from synthmri import __version__
+from synthmri.catalog import LATENT_DIR, LDM_DIR, PROCESSED_DIR, SPACE_NAME, SYNTHETIC_DIR, VQGAN_DIR
 from synthmri.config import Params
-from synthmri.data.latents import LATENT_DIR, VQGAN_DIR, LatentSet
-from synthmri.data.normalize import PROCESSED_DIR, SPACE_FILE
+from synthmri.data.latents import LatentSet
 from synthmri.diffusion.sampling import sample_latents, sample_seed
 from synthmri.diffusion.schedulers import make_sampler
 from synthmri.io import dvc_directory_hash, save_nifti, sha256_file, write_csv_atomic, write_text_atomic
@@ -34,11 +34,9 @@ from synthmri.models.loading import load_ldm, load_vqgan, read_config
 from synthmri.synthesis.plan import make_plan
 from synthmri.synthesis.prefect_api import prefect_api
 from synthmri.training.runtime import cpu_numerics, intra_op_threads, pick_device
-from synthmri.training.train_diffusion import MODEL_DIR as LDM_DIR
 
 log = get_logger(__name__)
 
-SYNTHETIC_DIR = Path("data/synthetic")
 INTENSITY_NOTE = (
     "float32 in [0, 1]: 0 is background, values are the training space's intensities "
     "(clipped at percentiles inside the head and scaled), mapped linearly from [-1, 1]"
@@ -306,7 +304,7 @@ def _generate(
     params: Params, latent_dir: Path, processed_dir: Path, ldm_dir: Path, vqgan_dir: Path, out_dir: Path
 ) -> pd.DataFrame:
     """Generate every planned sample that is not on disk yet, then write the manifest and card."""
-    space = json.loads((processed_dir / SPACE_FILE).read_text())
+    space = json.loads((processed_dir / SPACE_NAME).read_text())
     training = LatentSet(latent_dir, "train").manifest
     plan = make_plan(params, training)
     provenance = _provenance(ldm_dir, vqgan_dir)

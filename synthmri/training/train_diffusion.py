@@ -18,9 +18,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from synthmri.catalog import LATENT_DIR, LDM_CHECKPOINT_DIR, LDM_DIR, LDM_METRICS_FILE, LDM_REPORT_DIR, VQGAN_DIR
 from synthmri.config import Params
 from synthmri.data.covariates import covariate_rows
-from synthmri.data.latents import LATENT_DIR, VQGAN_DIR, LatentSet
+from synthmri.data.latents import LatentSet
 from synthmri.diffusion.conditioning import CovariateBatch, CovariateEncoder
 from synthmri.diffusion.ema import make_ema
 from synthmri.diffusion.sampling import sample_latents, sample_seed
@@ -44,11 +45,6 @@ from synthmri.training.runtime import autocast, batch_indices, pick_device, seed
 from synthmri.viz import three_plane_grid
 
 log = get_logger(__name__)
-
-MODEL_DIR = Path("models/ldm")
-CHECKPOINT_DIR = Path("models/checkpoints/ldm")
-REPORT_DIR = Path("reports/ldm")
-METRICS_FILE = Path("reports/ldm.json")
 
 
 class DiffusionTrainer(ResumableTrainer):
@@ -194,10 +190,10 @@ def run_train_diffusion(
     params: Params,
     latent_dir: Path = LATENT_DIR,
     vqgan_dir: Path = VQGAN_DIR,
-    model_dir: Path = MODEL_DIR,
-    checkpoint_dir: Path = CHECKPOINT_DIR,
-    report_dir: Path = REPORT_DIR,
-    metrics_file: Path = METRICS_FILE,
+    model_dir: Path = LDM_DIR,
+    checkpoint_dir: Path = LDM_CHECKPOINT_DIR,
+    report_dir: Path = LDM_REPORT_DIR,
+    metrics_file: Path = LDM_METRICS_FILE,
     track: bool = True,
 ) -> dict:
     """Train (or resume) the latent diffusion model; write EMA weights, curves and metrics."""

@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from synthmri.catalog import PROCESSED_DIR, VQGAN_CHECKPOINT_DIR, VQGAN_DIR, VQGAN_METRICS_FILE, VQGAN_REPORT_DIR
 from synthmri.config import Params
 from synthmri.data.datasets import ProcessedVolumes
-from synthmri.data.normalize import PROCESSED_DIR
 from synthmri.errors import StageError
 from synthmri.io import sha256_file, write_csv_atomic, write_text_atomic
 from synthmri.logs import get_logger
@@ -45,11 +45,6 @@ from synthmri.training.runtime import autocast, batch_indices, pick_device, seed
 from synthmri.viz import three_plane_grid
 
 log = get_logger(__name__)
-
-MODEL_DIR = Path("models/vqgan")
-CHECKPOINT_DIR = Path("models/checkpoints/vqgan")
-REPORT_DIR = Path("reports/vqgan")
-METRICS_FILE = Path("reports/vqgan.json")
 
 
 def build_models(
@@ -92,7 +87,7 @@ class VQGANTrainer(ResumableTrainer):
         params: Params,
         train_set: ProcessedVolumes | None = None,
         val_set: ProcessedVolumes | None = None,
-        checkpoint_dir: Path = CHECKPOINT_DIR,
+        checkpoint_dir: Path = VQGAN_CHECKPOINT_DIR,
         fingerprint: str = "",
         ctx: Context | None = None,
     ) -> None:
@@ -263,10 +258,10 @@ def _log_validation(trainer: VQGANTrainer, mlflow, report_dir: Path, val_set: Pr
 def run_train_vqgan(
     params: Params,
     processed_dir: Path = PROCESSED_DIR,
-    model_dir: Path = MODEL_DIR,
-    checkpoint_dir: Path = CHECKPOINT_DIR,
-    report_dir: Path = REPORT_DIR,
-    metrics_file: Path = METRICS_FILE,
+    model_dir: Path = VQGAN_DIR,
+    checkpoint_dir: Path = VQGAN_CHECKPOINT_DIR,
+    report_dir: Path = VQGAN_REPORT_DIR,
+    metrics_file: Path = VQGAN_METRICS_FILE,
     track: bool = True,
 ) -> dict:
     """Train (or resume), validate, write ``model_dir`` and the metrics; log everything to MLflow."""
