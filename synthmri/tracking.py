@@ -67,13 +67,7 @@ def stage_run(stage: str, params: dict[str, Any], tags: dict[str, str] | None = 
     import mlflow
 
     uri = tracking_uri()
-    check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-        location = None if uri.startswith(("http://", "https://")) else Path("mlartifacts").resolve().as_uri()
-        with contextlib.suppress(Exception):  # another process may have created it meanwhile
-            mlflow.create_experiment(EXPERIMENT, artifact_location=location)
-    mlflow.set_experiment(EXPERIMENT)
+    mlflow.set_experiment(experiment_id=ensure_experiment())  # checks the server, sets the tracking URI
     parent = os.environ.get("SYNTHMRI_PARENT_RUN_ID")
     all_tags = {"synthmri.stage": stage, "git_commit": git_commit(), **(tags or {})}
     if parent:
@@ -121,16 +115,24 @@ def client() -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
+# MLflow 3's UI opens an experiment in the view its kind names (without it: the GenAI view); ours trains models
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment() -> str:
-    """The pipeline experiment's id, created (artifacts in ``mlartifacts/`` for a local store) if needed."""
+    """The pipeline experiment's id, created (artifacts in ``mlartifacts/`` for a local store) if needed, and
+    tagged as model development so the MLflow UI opens it on runs, metrics and models."""
     c = client()
     experiment = c.get_experiment_by_name(EXPERIMENT)
     if experiment is None:
         uri = tracking_uri()
         location = None if uri.startswith(("http://", "https://")) else Path("mlartifacts").resolve().as_uri()
         with contextlib.suppress(Exception):  # another process may have created it meanwhile
-            c.create_experiment(EXPERIMENT, artifact_location=location)
+            c.create_experiment(EXPERIMENT, artifact_location=location, tags=EXPERIMENT_KIND)
         experiment = c.get_experiment_by_name(EXPERIMENT)
+    for key, value in EXPERIMENT_KIND.items():
+        if experiment.tags.get(key) != value:  # an experiment made by an older version, or by hand
+            c.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
 
 

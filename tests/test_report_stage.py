@@ -265,6 +265,8 @@ def test_cli_runs_the_stage_logs_to_mlflow_and_exits_zero_on_a_failing_gate(setu
     assert metrics["gate_passed"] is False
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["synthmri"], output_format="list")
+    experiment = mlflow.get_experiment_by_name("synthmri")  # the UI opens it on the model-training view
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     run = next(r for r in runs if r.data.tags.get("synthmri.stage") == "report")
     assert run.data.tags["gate"] == "fail" and run.data.tags["vqgan_version"] == "3"
     assert run.data.metrics["gate_passed"] == 0.0 and "recon.psnr" in run.data.metrics
