@@ -21,6 +21,9 @@ def setup_logging(verbose: bool = False) -> None:
     )
     # nibabel "fixes" bad headers with warnings; our validation reports those files itself
     logging.getLogger("nibabel").setLevel(logging.ERROR)
+    # transport chatter (one INFO line per HTTP request to the Prefect/MLflow APIs): problems still show
+    for name in ("httpx", "httpcore", "urllib3", "uvicorn.access"):
+        logging.getLogger(name).setLevel(logging.WARNING if not verbose else logging.DEBUG)
 
 
 def get_logger(name: str) -> logging.Logger:
