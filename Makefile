@@ -6,17 +6,27 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo lint format test test-fast bench clean-demo nightly-local
+.PHONY: setup constraints demo lint format test test-fast bench clean-demo nightly-local
 
 setup: $(VENV)/.installed
 
 # pip resolves torch/torchvision; on this project's CPU machines it takes torch 2.14.1 and
 # torchvision 0.29.1 from local disk (the only pair lpips' torchvision import works with here).
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins every resolved package (pip constraints: they apply on top of whatever index pip uses,
+# so the local torch wheel and the package mirror keep working, unlike a lock tool that wants its own index)
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --progress-bar off -e '.[dev]'
+	$(BIN)/pip install --quiet --progress-bar off -c constraints.txt -e '.[dev]'
 	touch $@
+
+# Re-resolve the newest versions into constraints.txt (then run make test, and commit it if green)
+constraints:
+	rm -rf .venv-constraints && $(PYTHON) -m venv .venv-constraints
+	.venv-constraints/bin/pip install --quiet --upgrade pip
+	.venv-constraints/bin/pip install --quiet --progress-bar off -e '.[dev,bench]'
+	{ sed -n '1,3p' constraints.txt; .venv-constraints/bin/pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .venv-constraints
 
 demo: setup
 	@git rev-parse --git-dir >/dev/null 2>&1 || { echo "DVC needs a git repository: run 'make demo' inside a clone"; exit 1; }
@@ -39,7 +49,7 @@ test-fast: lint
 
 # Speed and memory benchmarks, MONAI side by side (installs the 'bench' extra); results: benchmarks/RESULTS.md
 bench: setup
-	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,bench]'
+	$(BIN)/pip install --quiet --progress-bar off -c constraints.txt -e '.[dev,bench]'
 	$(BIN)/python benchmarks/bench_monai.py
 	$(BIN)/python benchmarks/bench_flops.py
 	$(BIN)/python benchmarks/bench_memory.py

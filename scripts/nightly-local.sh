@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for the nightly pipeline on this machine: a Prefect server on 127.0.0.1 (reused if one
 # already answers), the process work pool, the deployments of prefect.yaml, and a worker in this
-# repository (foreground; Ctrl-C stops the worker and the server it started).
+# repository (foreground; Ctrl-C or SIGTERM stops the worker and the server it started, within seconds).
 # Then, in another shell:   PREFECT_API_URL=http://127.0.0.1:4200/api prefect deployment run synthesize/nightly
 #
 # Settings (environment): PREFECT_PORT (4200), SYNTHMRI_POOL (synthmri), VENV (.venv),
@@ -33,15 +33,31 @@ EOF
 
 SERVER_PID=""
 WORKER_PID=""
+descendants() { local child; for child in $(pgrep -P "$1" 2>/dev/null); do descendants "$child"; echo "$child"; done; }
+# Stop a process and everything it started: SIGTERM, then SIGKILL whatever is left after 10 s (the Prefect
+# server's uvicorn and a worker finishing a poll can outlast a polite request; this script must still end).
+stop_tree() {
+    local pid=$1 name=$2 pids alive
+    pids="$(descendants "$pid") $pid"
+    kill -TERM $pids 2>/dev/null || true
+    for _ in $(seq 1 20); do
+        alive=""
+        for p in $pids; do kill -0 "$p" 2>/dev/null && alive="$alive $p"; done
+        [[ -z "$alive" ]] && return 0
+        sleep 0.5
+    done
+    echo "$name did not stop within 10 s of SIGTERM: killing it" >&2
+    kill -KILL $alive 2>/dev/null || true
+}
 cleanup() {
+    trap - INT TERM
     if [[ -n "$WORKER_PID" ]] && kill -0 "$WORKER_PID" 2>/dev/null; then
-        kill "$WORKER_PID" 2>/dev/null || true
-        wait "$WORKER_PID" 2>/dev/null || true
+        echo "Stopping the worker (pid $WORKER_PID)"
+        stop_tree "$WORKER_PID" "the worker"
     fi
     if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
         echo "Stopping the Prefect server (pid $SERVER_PID)"
-        kill "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
+        stop_tree "$SERVER_PID" "the Prefect server"
     fi
 }
 trap cleanup EXIT

@@ -20,6 +20,7 @@ SPACE_FILE = PROCESSED_DIR / SPACE_NAME
 LANDMARKS_NAME = "nyul_landmarks.npy"  # in the processed folder: optional Nyul histogram standardization
 LATENT_DIR = Path("data/latents")  # VQ-GAN latents of every processed volume
 SYNTHETIC_DIR = Path("data/synthetic")  # the synthetic set: NIfTIs, manifest, data-set card
+SOFTWARE_NAME = "software.json"  # in the synthetic set: versions of the packages that made it
 
 # models (weights + config.json + registry.json); checkpoints live outside DVC's outputs so a killed run resumes
 VQGAN_DIR = Path("models/vqgan")

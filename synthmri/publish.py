@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from synthmri.catalog import MODEL_REGISTRY_FILES, RELEASE_FILE, REPORT_METRICS_FILE, SYNTHETIC_DIR
+from synthmri.catalog import MODEL_REGISTRY_FILES, RELEASE_FILE, REPORT_METRICS_FILE, SOFTWARE_NAME, SYNTHETIC_DIR
 from synthmri.errors import StageError
 from synthmri.io import sha256_file
 from synthmri.versions import TAG_PATTERN
@@ -297,6 +297,13 @@ def model_versions(repo: Path) -> dict[str, str]:
     return versions
 
 
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def release_record(
     repo: Path, tag: str, gate: Gate, code_commit: str, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -318,6 +325,7 @@ def release_record(
         "gate": {"passed": gate.passed, "failures": gate.failures},
         "metrics": {k: v for k, v in gate.metrics.items() if isinstance(v, (int, float, str, bool)) or v is None},
         "card": card_summary(repo / SYNTHETIC_DIR.as_posix() / "README.md"),
+        "software": _read_json(repo / SYNTHETIC_DIR / SOFTWARE_NAME),
         "fetch": f"dvc get <this repository> {SYNTHETIC_DIR.as_posix()} --rev {tag}",
         **(extra or {}),
     }

@@ -398,6 +398,16 @@ def test_nightly_deployment_end_to_end(tmp_path):
             expected = json.loads((work / "models" / folder / "registry.json").read_text())["version"]
             version = client.get_model_version_by_alias(name, "production")
             assert str(version.version) == str(expected) and version.tags.get("dataset_tag") == tag
+
+        # SIGTERM to the script alone (as a service manager sends it) ends it, its worker and its server
+        import psutil
+
+        started = psutil.Process(runner.pid).children(recursive=True)
+        assert started, "the runner started no server or worker"
+        runner.send_signal(signal.SIGTERM)
+        runner.wait(timeout=60)
+        gone, alive = psutil.wait_procs(started, timeout=5)
+        assert not alive, f"left running after SIGTERM: pids {[p.pid for p in alive]}"
     finally:
         _stop(runner)
         _stop(mlflow_server)

@@ -35,6 +35,7 @@ MAKE = textwrap.dedent("""\
         rows.append(f"volumes/{f.name},{i},{30 + i},{hashlib.sha256(f.read_bytes()).hexdigest()}")
     (out / "manifest.csv").write_text("\\n".join(rows) + "\\n")
     (out / "README.md").write_text("# Tiny synthetic set\\n\\n- volumes: %d\\n- models: none\\n" % p["n"])
+    (out / "software.json").write_text(json.dumps({"torch": "9.9.9"}))
     """)
 REPORT = textwrap.dedent("""\
     import json, pathlib, yaml
@@ -164,6 +165,7 @@ def test_publish_commits_pushes_tags_and_versions_are_listed(tmp_path):
     record = json.loads((repo / pub.RELEASE_FILE).read_text())
     assert record["tag"] == today and record["code_commit"] == code_commit and record["dataset"]["volumes"] == 3
     assert record["dataset"]["md5"].endswith(".dir") and record["card"][0] == "Tiny synthetic set"
+    assert record["software"] == {"torch": "9.9.9"}  # the versions the set was made with
     assert len(remote_files(remote)) >= 5  # 3 volumes, manifest, card, the .dir listing
 
     # a consumer elsewhere: dvc get at the tag gives files that match the manifest

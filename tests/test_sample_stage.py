@@ -127,6 +127,11 @@ def test_sample_set_is_complete_clean_and_verifiable(trained, prefect_server, tm
         "not a real subject" in (tmp_path / "syn" / "README.md").read_text().lower()
         or "no volume is a real subject" in (tmp_path / "syn" / "README.md").read_text().lower()
     )
+    software = json.loads((tmp_path / "syn" / "software.json").read_text())
+    assert (
+        software["torch"] == torch.__version__
+        and f"torch {torch.__version__}" in (tmp_path / "syn" / "README.md").read_text()
+    )
     parquet = pd.read_parquet(tmp_path / "syn" / "manifest.parquet")
     assert list(parquet["sha256"]) == list(manifest["sha256"])
     volume, covariates = SyntheticDataset(tmp_path / "syn")[0]

@@ -23,11 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from synthmri import __version__
-from synthmri.catalog import LATENT_DIR, LDM_DIR, PROCESSED_DIR, SPACE_NAME, SYNTHETIC_DIR, VQGAN_DIR
+from synthmri.catalog import LATENT_DIR, LDM_DIR, PROCESSED_DIR, SOFTWARE_NAME, SPACE_NAME, SYNTHETIC_DIR, VQGAN_DIR
 from synthmri.config import Params
 from synthmri.data.latents import LatentSet
 from synthmri.diffusion.sampling import sample_latents, sample_seed
 from synthmri.diffusion.schedulers import make_sampler
+from synthmri.environment import software_versions
 from synthmri.io import dvc_directory_hash, save_nifti, sha256_file, write_csv_atomic, write_text_atomic
 from synthmri.logs import get_logger
 from synthmri.models.loading import load_ldm, load_vqgan, read_config
@@ -225,7 +226,10 @@ def _provenance(ldm_dir: Path, vqgan_dir: Path) -> dict:
 
 
 def write_card(out_dir: Path, params: Params, manifest: pd.DataFrame, provenance: dict, space: dict) -> None:
+    """The data-set card (README.md) and the software versions (software.json) beside the volumes."""
     sampler = params.diffusion.sampler
+    software = software_versions()
+    write_text_atomic(out_dir / SOFTWARE_NAME, json.dumps(software, indent=2))
     lines = [
         f"# SynthMRI synthetic data set (release `{params.sample.release}`)",
         "",
@@ -241,6 +245,7 @@ def write_card(out_dir: Path, params: Params, manifest: pd.DataFrame, provenance
         f"- seeds: sample i uses the seed derived from (global seed {params.sample.seed}, i); see `manifest.csv`",
         f"- models: synthmri-vqgan version {provenance['vqgan_version']} (sha256 {provenance['vqgan_sha256'][:12]}…), "
         f"synthmri-ldm version {provenance['ldm_version']} (sha256 {provenance['ldm_sha256'][:12]}…)",
+        f"- software (`{SOFTWARE_NAME}`): " + ", ".join(f"{k} {v}" for k, v in software.items()),
         "- verify: every row of `manifest.csv` has the sha256 of its file",
         "- headers: written from scratch; nothing is copied from any input file",
         "",
