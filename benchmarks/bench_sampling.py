@@ -20,7 +20,7 @@ from synthmri.data.latents import LatentSet
 from synthmri.diffusion.sampling import sample_latents, sample_seed
 from synthmri.diffusion.schedulers import make_sampler
 from synthmri.models.loading import load_ldm, load_vqgan, read_config
-from synthmri.synthesis.sample_stage import ldm_schedule
+from synthmri.stages.sample import ldm_schedule
 
 CONFIGS = [("ddpm", 1000), ("ddim", 50), ("dpm_solver", 25), ("dpm_solver", 10)]
 

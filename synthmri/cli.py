@@ -37,7 +37,7 @@ STAGES = [
         "generate the simulated demo cohort (BIDS) into data/raw/demo",
         "Builds the built-in demo cohort from nilearn's MNI152 template: covariate-driven anatomy "
         "(age, sex), a contrast model per site, ground-truth volumes in participants.tsv. Params: demo.*",
-        "synthmri.data.demo:run_demo",
+        "synthmri.stages.demo:run_demo",
     ),
     Stage(
         "ingest",
@@ -45,7 +45,7 @@ STAGES = [
         "Reads ingest.root (source bids, table or demo), checks every file and covariate row, writes RAS "
         "volumes, manifest.csv and quarantine.csv (one row per item set aside, with the reason). "
         "Raw data is never modified. Params: ingest.*, covariates",
-        "synthmri.data.ingest:run_ingest",
+        "synthmri.stages.ingest:run_ingest",
     ),
     Stage(
         "normalize",
@@ -53,7 +53,7 @@ STAGES = [
         "Resamples to normalize.spacing, crops/pads to normalize.shape around the head, clips intensities "
         "at percentiles and scales them to normalize.out_range (optional Nyul standardization fitted on "
         "the training split), and assigns a stratified subject-level train/val/test split. Params: normalize.*",
-        "synthmri.data.normalize:run_normalize",
+        "synthmri.stages.normalize:run_normalize",
     ),
     Stage(
         "train_vqgan",
@@ -63,7 +63,7 @@ STAGES = [
         "checkpoint in models/checkpoints/vqgan. Validation PSNR/SSIM/LPIPS go to reports/vqgan.json and "
         "MLflow; the model is registered as synthmri-vqgan. With vqgan.train.processes > 1 it relaunches "
         "itself under torchrun (DistributedDataParallel). Params: vqgan.*, seed",
-        "synthmri.training.train_vqgan:run_train_vqgan",
+        "synthmri.stages.train_vqgan:run_train_vqgan",
         train_section="vqgan",
     ),
     Stage(
@@ -72,7 +72,7 @@ STAGES = [
         "Encodes every split with the trained VQ-GAN (deterministic quantized codes, never a noisy sample), "
         "writes latents with subject ids and covariates, and the per-channel latent scale factor computed "
         "on the training split. Params: encode.*",
-        "synthmri.data.latents:run_encode",
+        "synthmri.stages.encode:run_encode",
     ),
     Stage(
         "train_diffusion",
@@ -82,7 +82,7 @@ STAGES = [
         "models/checkpoints/ldm; decoded sample slices go to MLflow every diffusion.train.sample_every steps; "
         "the EMA model is registered as synthmri-ldm. With diffusion.train.processes > 1 it relaunches itself "
         "under torchrun (DistributedDataParallel). Params: diffusion.*, covariates, seed",
-        "synthmri.training.train_diffusion:run_train_diffusion",
+        "synthmri.stages.train_diffusion:run_train_diffusion",
         train_section="diffusion",
     ),
     Stage(
@@ -93,7 +93,7 @@ STAGES = [
         "training space's affine and a clean header, plus manifest.csv/parquet and a data-set card. Works in "
         "shards fanned out by a Prefect task runner (threads or Dask); a rerun skips finished shards. "
         "Params: sample.*, diffusion.sampler",
-        "synthmri.synthesis.sample_stage:run_sample",
+        "synthmri.stages.sample:run_sample",
     ),
     Stage(
         "report",
@@ -106,7 +106,7 @@ STAGES = [
         "Writes reports/metrics.json, reports/report.html and reports/figures/, logs an MLflow 'report' run, and "
         "records gate: pass|fail against report.thresholds (a failing gate does not fail the stage). "
         "Params: report.*",
-        "synthmri.report.stage:run_report",
+        "synthmri.stages.report:run_report",
     ),
 ]
 

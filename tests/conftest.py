@@ -120,8 +120,8 @@ SMALL_SPLIT = "normalize.split={train: 0.5, val: 0.25, test: 0.25, seed: 0, stra
 
 def make_processed(work: Path, n: int = 8, shape=(16, 16, 16), *overrides: str) -> tuple[Params, Path]:
     """Ingest + normalize a tiny cohort into ``work``; returns the params and the processed folder."""
-    from synthmri.data.ingest import run_ingest
-    from synthmri.data.normalize import run_normalize
+    from synthmri.stages.ingest import run_ingest
+    from synthmri.stages.normalize import run_normalize
 
     make_bids(work / "bids", n)
     params = make_params(

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from conftest import blob_volume, make_params, tree_digest, write_nifti
 
-from synthmri.data.ingest import run_ingest
 from synthmri.errors import StageError
+from synthmri.stages.ingest import run_ingest
 
 
 def _anat(root: Path, sub: str, suffix=".nii.gz") -> Path:

@@ -26,15 +26,15 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
-from synthmri.data.ingest import run_ingest
-from synthmri.data.normalize import run_normalize
 from synthmri.errors import StageError
 from synthmri.io import save_nifti
+from synthmri.stages.ingest import run_ingest
+from synthmri.stages.normalize import run_normalize
 from synthmri.tracking import check_reachable
 
 
 def test_unreachable_tracking_server_fails_fast_with_clear_message(tmp_path, monkeypatch):
-    from synthmri.training.train_vqgan import run_train_vqgan
+    from synthmri.stages.train_vqgan import run_train_vqgan
 
     params, processed = make_processed(tmp_path, 4, (16, 16, 16), "vqgan.train.steps=1000")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens
@@ -121,8 +121,8 @@ def test_sigkill_during_train_diffusion_then_rerun_resumes_to_identical_weights(
     same EMA weights and loss history as a run that was never interrupted (CPU, one thread: the batch,
     noise and timesteps of a step depend only on (seed, step) and the checkpoint holds model, EMA,
     optimizer and RNG state)."""
-    from synthmri.data.latents import run_encode
-    from synthmri.training.train_vqgan import run_train_vqgan
+    from synthmri.stages.encode import run_encode
+    from synthmri.stages.train_vqgan import run_train_vqgan
 
     params, processed = make_processed(
         tmp_path, 6, (16, 16, 16), "vqgan.train.steps=2", "vqgan.loss.adversarial=0", "vqgan.loss.perceptual=0"
@@ -227,7 +227,16 @@ def test_full_disk_during_a_stage_is_one_line_and_leaves_no_partial_output(tiny_
     work.mkdir()
     os.symlink(tiny_tmpfs, work / "data")  # data/ (raw and every stage output) on the full filesystem
     result = subprocess.run(
-        [sys.executable, "-m", "synthmri.cli", "demo", "-S", "demo.n_subjects=4"],
+        [
+            sys.executable,
+            "-m",
+            "synthmri.cli",
+            "demo",
+            "--params",
+            str(REPO / "params.yaml"),
+            "-S",
+            "demo.n_subjects=4",
+        ],
         cwd=work,
         capture_output=True,
         text=True,

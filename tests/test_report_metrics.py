@@ -404,3 +404,18 @@ def test_reconstruction_scores_are_the_scikit_image_ones_per_volume_and_restore_
     assert np.allclose(scores.psnr, 20 * np.log10(2.0 / 0.02), atol=1e-3)
     assert np.allclose(scores.lpips, 0.02, atol=1e-6) and scores.summary()["n"] == 2
     assert np.allclose(scores.reconstructions[1], 0.52) and scores.example[0].shape == (12, 12, 12)
+
+
+def test_autoencoder_ceiling_of_a_perfect_autoencoder_is_the_real_data():
+    """Decoded = real: the decoded training set is exactly the FD baseline (ratio 1) and the held-out
+    volumes' own reconstructions sit on the reference (FD 0, full coverage); a lossy one is worse."""
+    from synthmri.report.families import autoencoder_ceiling
+
+    rng = np.random.default_rng(0)
+    f_train, f_ref = rng.normal(size=(30, 4)), rng.normal(size=(12, 4))
+    perfect = autoencoder_ceiling(f_ref, f_ref, f_train, f_train, k=3)
+    assert perfect["train.frechet_ratio"] == pytest.approx(1.0)
+    assert perfect["heldout.frechet_distance"] == pytest.approx(0.0, abs=1e-6)
+    assert perfect["heldout.coverage"] == 1.0
+    blurred = autoencoder_ceiling(f_ref, 0.3 * f_ref + 1.0, 0.3 * f_train + 1.0, f_train, k=3)
+    assert blurred["train.frechet_ratio"] > 2 and blurred["heldout.coverage"] < 0.5

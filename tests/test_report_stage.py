@@ -18,8 +18,10 @@ from synthmri.config import ReportThresholds
 from synthmri.io import dvc_directory_hash, save_nifti, sha256_file
 from synthmri.models.loading import save_weights
 from synthmri.models.vqgan import VQGAN
-from synthmri.report.compute import Check, compute_set_metrics, evaluate_gate, load_report_data
-from synthmri.report.stage import run_report
+from synthmri.report.compute import compute_set_metrics
+from synthmri.report.gate import Check, evaluate_gate
+from synthmri.report.inputs import load_report_data
+from synthmri.stages.report import run_report
 
 pytestmark = pytest.mark.filterwarnings("ignore::synthmri.losses.perceptual.RandomBackboneWarning")
 
@@ -148,6 +150,11 @@ def test_metrics_json_is_flat_and_has_every_family(report):
     assert "conditioning.age.csf_fraction.slope_synthetic" in on_disk
     assert "conditioning.sex.head_ml.diff_synthetic" in on_disk
     assert on_disk["recon.n"] >= 1 and np.isfinite(on_disk["recon.psnr"]) and 0 <= on_disk["recon.lpips"]
+    for who in ("train", "heldout"):  # the autoencoder's ceiling: decoded real volumes, scored like the set
+        assert (
+            np.isfinite(on_disk[f"ceiling.stats.{who}.frechet_ratio"])
+            and 0 <= on_disk[f"ceiling.stats.{who}.coverage"] <= 1
+        )
     assert 0 < on_disk["diversity.ms_ssim_real"] <= 1 and on_disk["diversity.ratio"] > 0
     assert on_disk["intensity.wasserstein"] > 0
     assert on_disk["compare.vqvae.val_psnr"] == 21.0  # the optional VQ-VAE metrics are picked up
@@ -189,6 +196,7 @@ def test_html_is_self_contained_with_images_and_verdicts(report, setup):
     assert base64.b64decode(parser.refs[0][2][len(prefix) :])[:8] == b"\x89PNG\r\n\x1a\n"
     pngs = sorted((work / "reports" / "figures").glob("*.png"))
     assert len(parser.refs) == len(pngs) >= 6
+    assert "Which model limits fidelity" in text and "decoded training volumes" in text
     assert {
         "real_vs_synthetic.png",
         "nearest_neighbours.png",

@@ -19,13 +19,13 @@ import pytest
 import torch
 from conftest import REPO, make_processed
 
-from synthmri.data.latents import run_encode
 from synthmri.data.synthetic import SyntheticDataset
+from synthmri.stages.encode import run_encode
+from synthmri.stages.sample import SampleJob, generate_shard, run_sample
+from synthmri.stages.train_diffusion import run_train_diffusion
+from synthmri.stages.train_vqgan import run_train_vqgan
 from synthmri.synthesis.plan import make_plan
-from synthmri.synthesis.sample_stage import SampleJob, generate_shard, run_sample
 from synthmri.training.runtime import intra_op_threads
-from synthmri.training.train_diffusion import run_train_diffusion
-from synthmri.training.train_vqgan import run_train_vqgan
 
 TINY_LDM = (
     "diffusion.unet.channels=[16,32]",

@@ -12,10 +12,11 @@ import torch
 from conftest import TINY_VQGAN, kill_after_checkpoint, make_processed, stage_command, stage_env
 from safetensors.torch import load_file
 
-from synthmri.data.latents import LatentSet, run_encode
+from synthmri.data.latents import LatentSet
 from synthmri.errors import StageError
+from synthmri.stages.encode import run_encode
+from synthmri.stages.train_vqgan import run_train_vqgan
 from synthmri.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from synthmri.training.train_vqgan import run_train_vqgan
 
 
 def _train(params, work: Path, **kw) -> dict:

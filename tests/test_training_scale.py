@@ -19,12 +19,12 @@ import pandas as pd
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import make_processed
+from conftest import REPO, make_processed
 from safetensors.torch import load_file
 
-from synthmri.data.latents import run_encode
-from synthmri.training.train_diffusion import run_train_diffusion
-from synthmri.training.train_vqgan import run_train_vqgan
+from synthmri.stages.encode import run_encode
+from synthmri.stages.train_diffusion import run_train_diffusion
+from synthmri.stages.train_vqgan import run_train_vqgan
 
 DIFFUSION = (
     "diffusion.unet.channels=[8,16]",
@@ -220,7 +220,7 @@ def test_cli_relaunches_itself_under_torchrun_when_processes_is_above_one(cohort
     ]
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-m", "synthmri.cli", "train_diffusion", *overrides],
+        [sys.executable, "-m", "synthmri.cli", "train_diffusion", "--params", str(REPO / "params.yaml"), *overrides],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -238,7 +238,7 @@ def test_cli_relaunches_itself_under_torchrun_when_processes_is_above_one(cohort
 def test_extending_or_resampling_a_run_keeps_its_identity_but_changing_what_it_learns_does_not(cohort):
     from conftest import make_params
 
-    from synthmri.training.train_diffusion import run_fingerprint
+    from synthmri.stages.train_diffusion import run_fingerprint
 
     work, _ = cohort
     base = run_fingerprint(make_params(*DIFFUSION), work / "latents")

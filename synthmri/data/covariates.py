@@ -74,8 +74,10 @@ def continuous_range(cov: Covariate, ranges: Mapping[str, tuple[float, float]] |
     """The declared ``range`` of a continuous covariate (or its override in ``ranges``), checked."""
     low_high = (ranges or {}).get(cov.name, cov.range)
     if low_high is None:
-        raise ValueError(f"continuous covariate '{cov.name}' needs a 'range' in params.yaml (or in `ranges`) "
-                         "to be normalised for the diffusion model")
+        raise ValueError(
+            f"continuous covariate '{cov.name}' needs a 'range' in params.yaml (or in `ranges`) "
+            "to be normalised for the diffusion model"
+        )
     low, high = float(low_high[0]), float(low_high[1])
     if not high > low:
         raise ValueError(f"continuous covariate '{cov.name}': range [{low:g}, {high:g}] is empty")
@@ -131,8 +133,10 @@ def parse_covariates(row: pd.Series, covariates: list[Covariate]) -> dict[str, f
             if not math.isfinite(number):
                 raise InvalidInput(f"covariate '{cov.name}' = '{raw}' is not finite")
             if cov.range is not None and not cov.range[0] <= number <= cov.range[1]:
-                raise InvalidInput(f"covariate '{cov.name}' = {number:g} outside the allowed range "
-                                   f"[{cov.range[0]:g}, {cov.range[1]:g}]")
+                raise InvalidInput(
+                    f"covariate '{cov.name}' = {number:g} outside the allowed range "
+                    f"[{cov.range[0]:g}, {cov.range[1]:g}]"
+                )
             values[cov.name] = number
         else:
             if raw not in (cov.levels or []):

@@ -48,7 +48,6 @@ from synthmri.data.covariates import BIDS_MISSING
 from synthmri.io import atomic_path, save_nifti, write_text_atomic
 from synthmri.logs import get_logger, progress
 from synthmri.viz import three_plane_grid
-from synthmri.catalog import DEMO_DIR
 
 if TYPE_CHECKING:
     from synthmri.config import Params
@@ -57,8 +56,13 @@ log = get_logger(__name__)
 
 # tissue labels of the simulated anatomy
 BACKGROUND, CSF, GM, WM, VENTRICLE = 0, 1, 2, 3, 4
-LABEL_NAMES = {BACKGROUND: "background", CSF: "external CSF", GM: "grey matter", WM: "white matter",
-               VENTRICLE: "lateral ventricles"}
+LABEL_NAMES = {
+    BACKGROUND: "background",
+    CSF: "external CSF",
+    GM: "grey matter",
+    WM: "white matter",
+    VENTRICLE: "lateral ventricles",
+}
 
 DESCRIP = "SynthMRI demo cohort (simulated)"
 STAMP_KEY = "SynthMRIDemo"
@@ -67,29 +71,29 @@ GENERATOR_VERSION = 2
 
 # anatomy model (ages in years, distances in mm)
 ATROPHY_START_AGE = 20.0
-ATROPHY_SPAN_YEARS = 70.0          # ATROPHY_START_AGE + span = age of "full" atrophy (90 y)
-VENTRICLE_GROWTH_MM = 6.0          # ventricle enlargement at 90 y
-VENTRICLE_GROWTH_POWER = 1.3       # > 1: enlargement accelerates with age
+ATROPHY_SPAN_YEARS = 70.0  # ATROPHY_START_AGE + span = age of "full" atrophy (90 y)
+VENTRICLE_GROWTH_MM = 6.0  # ventricle enlargement at 90 y
+VENTRICLE_GROWTH_POWER = 1.3  # > 1: enlargement accelerates with age
 VENTRICLE_GROWTH_NOISE_MM = 0.4
-VENTRICLE_WALL_MM = 4.0            # ventricles never grow closer than this to external CSF
-CORTEX_THINNING_MM = 1.6           # depth of cortex turned into CSF at 90 y (before modulation)
+VENTRICLE_WALL_MM = 4.0  # ventricles never grow closer than this to external CSF
+CORTEX_THINNING_MM = 1.6  # depth of cortex turned into CSF at 90 y (before modulation)
 CORTEX_THINNING_NOISE_MM = 0.15
-EXTERNAL_CSF_RIM_MM = 2.0          # subarachnoid CSF added around the skull-stripped template
-ATROPHY_FIELD_SPACING_MM = 8.0    # grid of the smooth random field that modulates atrophy locally
-ATROPHY_FIELD_SMOOTHING = 1.5     # its Gaussian smoothing, in grid cells (12 mm)
-ATROPHY_FIELD_LOG_STD = 0.35      # local atrophy distance = age-driven distance x exp(0.35 x field)
+EXTERNAL_CSF_RIM_MM = 2.0  # subarachnoid CSF added around the skull-stripped template
+ATROPHY_FIELD_SPACING_MM = 8.0  # grid of the smooth random field that modulates atrophy locally
+ATROPHY_FIELD_SMOOTHING = 1.5  # its Gaussian smoothing, in grid cells (12 mm)
+ATROPHY_FIELD_LOG_STD = 0.35  # local atrophy distance = age-driven distance x exp(0.35 x field)
 # Linear head scale by sex: (1.02 / 0.98)^3 = 1.13, the male/female intracranial-volume ratio of real
 # adult cohorts (about 1.12-1.15; e.g. Ruigrok et al. 2014, Neurosci Biobehav Rev 39:34). It was
 # 1.05 / 0.95, i.e. 1.35 in volume, an effect no real cohort shows.
 SEX_SCALE = {"f": 0.98, "female": 0.98, "m": 1.02, "male": 1.02}
-HEAD_SCALE_NOISE = 0.02            # log-normal per-subject noise of the global scale
+HEAD_SCALE_NOISE = 0.02  # log-normal per-subject noise of the global scale
 AXIS_SCALE_NOISE = 0.01
 ROTATION_DEG = 2.0
 TRANSLATION_MM = 2.0
 ELASTIC_CONTROL_POINTS = 7
 BIAS_FIELD_ORDER = 3
 N_BIAS_COEFFICIENTS = (BIAS_FIELD_ORDER + 1) * (BIAS_FIELD_ORDER + 2) * (BIAS_FIELD_ORDER + 3) // 6
-CONTRAST_JITTER = 0.03             # relative per-subject jitter of each tissue intensity
+CONTRAST_JITTER = 0.03  # relative per-subject jitter of each tissue intensity
 GAIN_JITTER = 0.05
 
 # Central box (MNI mm) around the lateral ventricles, for image-only ventricle measurements.
@@ -104,11 +108,11 @@ VENTRICLE_BOX_MM = ((-28.0, 28.0), (-50.0, 36.0), (-6.0, 34.0))
 class BaseAnatomy:
     """Tissue labels on the MNI152 grid, plus the distance maps that the atrophy model thresholds."""
 
-    labels: np.ndarray           # uint8 (x, y, z), RAS
+    labels: np.ndarray  # uint8 (x, y, z), RAS
     affine: np.ndarray
     spacing: tuple[float, float, float]
-    dist_ventricle: np.ndarray   # float32 mm from the nearest ventricle voxel
-    depth_external: np.ndarray   # float32 mm from the nearest external CSF/background boundary
+    dist_ventricle: np.ndarray  # float32 mm from the nearest ventricle voxel
+    depth_external: np.ndarray  # float32 mm from the nearest external CSF/background boundary
 
 
 def _readonly(array: np.ndarray) -> np.ndarray:
@@ -155,8 +159,7 @@ def base_anatomy(resolution_mm: int = 2) -> BaseAnatomy:
     # distance to the boundary of the external CSF, not to the centre of its nearest voxel
     depth = ndi.distance_transform_edt(~external, sampling=spacing) - 0.5 * min(spacing)
     depth = np.maximum(depth, 0).astype(np.float32)
-    return BaseAnatomy(_readonly(labels), _readonly(affine), spacing, _readonly(dist_ventricle),
-                       _readonly(depth))
+    return BaseAnatomy(_readonly(labels), _readonly(affine), spacing, _readonly(dist_ventricle), _readonly(depth))
 
 
 def _world_coordinates(shape: tuple[int, ...], affine: np.ndarray) -> list[np.ndarray]:
@@ -176,12 +179,14 @@ def _world_coordinates(shape: tuple[int, ...], affine: np.ndarray) -> list[np.nd
 
 def _in_box(shape: tuple[int, ...], affine: np.ndarray, box=VENTRICLE_BOX_MM) -> np.ndarray:
     x, y, z = _world_coordinates(shape, affine)
-    return ((box[0][0] <= x) & (x <= box[0][1]) & (box[1][0] <= y) & (y <= box[1][1])
-            & (box[2][0] <= z) & (z <= box[2][1]))
+    return (
+        (box[0][0] <= x) & (x <= box[0][1]) & (box[1][0] <= y) & (y <= box[1][1]) & (box[2][0] <= z) & (z <= box[2][1])
+    )
 
 
-def _find_ventricles(csf: np.ndarray, head: np.ndarray, affine: np.ndarray,
-                     spacing: tuple[float, float, float]) -> np.ndarray:
+def _find_ventricles(
+    csf: np.ndarray, head: np.ndarray, affine: np.ndarray, spacing: tuple[float, float, float]
+) -> np.ndarray:
     """The lateral ventricles: CSF components enclosed by tissue, of at least 1 ml, centred in the
     central box of the brain (external CSF components touch the outside of the brain instead)."""
     components, n = ndi.label(csf)
@@ -211,20 +216,24 @@ class SiteContrast:
 
     csf: float
     gm: float
-    gain: float           # scanner units of white matter
-    blur_mm: float        # partial-volume blur (Gaussian std)
+    gain: float  # scanner units of white matter
+    blur_mm: float  # partial-volume blur (Gaussian std)
     bias_strength: float  # range of the bias-field polynomial coefficients
-    tissue_noise: float   # within-tissue intensity variation (std, relative to WM)
+    tissue_noise: float  # within-tissue intensity variation (std, relative to WM)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def site_contrast(site: str) -> SiteContrast:
     """Fixed by the site's name (not by the seed), so 'site1' looks the same in every cohort."""
     rng = np.random.default_rng(zlib.crc32(site.encode("utf-8")))
-    return SiteContrast(csf=float(rng.uniform(0.15, 0.35)), gm=float(rng.uniform(0.55, 0.72)),
-                        gain=float(rng.uniform(500.0, 1500.0)), blur_mm=float(rng.uniform(0.5, 1.0)),
-                        bias_strength=float(rng.uniform(0.08, 0.2)),
-                        tissue_noise=float(rng.uniform(0.02, 0.04)))
+    return SiteContrast(
+        csf=float(rng.uniform(0.15, 0.35)),
+        gm=float(rng.uniform(0.55, 0.72)),
+        gain=float(rng.uniform(500.0, 1500.0)),
+        blur_mm=float(rng.uniform(0.5, 1.0)),
+        bias_strength=float(rng.uniform(0.08, 0.2)),
+        tissue_noise=float(rng.uniform(0.02, 0.04)),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,33 +246,42 @@ class DemoSubject:
     age: float
     sex: str
     site: str
-    labels: np.ndarray   # final (deformed) tissue labels
-    image: np.ndarray    # float32 T1w
+    labels: np.ndarray  # final (deformed) tissue labels
+    image: np.ndarray  # float32 T1w
     affine: np.ndarray
 
     def volumes_ml(self) -> dict[str, float]:
         return tissue_volumes_ml(self.labels, self.affine)
 
     def row(self) -> dict[str, object]:
-        return {"participant_id": self.participant_id, "age": self.age, "sex": self.sex, "site": self.site,
-                **{key: round(value, 3) for key, value in self.volumes_ml().items()}}
+        return {
+            "participant_id": self.participant_id,
+            "age": self.age,
+            "sex": self.sex,
+            "site": self.site,
+            **{key: round(value, 3) for key, value in self.volumes_ml().items()},
+        }
 
 
 def tissue_volumes_ml(labels: np.ndarray, affine: np.ndarray) -> dict[str, float]:
     voxel_ml = abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
     counts = np.bincount(np.asarray(labels, dtype=np.int64).ravel(), minlength=5)
     gm, wm = counts[GM] * voxel_ml, counts[WM] * voxel_ml
-    return {"ventricle_ml": counts[VENTRICLE] * voxel_ml,
-            "csf_ml": (counts[CSF] + counts[VENTRICLE]) * voxel_ml,
-            "gm_ml": gm, "wm_ml": wm, "brain_ml": gm + wm,
-            "icv_ml": (counts.sum() - counts[BACKGROUND]) * voxel_ml}
+    return {
+        "ventricle_ml": counts[VENTRICLE] * voxel_ml,
+        "csf_ml": (counts[CSF] + counts[VENTRICLE]) * voxel_ml,
+        "gm_ml": gm,
+        "wm_ml": wm,
+        "brain_ml": gm + wm,
+        "icv_ml": (counts.sum() - counts[BACKGROUND]) * voxel_ml,
+    }
 
 
 def participant_id(index: int) -> str:
     return f"sub-{index + 1:03d}"
 
 
-def _sex_levels(params: "Params") -> list[str]:
+def _sex_levels(params: Params) -> list[str]:
     for covariate in params.covariates:
         if covariate.name == "sex" and covariate.levels:
             return list(covariate.levels)
@@ -296,14 +314,15 @@ def _smooth_field(white_noise: np.ndarray, shape: tuple[int, int, int]) -> np.nd
 def _bias_field(coefficients: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     """torchio's polynomial bias field, evaluated on a 4x coarser grid and upsampled (it is smooth)."""
     coarse_shape = tuple(max(4, n // 4) for n in shape)
-    coarse = tio.BiasField.generate_bias_field(np.zeros((1, *coarse_shape), np.float32), BIAS_FIELD_ORDER,
-                                               [float(c) for c in coefficients])
+    coarse = tio.BiasField.generate_bias_field(
+        np.zeros((1, *coarse_shape), np.float32), BIAS_FIELD_ORDER, [float(c) for c in coefficients]
+    )
     log_field = torch.from_numpy(np.log(coarse))[None, None]
     log_field = torch.nn.functional.interpolate(log_field, size=shape, mode="trilinear", align_corners=False)
     return np.exp(log_field[0, 0].numpy())
 
 
-def simulate_subject(params: "Params", index: int) -> DemoSubject:
+def simulate_subject(params: Params, index: int) -> DemoSubject:
     """Simulate subject ``index`` (0-based); depends only on ``params.demo`` and the index."""
     demo = params.demo
     base = base_anatomy(demo.template_resolution_mm)
@@ -336,10 +355,13 @@ def simulate_subject(params: "Params", index: int) -> DemoSubject:
     # smooth functions of age despite the voxel grid.
     modulation = np.exp(ATROPHY_FIELD_LOG_STD * _smooth_field(atrophy_noise, shape))
     labels = base.labels.copy()
-    growth_mm = max(VENTRICLE_GROWTH_MM * amount ** VENTRICLE_GROWTH_POWER + ventricle_noise, 0.0)
+    growth_mm = max(VENTRICLE_GROWTH_MM * amount**VENTRICLE_GROWTH_POWER + ventricle_noise, 0.0)
     if growth_mm > 0:
-        grow = ((base.dist_ventricle <= growth_mm * modulation)
-                & ((labels == GM) | (labels == WM)) & (base.depth_external >= VENTRICLE_WALL_MM))
+        grow = (
+            (base.dist_ventricle <= growth_mm * modulation)
+            & ((labels == GM) | (labels == WM))
+            & (base.depth_external >= VENTRICLE_WALL_MM)
+        )
         labels[grow] = VENTRICLE
     thinning_mm = max(CORTEX_THINNING_MM * amount + cortex_noise, 0.0)
     if thinning_mm > 0:
@@ -350,13 +372,24 @@ def simulate_subject(params: "Params", index: int) -> DemoSubject:
         control_points[[border, -1 - border], :, :] = 0
         control_points[:, [border, -1 - border], :] = 0
         control_points[:, :, [border, -1 - border]] = 0
-    subject = tio.Subject(labels=tio.LabelMap(tensor=torch.from_numpy(labels[None].astype(np.int16)),
-                                              affine=base.affine))
-    spatial = [tio.Affine(scales=tuple(axis_scales), degrees=tuple(degrees), translation=tuple(translation),
-                          default_pad_label=BACKGROUND, copy=False)]
+    subject = tio.Subject(
+        labels=tio.LabelMap(tensor=torch.from_numpy(labels[None].astype(np.int16)), affine=base.affine)
+    )
+    spatial = [
+        tio.Affine(
+            scales=tuple(axis_scales),
+            degrees=tuple(degrees),
+            translation=tuple(translation),
+            default_pad_label=BACKGROUND,
+            copy=False,
+        )
+    ]
     if demo.deformation_mm > 0:
-        spatial.append(tio.ElasticDeformation(control_points=control_points,
-                                              max_displacement=(demo.deformation_mm,) * 3, copy=False))
+        spatial.append(
+            tio.ElasticDeformation(
+                control_points=control_points, max_displacement=(demo.deformation_mm,) * 3, copy=False
+            )
+        )
     subject = tio.Compose(spatial, copy=False)(subject)
     labels = np.rint(subject["labels"].data[0].numpy()).astype(np.uint8)
 
@@ -367,7 +400,7 @@ def simulate_subject(params: "Params", index: int) -> DemoSubject:
     means[VENTRICLE] = means[CSF]
     image = means[labels]
     tissue = labels != BACKGROUND
-    image[tissue] += (contrast.tissue_noise * rng.standard_normal(int(tissue.sum()), dtype=np.float32))
+    image[tissue] += contrast.tissue_noise * rng.standard_normal(int(tissue.sum()), dtype=np.float32)
     partial_volume = tio.Blur(std=(contrast.blur_mm,) * 3, copy=False)
     image = partial_volume(tio.ScalarImage(tensor=torch.from_numpy(image[None]), affine=base.affine))
     image = image.data[0].numpy()
@@ -388,29 +421,41 @@ def simulate_subject(params: "Params", index: int) -> DemoSubject:
 
 COLUMN_DESCRIPTIONS = {
     "participant_id": {"Description": "Subject identifier (simulated subject, no real person)."},
-    "age": {"Description": "Simulated age at scan; drives ventricle enlargement and cortical thinning.",
-            "Units": "years"},
-    "sex": {"Description": "Simulated sex; drives head size (M larger than F on average).",
-            "Levels": {"F": "female (simulated)", "M": "male (simulated)"}},
-    "site": {"Description": "Simulated acquisition site; sets tissue contrast, intensity scale, blur and "
-                            "bias field strength."},
-    "ventricle_ml": {"Description": "Lateral ventricle volume of the simulated ground-truth label map "
-                                    "(after deformation).", "Units": "ml"},
-    "csf_ml": {"Description": "All CSF (external, sulcal and ventricles) of the simulated label map.",
-               "Units": "ml"},
+    "age": {
+        "Description": "Simulated age at scan; drives ventricle enlargement and cortical thinning.",
+        "Units": "years",
+    },
+    "sex": {
+        "Description": "Simulated sex; drives head size (M larger than F on average).",
+        "Levels": {"F": "female (simulated)", "M": "male (simulated)"},
+    },
+    "site": {
+        "Description": "Simulated acquisition site; sets tissue contrast, intensity scale, blur and "
+        "bias field strength."
+    },
+    "ventricle_ml": {
+        "Description": "Lateral ventricle volume of the simulated ground-truth label map (after deformation).",
+        "Units": "ml",
+    },
+    "csf_ml": {"Description": "All CSF (external, sulcal and ventricles) of the simulated label map.", "Units": "ml"},
     "gm_ml": {"Description": "Grey matter volume of the simulated label map.", "Units": "ml"},
     "wm_ml": {"Description": "White matter volume of the simulated label map.", "Units": "ml"},
     "brain_ml": {"Description": "Grey + white matter volume of the simulated label map.", "Units": "ml"},
-    "icv_ml": {"Description": "Intracranial volume (all non-background labels) of the simulated label map.",
-               "Units": "ml"},
+    "icv_ml": {
+        "Description": "Intracranial volume (all non-background labels) of the simulated label map.",
+        "Units": "ml",
+    },
 }
 COLUMNS = list(COLUMN_DESCRIPTIONS)
 
 
-def demo_stamp(params: "Params") -> dict:
+def demo_stamp(params: Params) -> dict:
     """What a cohort on disk was generated from; a different stamp means it must be regenerated."""
-    stamp = {"generator_version": GENERATOR_VERSION, "demo": params.demo.model_dump(mode="json"),
-             "sex_levels": _sex_levels(params)}
+    stamp = {
+        "generator_version": GENERATOR_VERSION,
+        "demo": params.demo.model_dump(mode="json"),
+        "sex_levels": _sex_levels(params),
+    }
     return json.loads(json.dumps(stamp))
 
 
@@ -419,7 +464,7 @@ def t1w_path(cohort_dir: Path, index: int) -> Path:
     return Path(cohort_dir) / sub / "anat" / f"{sub}_T1w.nii.gz"
 
 
-def _dataset_description(params: "Params") -> dict:
+def _dataset_description(params: Params) -> dict:
     return {
         "Name": DESCRIP,
         "BIDSVersion": "1.9.0",
@@ -431,13 +476,15 @@ def _dataset_description(params: "Params") -> dict:
             "ICBM 152 Nonlinear Asymmetric 2009a template (Fonov et al., NeuroImage 2011), as shipped by nilearn",
             "Billot et al., SynthSeg, Medical Image Analysis 2023 (label-to-image synthesis)",
         ],
-        "GeneratedBy": [{
-            "Name": "synthmri.data.demo",
-            "Version": __version__,
-            "Description": "Simulated T1w brain MRI for demonstration and tests: MNI152 tissue labels, "
-                           "age-driven atrophy, sex-driven head size, random deformation, per-site "
-                           "contrast, bias field and Rician noise. No real person was scanned.",
-        }],
+        "GeneratedBy": [
+            {
+                "Name": "synthmri.data.demo",
+                "Version": __version__,
+                "Description": "Simulated T1w brain MRI for demonstration and tests: MNI152 tissue labels, "
+                "age-driven atrophy, sex-driven head size, random deformation, per-site "
+                "contrast, bias field and Rician noise. No real person was scanned.",
+            }
+        ],
         STAMP_KEY: demo_stamp(params),
     }
 
@@ -453,7 +500,7 @@ volumes measured on each subject's simulated label map (see participants.json).
 """
 
 
-def _write_cohort(params: "Params", out_dir: Path) -> None:
+def _write_cohort(params: Params, out_dir: Path) -> None:
     demo = params.demo
     base_anatomy(demo.template_resolution_mm)  # build the shared template once, outside the bar
     rows = []
@@ -465,13 +512,13 @@ def _write_cohort(params: "Params", out_dir: Path) -> None:
     with atomic_path(out_dir / "participants.tsv") as tmp:
         table.to_csv(tmp, sep="\t", index=False, na_rep=BIDS_MISSING, float_format="%.3f")
     descriptions = json.loads(json.dumps(COLUMN_DESCRIPTIONS))
-    descriptions["sex"]["Levels"] = {level: descriptions["sex"]["Levels"].get(level, f"{level} (simulated)")
-                                     for level in _sex_levels(params)}
+    descriptions["sex"]["Levels"] = {
+        level: descriptions["sex"]["Levels"].get(level, f"{level} (simulated)") for level in _sex_levels(params)
+    }
     descriptions["site"]["Levels"] = {site: "simulated site" for site in demo.sites}
     write_text_atomic(out_dir / "participants.json", json.dumps(descriptions, indent=2) + "\n")
     write_text_atomic(out_dir / "README", _README)
-    write_text_atomic(out_dir / "dataset_description.json",
-                      json.dumps(_dataset_description(params), indent=2) + "\n")
+    write_text_atomic(out_dir / "dataset_description.json", json.dumps(_dataset_description(params), indent=2) + "\n")
 
 
 def _read_stamp(cohort_dir: Path) -> dict | None:
@@ -499,14 +546,7 @@ def _remove_leftovers(out_dir: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-
-
-def run_demo(params: "Params") -> Path:
-    """The ``demo`` stage: (re)generate the cohort in ``data/raw/demo``."""
-    return generate_demo_cohort(params, DEMO_DIR)
-
-
-def generate_demo_cohort(params: "Params", out_dir: Path) -> Path:
+def generate_demo_cohort(params: Params, out_dir: Path) -> Path:
     """Write a BIDS folder: dataset_description.json, participants.tsv, participants.json,
     sub-XXX/anat/sub-XXX_T1w.nii.gz. Deterministic from params.demo.seed. Returns out_dir.
 
@@ -536,8 +576,9 @@ def generate_demo_cohort(params: "Params", out_dir: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("Wrote %d simulated subjects to %s in %.0f s", params.demo.n_subjects, out_dir,
-             time.perf_counter() - started)
+    log.info(
+        "Wrote %d simulated subjects to %s in %.0f s", params.demo.n_subjects, out_dir, time.perf_counter() - started
+    )
     return out_dir
 
 
@@ -547,7 +588,7 @@ def _umask() -> int:
     return mask
 
 
-def is_current_demo_cohort(params: "Params", out_dir: Path) -> bool:
+def is_current_demo_cohort(params: Params, out_dir: Path) -> bool:
     """True if ``out_dir`` holds a complete cohort generated from these demo parameters."""
     out_dir = Path(out_dir)
     if _read_stamp(out_dir) != demo_stamp(params) or not (out_dir / "participants.tsv").is_file():
@@ -555,7 +596,7 @@ def is_current_demo_cohort(params: "Params", out_dir: Path) -> bool:
     return all(t1w_path(out_dir, index).is_file() for index in range(params.demo.n_subjects))
 
 
-def ensure_demo_cohort(params: "Params", out_dir: Path) -> Path:
+def ensure_demo_cohort(params: Params, out_dir: Path) -> Path:
     """Generate only if out_dir is missing or was generated with different demo params
     (the stamp of params.demo lives in dataset_description.json under 'SynthMRIDemo')."""
     out_dir = Path(out_dir)
@@ -600,5 +641,11 @@ def render_demo_figure(cohort_dir: Path, path: Path) -> Path:
         spacings.append(image.header.get_zooms()[:3])
         titles.append(f"{sub}\n{row['age']:.0f} y, {row['sex']}, {row['site']}")
     # sagittal slice through the left lateral ventricle rather than the interhemispheric fissure
-    return three_plane_grid(volumes, titles, Path(path), affine_spacing=spacings, positions=(0.42, 0.5, 0.5),
-                            suptitle="SynthMRI demo cohort (simulated): youngest, median age, oldest")
+    return three_plane_grid(
+        volumes,
+        titles,
+        Path(path),
+        affine_spacing=spacings,
+        positions=(0.42, 0.5, 0.5),
+        suptitle="SynthMRI demo cohort (simulated): youngest, median age, oldest",
+    )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,9 +18,8 @@ from synthmri.config import Params
 from synthmri.data.covariates import duplicated_ids, parse_covariates, read_table, require_columns
 from synthmri.data.validate import check_path, load_valid_volume
 from synthmri.errors import InvalidInput, StageError
-from synthmri.io import display_path, save_nifti, sha256_file, write_csv_atomic
-from synthmri.logs import get_logger, progress
-from synthmri.catalog import INGESTED_DIR
+from synthmri.io import display_path, save_nifti, sha256_file
+from synthmri.logs import get_logger
 
 log = get_logger(__name__)
 
@@ -60,8 +58,9 @@ def discover_bids(root: Path, params: Params) -> Discovery:
     found = Discovery()
     table_path = root / "participants.tsv"
     if not table_path.is_file():
-        raise StageError(f"{display_path(table_path)} not found: a BIDS data set lists its subjects and "
-                         "covariates there")
+        raise StageError(
+            f"{display_path(table_path)} not found: a BIDS data set lists its subjects and covariates there"
+        )
     table = read_table(table_path)
     id_col = "participant_id"
     require_columns(table, params.covariates, display_path(table_path), id_col)
@@ -81,8 +80,11 @@ def discover_bids(root: Path, params: Params) -> Discovery:
         if display_path(rel) != str(rel):
             found.reject(str(rel), subject, "file name is not valid UTF-8")
         elif subject in duplicates:
-            found.reject(str(rel), subject, f"participant_id '{display_path(subject)}' appears more than once "
-                                            "in participants.tsv")
+            found.reject(
+                str(rel),
+                subject,
+                f"participant_id '{display_path(subject)}' appears more than once in participants.tsv",
+            )
         elif subject not in rows:
             found.reject(str(rel), subject, f"no row for '{display_path(subject)}' in participants.tsv")
         else:
@@ -115,8 +117,9 @@ def discover_table(root: Path, params: Params) -> Discovery:
         session = row[cfg.session_column].strip() if has_session else ""
         item = row[cfg.path_column].strip() or f"(row of {subject})"
         if tuple(row[k] for k in keys) in duplicates:
-            found.reject(item, subject, f"id '{subject}'{' ' + session if session else ''} appears more than "
-                                        f"once in {cfg.table}")
+            found.reject(
+                item, subject, f"id '{subject}'{' ' + session if session else ''} appears more than once in {cfg.table}"
+            )
             continue
         if not row[cfg.path_column].strip():
             found.reject(item, subject, f"empty '{cfg.path_column}'")
@@ -130,7 +133,7 @@ def discover_table(root: Path, params: Params) -> Discovery:
 # the stage
 
 
-def _ingest_one(cand: Candidate, root_real: str, params: Params, out_dir: Path) -> dict:
+def ingest_one(cand: Candidate, root_real: str, params: Params, out_dir: Path) -> dict:
     for name, value in (("subject id", cand.subject_id), ("item", cand.item_id)):
         if not _SAFE_ID.match(value):
             raise InvalidInput(f"{name} '{value}' has characters that are not allowed in a file name")
@@ -142,8 +145,13 @@ def _ingest_one(cand: Candidate, root_real: str, params: Params, out_dir: Path) 
     relative_out = Path("volumes") / f"{cand.item_id}_T1w.nii.gz"
     save_nifti(volume.data, volume.affine, out_dir / relative_out, descrip="SynthMRI ingested volume (RAS)")
     declared = {c.name for c in params.covariates}
-    extras = {k: v for k, v in cand.row.items() if k not in declared and k not in {
-        params.ingest.id_column, params.ingest.path_column, params.ingest.session_column, "participant_id"}}
+    extras = {
+        k: v
+        for k, v in cand.row.items()
+        if k not in declared
+        and k
+        not in {params.ingest.id_column, params.ingest.path_column, params.ingest.session_column, "participant_id"}
+    }
     record = {
         "item_id": cand.item_id,
         "subject_id": cand.subject_id,
@@ -159,53 +167,3 @@ def _ingest_one(cand: Candidate, root_real: str, params: Params, out_dir: Path) 
     # other participant columns (e.g. the demo's ground-truth volumes) travel along for the report
     record.update({k: v for k, v in extras.items() if k not in record})
     return record
-
-
-def run_ingest(params: Params, out_dir: Path = INGESTED_DIR) -> pd.DataFrame:
-    """Validate and copy every usable volume into ``out_dir``; return the manifest."""
-    cfg = params.ingest
-    root = Path(cfg.root)
-    if cfg.source == "demo":
-        from synthmri.data.demo import ensure_demo_cohort
-
-        ensure_demo_cohort(params, root)
-    if not root.is_dir():
-        raise StageError(f"ingest.root '{cfg.root}' is not a folder")
-    root_real = os.path.realpath(root)
-    root = Path(root_real)  # candidate paths are built from the real root, so escapes are detectable
-    if os.path.commonpath([os.path.realpath(out_dir), root_real]) == root_real:
-        raise StageError(f"the output folder {out_dir} lies inside ingest.root: raw data is never written to")
-
-    found = discover_table(root, params) if cfg.source == "table" else discover_bids(root, params)
-    log.info("Found %d candidate volume(s) under %s (%s layout)", len(found.candidates), cfg.root,
-             "table" if cfg.source == "table" else "BIDS")
-    shutil.rmtree(out_dir / "volumes", ignore_errors=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    records = []
-    for cand in progress(found.candidates, desc="Validating volumes", unit="vol"):
-        try:
-            records.append(_ingest_one(cand, root_real, params, out_dir))
-        except InvalidInput as exc:
-            found.reject(os.path.relpath(cand.path, root_real), cand.subject_id, str(exc))
-        except Exception as exc:  # one bad file must never stop the run
-            log.debug("unexpected error on %s", display_path(cand.path), exc_info=True)
-            found.reject(os.path.relpath(cand.path, root_real), cand.subject_id,
-                         f"unexpected error while reading ({type(exc).__name__}: {exc})")
-
-    manifest = pd.DataFrame.from_records(records)
-    quarantine = pd.DataFrame(found.quarantine, columns=QUARANTINE_COLUMNS)
-    write_csv_atomic(manifest, out_dir / "manifest.csv")
-    write_csv_atomic(quarantine, out_dir / "quarantine.csv")
-
-    n_subjects = manifest["subject_id"].nunique() if len(manifest) else 0
-    log.info("Ingested %d volume(s) of %d subject(s); set aside %d item(s) (reasons in %s)",
-             len(manifest), n_subjects, len(quarantine), out_dir / "quarantine.csv")
-    for row in quarantine.head(10).itertuples():
-        log.warning("set aside %s: %s", row.item, row.reason)
-    if len(quarantine) > 10:
-        log.warning("... and %d more in quarantine.csv", len(quarantine) - 10)
-    if n_subjects < cfg.min_subjects:
-        raise StageError(f"only {n_subjects} valid subject(s) remain, fewer than ingest.min_subjects="
-                         f"{cfg.min_subjects}; see {out_dir / 'quarantine.csv'} for what was set aside")
-    return manifest

@@ -49,12 +49,20 @@ def split_minimums(params: Params) -> list[tuple[tuple[str, ...], int, str]]:
     reference = tuple(rp.reference_splits)
     k = rp.prdc_k
     return [
-        (("train",), max(2, k + 1), f"training, and the report's Fréchet baseline (random real training subsets, "
-                                    f"scored with the same k-NN metrics, report.prdc_k={k})"),
+        (
+            ("train",),
+            max(2, k + 1),
+            f"training, and the report's Fréchet baseline (random real training subsets, "
+            f"scored with the same k-NN metrics, report.prdc_k={k})",
+        ),
         (("val",), 1, "validation of train_vqgan and train_diffusion"),
         ((rp.recon_split,), 1, f"the report's VQ-GAN reconstruction scores (report.recon_split={rp.recon_split})"),
-        (reference, k + 1, f"the report's k-NN metrics on the held-out set (report.prdc_k={k}, "
-                           f"report.reference_splits={list(reference)})"),
+        (
+            reference,
+            k + 1,
+            f"the report's k-NN metrics on the held-out set (report.prdc_k={k}, "
+            f"report.reference_splits={list(reference)})",
+        ),
     ]
 
 
@@ -70,5 +78,8 @@ def check_split_sizes(subject_splits: pd.Series, params: Params) -> None:
             problems.append(f"split {'+'.join(splits)} holds {have} subject(s), {reader} need(s) at least {minimum}")
     if problems:
         total = len(subject_splits)
-        raise StageError(f"the cohort of {total} subject(s) is too small for this pipeline: " + "; ".join(problems)
-                         + " (add subjects, or change normalize.split / report.prdc_k)")
+        raise StageError(
+            f"the cohort of {total} subject(s) is too small for this pipeline: "
+            + "; ".join(problems)
+            + " (add subjects, or change normalize.split / report.prdc_k)"
+        )

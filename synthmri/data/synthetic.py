@@ -13,8 +13,21 @@ from torch.utils.data import Dataset
 
 from synthmri.io import sha256_file
 
-_NOT_COVARIATES = {"file", "sample_index", "seed", "sampler", "steps", "guidance_scale", "numerics", "sha256", "vqgan_version",
-                   "vqgan_sha256", "ldm_version", "ldm_sha256", "synthmri_version"}
+_NOT_COVARIATES = {
+    "file",
+    "sample_index",
+    "seed",
+    "sampler",
+    "steps",
+    "guidance_scale",
+    "numerics",
+    "sha256",
+    "vqgan_version",
+    "vqgan_sha256",
+    "ldm_version",
+    "ldm_sha256",
+    "synthmri_version",
+}
 
 
 class SyntheticDataset(Dataset):
@@ -29,8 +42,9 @@ class SyntheticDataset(Dataset):
     Each item is ``(volume, {covariate: value})``; missing covariates are ``None``.
     """
 
-    def __init__(self, root: str | Path, transform: Callable | None = None,
-                 covariates: list[str] | None = None) -> None:
+    def __init__(
+        self, root: str | Path, transform: Callable | None = None, covariates: list[str] | None = None
+    ) -> None:
         self.root = Path(root)
         self.manifest = pd.read_csv(self.root / "manifest.csv")
         self.covariates = covariates or [c for c in self.manifest.columns if c not in _NOT_COVARIATES]
@@ -48,11 +62,16 @@ class SyntheticDataset(Dataset):
 
             subject = self.transform(tio.Subject(image=tio.ScalarImage(tensor=volume, affine=image.affine)))
             volume = subject["image"].data
-        values = {c: (None if pd.isna(row[c]) else row[c].item() if hasattr(row[c], "item") else row[c])
-                  for c in self.covariates}
+        values = {
+            c: (None if pd.isna(row[c]) else row[c].item() if hasattr(row[c], "item") else row[c])
+            for c in self.covariates
+        }
         return volume, values
 
     def verify(self) -> list[str]:
         """Files whose sha256 differs from the manifest (empty list = the set is intact)."""
-        return [f for f, digest in zip(self.manifest["file"], self.manifest["sha256"])
-                if not (self.root / f).is_file() or sha256_file(self.root / f) != digest]
+        return [
+            f
+            for f, digest in zip(self.manifest["file"], self.manifest["sha256"])
+            if not (self.root / f).is_file() or sha256_file(self.root / f) != digest
+        ]

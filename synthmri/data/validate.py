@@ -18,8 +18,16 @@ import numpy as np
 from synthmri.config import IngestParams
 from synthmri.errors import InvalidInput
 
-_READ_ERRORS = (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.error, gzip.BadGzipFile,
-                ValueError, TypeError, MemoryError)
+_READ_ERRORS = (
+    nib.filebasedimages.ImageFileError,
+    OSError,
+    EOFError,
+    zlib.error,
+    gzip.BadGzipFile,
+    ValueError,
+    TypeError,
+    MemoryError,
+)
 
 
 @dataclass(frozen=True)
@@ -72,8 +80,9 @@ def _check_raw_pixdim(path: str, header_class: type) -> None:
         raise InvalidInput(f"not a readable NIfTI header ({_short(exc)})") from None
     pixdim = np.asarray(raw["pixdim"][1:4], dtype=float)
     if np.any(pixdim <= 0) or not np.all(np.isfinite(pixdim)):
-        raise InvalidInput(f"voxel size {tuple(round(float(z), 4) for z in pixdim)} mm in the header is "
-                           "zero, negative or not finite")
+        raise InvalidInput(
+            f"voxel size {tuple(round(float(z), 4) for z in pixdim)} mm in the header is zero, negative or not finite"
+        )
 
 
 def check_header(image: nib.Nifti1Image, limits: IngestParams) -> tuple[int, int, int]:

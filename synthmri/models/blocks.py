@@ -12,8 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def conv_nd(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-            padding: int | None = None) -> nn.Module:
+def conv_nd(
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int = 3,
+    stride: int = 1,
+    padding: int | None = None,
+) -> nn.Module:
     """A ``Conv{spatial_dims}d``; ``padding`` defaults to ``kernel_size // 2`` (size preserving at stride 1).
 
     Args:
@@ -27,8 +33,9 @@ def conv_nd(spatial_dims: int, in_channels: int, out_channels: int, kernel_size:
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
-    return conv(in_channels, out_channels, kernel_size, stride=stride,
-                padding=kernel_size // 2 if padding is None else padding)
+    return conv(
+        in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2 if padding is None else padding
+    )
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -64,19 +71,30 @@ class ResidualBlock(nn.Module):
         emb_channels: width of the conditioning embedding, or ``None`` for an unconditional block.
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int | None = None, norm_groups: int = 8,
-                 dropout: float = 0.0, emb_channels: int | None = None) -> None:
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int | None = None,
+        norm_groups: int = 8,
+        dropout: float = 0.0,
+        emb_channels: int | None = None,
+    ) -> None:
         super().__init__()
         out_channels = out_channels or in_channels
         self.norm1 = group_norm(in_channels, norm_groups)
         self.conv1 = conv_nd(spatial_dims, in_channels, out_channels)
         self.norm2 = group_norm(out_channels, norm_groups)
-        self.emb_proj = (nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels))
-                         if emb_channels is not None else None)
+        self.emb_proj = (
+            nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels)) if emb_channels is not None else None
+        )
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_module(conv_nd(spatial_dims, out_channels, out_channels))
-        self.skip = (conv_nd(spatial_dims, in_channels, out_channels, kernel_size=1)
-                     if in_channels != out_channels else nn.Identity())
+        self.skip = (
+            conv_nd(spatial_dims, in_channels, out_channels, kernel_size=1)
+            if in_channels != out_channels
+            else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         """``x``: ``(B, in_channels, *spatial)``; ``emb``: ``(B, emb_channels)``, required iff built with one."""

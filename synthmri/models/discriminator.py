@@ -34,24 +34,29 @@ class PatchDiscriminator(nn.Module):
     activations feed the feature-matching loss.
     """
 
-    def __init__(self, spatial_dims: int = 3, in_channels: int = 1, channels: int = 32, layers: int = 3,
-                 norm_groups: int = 8) -> None:
+    def __init__(
+        self, spatial_dims: int = 3, in_channels: int = 1, channels: int = 32, layers: int = 3, norm_groups: int = 8
+    ) -> None:
         super().__init__()
         widths = [min(channels * 2**i, channels * 8) for i in range(layers + 1)]
-        blocks = [nn.Sequential(conv_nd(spatial_dims, in_channels, widths[0], 4, stride=2, padding=1),
-                                nn.LeakyReLU(0.2))]
+        blocks = [
+            nn.Sequential(conv_nd(spatial_dims, in_channels, widths[0], 4, stride=2, padding=1), nn.LeakyReLU(0.2))
+        ]
         for i in range(1, layers + 1):
             stride = 2 if i < layers else 1
             kernel, padding = (4, 1) if stride == 2 else (3, 1)
-            blocks.append(nn.Sequential(
-                conv_nd(spatial_dims, widths[i - 1], widths[i], kernel, stride=stride, padding=padding),
-                nn.GroupNorm(math.gcd(norm_groups, widths[i]), widths[i]),
-                nn.LeakyReLU(0.2)))
+            blocks.append(
+                nn.Sequential(
+                    conv_nd(spatial_dims, widths[i - 1], widths[i], kernel, stride=stride, padding=padding),
+                    nn.GroupNorm(math.gcd(norm_groups, widths[i]), widths[i]),
+                    nn.LeakyReLU(0.2),
+                )
+            )
         self.blocks = nn.ModuleList(blocks)
         self.to_logits = conv_nd(spatial_dims, widths[-1], 1, 3)
 
     @classmethod
-    def from_params(cls, p: DiscriminatorParams, spatial_dims: int = 3, in_channels: int = 1) -> "PatchDiscriminator":
+    def from_params(cls, p: DiscriminatorParams, spatial_dims: int = 3, in_channels: int = 1) -> PatchDiscriminator:
         return cls(spatial_dims, in_channels, p.channels, p.layers)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -82,17 +87,18 @@ class SliceDiscriminator(nn.Module):
         self.disc2d, self.slices_per_axis = disc2d, slices_per_axis
 
     @classmethod
-    def from_params(cls, p: DiscriminatorParams, in_channels: int = 1,
-                    slices_per_axis: int = 4) -> "SliceDiscriminator":
+    def from_params(cls, p: DiscriminatorParams, in_channels: int = 1, slices_per_axis: int = 4) -> SliceDiscriminator:
         return cls(PatchDiscriminator.from_params(p, spatial_dims=2, in_channels=in_channels), slices_per_axis)
 
-    def sample_indices(self, spatial_shape: tuple[int, int, int],
-                       generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    def sample_indices(
+        self, spatial_shape: tuple[int, int, int], generator: torch.Generator | None = None
+    ) -> list[torch.Tensor]:
         """Random slice positions for one call (use them for both real and reconstructed volumes)."""
         return slice_indices(spatial_shape, self.slices_per_axis, random=True, generator=generator)
 
-    def forward(self, x: torch.Tensor, indices: list[torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, indices: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if indices is None:
             indices = self.sample_indices(x.shape[2:])
         logits, features = [], []

@@ -48,9 +48,10 @@ def build_ldm(unet: UNetParams, covariates: list, latent_channels: int, checkpoi
     from synthmri.models.unet import DiffusionUNet
 
     emb_dim = 4 * unet.channels[0]
-    return ConditionedUNet(DiffusionUNet.from_params(unet, in_channels=latent_channels, cond_dim=emb_dim,
-                                                     checkpointing=checkpointing),
-                           CovariateEncoder(covariates, emb_dim))
+    return ConditionedUNet(
+        DiffusionUNet.from_params(unet, in_channels=latent_channels, cond_dim=emb_dim, checkpointing=checkpointing),
+        CovariateEncoder(covariates, emb_dim),
+    )
 
 
 def load_ldm(directory: str | Path, device: torch.device | str = "cpu"):
@@ -58,7 +59,10 @@ def load_ldm(directory: str | Path, device: torch.device | str = "cpu"):
     from synthmri.config import Covariate, UNetParams
 
     config = read_config(Path(directory))
-    model = build_ldm(UNetParams(**config["diffusion"]["unet"]), [Covariate(**c) for c in config["covariates"]],
-                      config["latent_shape"][0])
+    model = build_ldm(
+        UNetParams(**config["diffusion"]["unet"]),
+        [Covariate(**c) for c in config["covariates"]],
+        config["latent_shape"][0],
+    )
     model.load_state_dict(load_file(str(Path(directory) / WEIGHTS)))
     return model.to(device).eval()

@@ -54,8 +54,15 @@ class VectorQuantizer(nn.Module):
         eps: Laplace smoothing constant (keeps codes with no assignments from dividing by zero).
     """
 
-    def __init__(self, codebook_size: int, dim: int, decay: float = 0.99, commitment_weight: float = 0.25,
-                 dead_code_threshold: float = 1.0, eps: float = 1e-5) -> None:
+    def __init__(
+        self,
+        codebook_size: int,
+        dim: int,
+        decay: float = 0.99,
+        commitment_weight: float = 0.25,
+        dead_code_threshold: float = 1.0,
+        eps: float = 1e-5,
+    ) -> None:
         super().__init__()
         self.codebook_size, self.dim, self.decay, self.eps = codebook_size, dim, decay, eps
         self.commitment_weight, self.dead_code_threshold = commitment_weight, dead_code_threshold
@@ -92,8 +99,11 @@ class VectorQuantizer(nn.Module):
 
     @staticmethod
     def _sample_rows(flat: torch.Tensor, n: int) -> torch.Tensor:
-        idx = (torch.randperm(flat.shape[0], device=flat.device)[:n] if flat.shape[0] >= n
-               else torch.randint(flat.shape[0], (n,), device=flat.device))
+        idx = (
+            torch.randperm(flat.shape[0], device=flat.device)[:n]
+            if flat.shape[0] >= n
+            else torch.randint(flat.shape[0], (n,), device=flat.device)
+        )
         return flat[idx]
 
     @staticmethod

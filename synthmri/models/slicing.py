@@ -11,8 +11,13 @@ from collections.abc import Sequence
 import torch
 
 
-def slice_indices(spatial_shape: Sequence[int], per_axis: int, random: bool = False,
-                  generator: torch.Generator | None = None, central_fraction: float = 0.6) -> list[torch.Tensor]:
+def slice_indices(
+    spatial_shape: Sequence[int],
+    per_axis: int,
+    random: bool = False,
+    generator: torch.Generator | None = None,
+    central_fraction: float = 0.6,
+) -> list[torch.Tensor]:
     """Slice positions along each of the three axes, inside the central ``central_fraction`` of the axis.
 
     Edge slices of a brain volume are mostly background, so they would dilute any slice-wise score.
@@ -35,8 +40,11 @@ def slice_indices(spatial_shape: Sequence[int], per_axis: int, random: bool = Fa
         width = max(1, round(size * central_fraction))
         start = (size - width) // 2
         if random:
-            pos = (torch.randperm(width, generator=generator)[:per_axis] if per_axis <= width
-                   else torch.randint(width, (per_axis,), generator=generator))
+            pos = (
+                torch.randperm(width, generator=generator)[:per_axis]
+                if per_axis <= width
+                else torch.randint(width, (per_axis,), generator=generator)
+            )
         else:
             pos = ((torch.arange(per_axis) + 0.5) * width / per_axis).long()
         out.append(pos + start)

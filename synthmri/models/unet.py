@@ -109,10 +109,20 @@ class DiffusionUNet(nn.Module):
         checkpointing: activation checkpointing per block while training (memory for compute).
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, channels: list[int] | tuple[int, ...],
-                 attention: list[bool] | tuple[bool, ...], num_res_blocks: int = 1, num_heads: int = 4,
-                 norm_groups: int = 8, dropout: float = 0.0, emb_dim: int | None = None,
-                 cross_attention: bool = False, checkpointing: bool = False) -> None:
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        channels: list[int] | tuple[int, ...],
+        attention: list[bool] | tuple[bool, ...],
+        num_res_blocks: int = 1,
+        num_heads: int = 4,
+        norm_groups: int = 8,
+        dropout: float = 0.0,
+        emb_dim: int | None = None,
+        cross_attention: bool = False,
+        checkpointing: bool = False,
+    ) -> None:
         super().__init__()
         if len(attention) != len(channels):
             raise ValueError(f"attention needs one flag per level ({len(channels)}), got {len(attention)}")
@@ -122,8 +132,9 @@ class DiffusionUNet(nn.Module):
         self.emb_dim = emb_dim or 4 * channels[0]
         self.cross_attention = cross_attention
         self.checkpointing = checkpointing
-        self.time_mlp = nn.Sequential(nn.Linear(self.time_channels, self.emb_dim), nn.SiLU(),
-                                      nn.Linear(self.emb_dim, self.emb_dim))
+        self.time_mlp = nn.Sequential(
+            nn.Linear(self.time_channels, self.emb_dim), nn.SiLU(), nn.Linear(self.emb_dim, self.emb_dim)
+        )
 
         def res(cin: int, cout: int) -> ResidualBlock:
             return ResidualBlock(spatial_dims, cin, cout, norm_groups, dropout, emb_channels=self.emb_dim)
@@ -156,20 +167,38 @@ class DiffusionUNet(nn.Module):
                 if level > 0 and i == num_res_blocks:
                     blocks.append(Upsample(spatial_dims, ch))
                 self.up.append(nn.ModuleList(blocks))
-        self.out = nn.Sequential(group_norm(prev, norm_groups), nn.SiLU(),
-                                 zero_module(conv_nd(spatial_dims, prev, in_channels)))
+        self.out = nn.Sequential(
+            group_norm(prev, norm_groups), nn.SiLU(), zero_module(conv_nd(spatial_dims, prev, in_channels))
+        )
 
     @classmethod
-    def from_params(cls, p: UNetParams, in_channels: int, cond_dim: int | None = None, spatial_dims: int = 3,
-                    checkpointing: bool = False) -> "DiffusionUNet":
+    def from_params(
+        cls,
+        p: UNetParams,
+        in_channels: int,
+        cond_dim: int | None = None,
+        spatial_dims: int = 3,
+        checkpointing: bool = False,
+    ) -> DiffusionUNet:
         """Build from ``params.yaml``'s ``diffusion.unet``; ``cond_dim`` = the covariate encoder's ``emb_dim``
         (it becomes the U-Net's embedding width, since the two are added)."""
-        return cls(spatial_dims, in_channels, list(p.channels), list(p.attention), p.num_res_blocks, p.num_heads,
-                   p.norm_groups, p.dropout, emb_dim=cond_dim, cross_attention=p.cross_attention,
-                   checkpointing=checkpointing)
+        return cls(
+            spatial_dims,
+            in_channels,
+            list(p.channels),
+            list(p.attention),
+            p.num_res_blocks,
+            p.num_heads,
+            p.norm_groups,
+            p.dropout,
+            emb_dim=cond_dim,
+            cross_attention=p.cross_attention,
+            checkpointing=checkpointing,
+        )
 
-    def _layer(self, blocks: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor,
-               tokens: torch.Tensor | None) -> torch.Tensor:
+    def _layer(
+        self, blocks: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor, tokens: torch.Tensor | None
+    ) -> torch.Tensor:
         for block in blocks:
             if isinstance(block, ResidualBlock):
                 h = block(h, emb)
@@ -180,14 +209,20 @@ class DiffusionUNet(nn.Module):
                 h = block(h)
         return h
 
-    def _run(self, blocks: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor,
-             tokens: torch.Tensor | None) -> torch.Tensor:
+    def _run(
+        self, blocks: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor, tokens: torch.Tensor | None
+    ) -> torch.Tensor:
         if self.checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(self._layer, blocks, h, emb, tokens, use_reentrant=False)
         return self._layer(blocks, h, emb, tokens)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | int | float,
-                cond_emb: torch.Tensor | None = None, cond_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor | int | float,
+        cond_emb: torch.Tensor | None = None,
+        cond_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Predict the model target for ``x`` at ``timesteps``.
 
         Args:

@@ -37,18 +37,24 @@ class _LayerStack(nn.Module):
         return x
 
 
-def _mid_block(spatial_dims: int, channels: int, norm_groups: int, attention: bool, heads: int,
-               dropout: float) -> list[nn.Module]:
+def _mid_block(
+    spatial_dims: int, channels: int, norm_groups: int, attention: bool, heads: int, dropout: float
+) -> list[nn.Module]:
     """Residual → (attention) → residual at the lowest resolution, where attention is affordable."""
     attn = [AttentionBlock(channels, heads, norm_groups)] if attention else []
-    return [ResidualBlock(spatial_dims, channels, channels, norm_groups, dropout), *attn,
-            ResidualBlock(spatial_dims, channels, channels, norm_groups, dropout)]
+    return [
+        ResidualBlock(spatial_dims, channels, channels, norm_groups, dropout),
+        *attn,
+        ResidualBlock(spatial_dims, channels, channels, norm_groups, dropout),
+    ]
 
 
-def _out_block(spatial_dims: int, in_channels: int, out_channels: int, norm_groups: int,
-               kernel_size: int) -> nn.Sequential:
-    return nn.Sequential(group_norm(in_channels, norm_groups), nn.SiLU(),
-                         conv_nd(spatial_dims, in_channels, out_channels, kernel_size))
+def _out_block(
+    spatial_dims: int, in_channels: int, out_channels: int, norm_groups: int, kernel_size: int
+) -> nn.Sequential:
+    return nn.Sequential(
+        group_norm(in_channels, norm_groups), nn.SiLU(), conv_nd(spatial_dims, in_channels, out_channels, kernel_size)
+    )
 
 
 class Encoder(_LayerStack):
@@ -70,9 +76,19 @@ class Encoder(_LayerStack):
         checkpointing: activation checkpointing per layer in training.
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, channels: Sequence[int], num_res_blocks: int,
-                 latent_channels: int, attention: bool = True, norm_groups: int = 8, attention_heads: int = 1,
-                 dropout: float = 0.0, checkpointing: bool = False) -> None:
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        channels: Sequence[int],
+        num_res_blocks: int,
+        latent_channels: int,
+        attention: bool = True,
+        norm_groups: int = 8,
+        attention_heads: int = 1,
+        dropout: float = 0.0,
+        checkpointing: bool = False,
+    ) -> None:
         super().__init__()
         self.checkpointing = checkpointing
         layers: list[nn.Module] = [conv_nd(spatial_dims, in_channels, channels[0])]
@@ -95,9 +111,19 @@ class Decoder(_LayerStack):
     Args: as :class:`Encoder`, with ``in_channels`` the channels of the reconstructed image.
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, channels: Sequence[int], num_res_blocks: int,
-                 latent_channels: int, attention: bool = True, norm_groups: int = 8, attention_heads: int = 1,
-                 dropout: float = 0.0, checkpointing: bool = False) -> None:
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        channels: Sequence[int],
+        num_res_blocks: int,
+        latent_channels: int,
+        attention: bool = True,
+        norm_groups: int = 8,
+        attention_heads: int = 1,
+        dropout: float = 0.0,
+        checkpointing: bool = False,
+    ) -> None:
         super().__init__()
         self.checkpointing = checkpointing
         prev = channels[-1]
@@ -127,28 +153,47 @@ class VQGAN(nn.Module):
         downsample_factor: spatial reduction per axis, checked against input shapes.
     """
 
-    def __init__(self, encoder: Encoder, quantizer: VectorQuantizer, decoder: Decoder,
-                 downsample_factor: int) -> None:
+    def __init__(self, encoder: Encoder, quantizer: VectorQuantizer, decoder: Decoder, downsample_factor: int) -> None:
         super().__init__()
         self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
         self.downsample_factor = downsample_factor
 
     @classmethod
-    def from_params(cls, p: VQGANModelParams, q: QuantizerParams, in_channels: int = 1, spatial_dims: int = 3,
-                    checkpointing: bool = False) -> "VQGAN":
+    def from_params(
+        cls,
+        p: VQGANModelParams,
+        q: QuantizerParams,
+        in_channels: int = 1,
+        spatial_dims: int = 3,
+        checkpointing: bool = False,
+    ) -> VQGAN:
         """Build from the ``vqgan.model`` and ``vqgan.quantizer`` sections of params.yaml."""
-        kwargs = dict(spatial_dims=spatial_dims, in_channels=in_channels, channels=p.channels,
-                      num_res_blocks=p.num_res_blocks, latent_channels=p.latent_channels, attention=p.attention,
-                      norm_groups=p.norm_groups, checkpointing=checkpointing)
-        quantizer = VectorQuantizer(q.codebook_size, p.latent_channels, decay=q.ema_decay,
-                                    commitment_weight=q.commitment_weight, dead_code_threshold=q.dead_code_threshold)
+        kwargs = dict(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            channels=p.channels,
+            num_res_blocks=p.num_res_blocks,
+            latent_channels=p.latent_channels,
+            attention=p.attention,
+            norm_groups=p.norm_groups,
+            checkpointing=checkpointing,
+        )
+        quantizer = VectorQuantizer(
+            q.codebook_size,
+            p.latent_channels,
+            decay=q.ema_decay,
+            commitment_weight=q.commitment_weight,
+            dead_code_threshold=q.dead_code_threshold,
+        )
         return cls(Encoder(**kwargs), quantizer, Decoder(**kwargs), downsample_factor=2 ** (len(p.channels) - 1))
 
     def _check_shape(self, x: torch.Tensor) -> None:
         bad = [s for s in x.shape[2:] if s % self.downsample_factor]
         if bad:
-            raise ValueError(f"every spatial size must be divisible by the downsampling factor "
-                             f"{self.downsample_factor}; got shape {tuple(x.shape[2:])}")
+            raise ValueError(
+                f"every spatial size must be divisible by the downsampling factor "
+                f"{self.downsample_factor}; got shape {tuple(x.shape[2:])}"
+            )
 
     @property
     def last_layer_weight(self) -> nn.Parameter:

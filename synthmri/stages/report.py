@@ -33,14 +33,10 @@ from synthmri.catalog import (
 from synthmri.config import Params
 from synthmri.io import dvc_directory_hash, write_text_atomic
 from synthmri.logs import get_logger
-from synthmri.report.compute import (
-    ReportData,
-    clean_number,
-    compute_report,
-    evaluate_gate,
-    gate_summary,
-    load_report_data,
-)
+from synthmri.report.compute import compute_report
+from synthmri.report.families import clean_number
+from synthmri.report.gate import evaluate_gate, gate_summary
+from synthmri.report.inputs import ReportData, load_report_data
 
 log = get_logger(__name__)
 

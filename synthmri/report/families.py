@@ -1,0 +1,380 @@
+"""The report's metric families, each a pure function of arrays: reconstruction (the VQ-GAN), fidelity
+(FD/MMD/PRDC against a real-vs-real baseline), diversity, intensity, privacy and conditioning (known
+effects and covariate predictors).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from synthmri.config import Covariate, ReportParams, VQGANLossParams
+from synthmri.data.covariates import covariate_column
+from synthmri.logs import get_logger
+from synthmri.report.inputs import ReportData
+
+log = get_logger(__name__)
+
+#: Threshold of :func:`synthmri.metrics.conditioning.ventricle_volume_ml` on processed demo volumes: with
+#: 0.4 the image proxy correlates with the demo's ground-truth ventricle_ml at r ≈ 0.98 (0.5: r ≈ 0.89).
+VENTRICLE_THRESHOLD = 0.4
+#: Ground-truth column that marks the demo cohort (written by synthmri.data.demo into participants.tsv).
+DEMO_TRUTH_COLUMN = "ventricle_ml"
+#: Random real training subsets averaged for the Fréchet-distance baseline.
+FD_BASELINE_DRAWS = 5
+#: A real effect must be significant at this level before a synthetic/real effect ratio is judged.
+EFFECT_P_VALUE = 0.05
+
+
+def feature_key(name: str) -> str:
+    """An extractor name as a metric-key part: ``"medicalnet-resnet10(random weights)"`` ->
+    ``"medicalnet-resnet10-random-weights"`` (MLflow keys allow letters, digits, ``_ - . /`` and spaces)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-").lower() or "features"
+
+
+def clean_number(value: Any) -> Any:
+    """JSON-safe scalar: numpy scalars to Python, NaN/inf to None; strings and bools as they are."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value
+
+
+def put_flat(metrics: dict, prefix: str, values: dict) -> None:
+    for key, value in values.items():
+        metrics[f"{prefix}.{key}"] = clean_number(value)
+
+
+def reconstruction_metrics(
+    vqgan_dir: Path,
+    volumes: np.ndarray,
+    value_range: tuple[float, float],
+    loss_params: VQGANLossParams,
+    device: str = "auto",
+    also: tuple[np.ndarray, ...] = (),
+) -> tuple[dict, tuple | None, list[np.ndarray]]:
+    """PSNR, 3D SSIM and 2.5D LPIPS of the VQ-GAN's reconstructions of ``volumes`` (means over volumes).
+
+    The LPIPS settings (net, weights, slices) are the ones the model was trained with (its
+    ``config.json``), else ``loss_params``. Returns the metrics, one (real, reconstruction) example, and
+    the reconstructions of each volume set in ``also`` (for :func:`autoencoder_ceiling`).
+    """
+    from synthmri.losses.perceptual import LPIPS25D
+    from synthmri.metrics.reconstruction import score_reconstructions
+    from synthmri.models.loading import load_vqgan, read_config
+    from synthmri.training.runtime import pick_device
+
+    torch_device = pick_device(device)
+    model = load_vqgan(vqgan_dir, torch_device)
+    trained_loss = read_config(Path(vqgan_dir)).get("vqgan", {}).get("loss")
+    if trained_loss:
+        loss_params = VQGANLossParams(**trained_loss)
+    lpips, backbone = LPIPS25D.from_params(loss_params)
+    lpips.to(torch_device)
+    scores = score_reconstructions(model, volumes, lpips, torch_device, value_range)
+    decoded = [
+        np.stack(score_reconstructions(model, vols, lpips, torch_device, value_range, keep=True).reconstructions)
+        for vols in also
+    ]
+    return {**scores.summary(), "lpips_backbone": backbone.split(" (")[0]}, scores.example, decoded
+
+
+def autoencoder_ceiling(
+    f_reference: np.ndarray,
+    f_decoded_reference: np.ndarray,
+    f_decoded_train: np.ndarray,
+    f_train: np.ndarray,
+    k: int,
+    seed: int = 0,
+) -> dict[str, float]:
+    """The fidelity metrics of decoded *real* volumes: what the synthetic set would score if the diffusion
+    model generated the autoencoder's latents of real subjects perfectly, so a reader sees which model
+    limits fidelity. ``train.*``: the decoded training volumes against the held-out ones (unpaired, like
+    the synthetic set: the ceiling to compare it with); ``heldout.*``: the held-out volumes' own
+    reconstructions (paired with the reference, so optimistic: how much the autoencoder alone moves them).
+    """
+    out: dict[str, float] = {}
+    for name, decoded in (("train", f_decoded_train), ("heldout", f_decoded_reference)):
+        for key, value in fidelity_metrics(f_reference, decoded, f_train, k, seed).items():
+            out[f"{name}.{key}"] = value
+    return out
+
+
+def _mean_compare(ref: np.ndarray, fake: np.ndarray, k: int) -> dict[str, float]:
+    from synthmri.metrics.distribution import compare_features
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="PRDC: k=")  # k is reported as prdc_k
+        return compare_features(ref, fake, k)
+
+
+def fidelity_metrics(
+    f_reference: np.ndarray, f_synthetic: np.ndarray, f_train: np.ndarray, k: int, seed: int = 0
+) -> dict[str, float]:
+    """FD, MMD² and PRDC of the synthetic features against the held-out features
+    (:func:`synthmri.metrics.distribution.compare_features`), plus the same numbers for random real
+    training subsets of the synthetic set's size (``baseline_*``, mean of :data:`FD_BASELINE_DRAWS`
+    draws): what a generator that reproduced new real subjects would get with these set sizes.
+    ``frechet_ratio`` = FD / baseline FD.
+    """
+    out = _mean_compare(f_reference, f_synthetic, k)
+    n = min(len(f_synthetic), len(f_train))
+    if n >= 2:
+        rng = np.random.default_rng(seed)
+        draws = FD_BASELINE_DRAWS if len(f_train) > n else 1
+        runs = [
+            _mean_compare(f_reference, f_train[np.sort(rng.choice(len(f_train), n, replace=False))], k)
+            for _ in range(draws)
+        ]
+        for key in ("frechet_distance", "mmd2", "precision", "recall", "density", "coverage"):
+            out[f"baseline_{key}"] = float(np.mean([r[key] for r in runs]))
+        out["baseline_n"] = n
+        base = out["baseline_frechet_distance"]
+        out["frechet_ratio"] = out["frechet_distance"] / base if base > 1e-12 else float("nan")
+    return out
+
+
+def diversity_metrics(
+    synthetic: np.ndarray, reference: np.ndarray, max_pairs: int, seed: int, data_range: float
+) -> dict[str, float]:
+    from synthmri.metrics.diversity import diversity_ratio
+
+    out = diversity_ratio(synthetic, reference, max_pairs=max_pairs, seed=seed, data_range=data_range)
+    out["max_pairs"] = max_pairs
+    return out
+
+
+def intensity_metrics(
+    reference: np.ndarray, synthetic: np.ndarray, bins: int, value_range: tuple[float, float]
+) -> tuple[dict, dict]:
+    from synthmri.metrics.distribution import histogram_distance
+
+    result = histogram_distance(reference, synthetic, bins=bins, value_range=value_range)
+    flat = {"wasserstein": result["wasserstein"], "js_distance": result["js_distance"], "bins": bins}
+    return flat, result
+
+
+def privacy_metrics(
+    synthetic: np.ndarray, train: np.ndarray, reference: np.ndarray, rp: ReportParams, value_range: tuple[float, float]
+) -> tuple[dict, dict]:
+    """Nearest training volume of every synthetic volume by NCC and by SSIM
+    (:func:`synthmri.metrics.privacy.memorization_report`), each with its own threshold calibrated on
+    held-out real vs training. Adds ``excess_fraction`` = fraction of likely copies − chance fraction,
+    and near duplicates: scores above ``(threshold + 1) / 2``, i.e. closer to identical than to the most
+    similar pair of different real subjects. The gate reads the ``report.privacy_metric`` numbers,
+    repeated without the metric name (``privacy.excess_fraction``...)."""
+    from synthmri.metrics.privacy import memorization_report
+
+    flat: dict[str, Any] = {"metric": rp.privacy_metric, "quantile": rp.privacy_quantile}
+    details = {}
+    for metric in ("ncc", "ssim"):
+        report = memorization_report(
+            synthetic,
+            train,
+            holdout=reference,
+            metric=metric,
+            quantile=rp.privacy_quantile,
+            n_pairs=rp.n_pairs,
+            value_range=value_range,
+            shortlist=rp.ssim_shortlist if metric == "ssim" else None,
+        )
+        near = (report["threshold"] + 1.0) / 2.0
+        scores = np.asarray(report["synthetic_scores"])
+        report["near_duplicate_threshold"] = near
+        report["near_duplicates"] = [int(i) for i in np.flatnonzero(scores > near)]
+        details[metric] = report
+        values = {
+            "threshold": report["threshold"],
+            "n_likely_copies": report["n_likely_copies"],
+            "fraction": report["fraction"],
+            "chance_fraction": report["chance_fraction"],
+            "excess_fraction": report["fraction"] - report["chance_fraction"],
+            "near_duplicate_threshold": near,
+            "n_near_duplicates": len(report["near_duplicates"]),
+            "max_score": report["max_score"],
+            "median_score": report["median_score"],
+            "holdout_max_score": float(np.max(report["holdout_scores"])),
+        }
+        put_flat(flat, metric, values)
+        if metric == rp.privacy_metric:
+            flat.update(
+                {
+                    k: values[k]
+                    for k in (
+                        "n_likely_copies",
+                        "fraction",
+                        "chance_fraction",
+                        "excess_fraction",
+                        "n_near_duplicates",
+                        "threshold",
+                    )
+                }
+            )
+    return {k: clean_number(v) for k, v in flat.items()}, details
+
+
+def _slope_block(x_real, y_real, x_syn, y_syn) -> dict[str, float]:
+    from synthmri.metrics.conditioning import slope_and_correlation
+
+    real = slope_and_correlation(x_real, y_real)
+    syn = slope_and_correlation(x_syn, y_syn)
+    out = {
+        "slope_real": real["slope"],
+        "r_real": real["r"],
+        "p_real": real["p_value"],
+        "n_real": real["n"],
+        "slope_synthetic": syn["slope"],
+        "r_synthetic": syn["r"],
+        "n_synthetic": syn["n"],
+    }
+    if math.isfinite(real["p_value"]) and real["p_value"] < EFFECT_P_VALUE and real["slope"] != 0:
+        out["effect_ratio"] = syn["slope"] / real["slope"]
+    return out
+
+
+def conditioning_metrics(
+    data: ReportData,
+    covariates: list[Covariate],
+    f_train: np.ndarray,
+    f_reference: np.ndarray,
+    f_synthetic: np.ndarray,
+    extractor_key: str,
+) -> tuple[dict, dict]:
+    """Does the synthetic set follow the requested covariates?
+
+    * ``age`` (continuous covariate of that name): dark-CSF fraction of the head against age
+      (:func:`synthmri.metrics.conditioning.csf_fraction`), slope and correlation in the synthetic set
+      (requested age) and in the whole real cohort; on the demo cohort (ground-truth columns in the
+      manifest) also the ventricle proxy in ml, next to the ground truth's slope;
+    * ``sex`` (categorical): mean head volume (ml, head mask) per level, and the difference between the
+      last and first level (M − F), synthetic vs real;
+    * every covariate: a predictor (ridge / logistic on the extractor's features) fitted on the real
+      training split, applied to the held-out real volumes and to the synthetic volumes.
+
+    ``effect_ratio`` = synthetic effect / real effect, only when the real effect is significant
+    (p < :data:`EFFECT_P_VALUE`).
+    """
+    from scipy import stats
+
+    from synthmri.metrics import conditioning as cond
+    from synthmri.metrics.features import head_mask_normalized
+
+    low_high = data.value_range
+    flat: dict[str, Any] = {}
+    details: dict[str, Any] = {}
+    by_name = {c.name: c for c in covariates}
+
+    age = by_name.get("age")
+    if age is not None and age.kind == "continuous":
+        real_age, real_ok = covariate_column(data.real, age) or (None, None)
+        syn = covariate_column(data.synthetic, age)
+        if real_age is not None and syn is not None:
+            syn_age, syn_ok = syn
+            csf_real = np.array([cond.csf_fraction(v, low_high) for v in data.real_volumes])
+            csf_syn = np.array([cond.csf_fraction(v, low_high) for v in data.synthetic_volumes])
+            block = _slope_block(real_age[real_ok], csf_real[real_ok], syn_age[syn_ok], csf_syn[syn_ok])
+            put_flat(flat, "age.csf_fraction", block)
+            details["age"] = {
+                "real_age": real_age,
+                "real_ok": real_ok,
+                "synthetic_age": syn_age,
+                "synthetic_ok": syn_ok,
+                "measures": {"csf_fraction": (csf_real, csf_syn)},
+            }
+            if DEMO_TRUTH_COLUMN in data.real.columns:
+                vent_real = np.array(
+                    [cond.ventricle_volume_ml(v, data.affine, low_high, VENTRICLE_THRESHOLD) for v in data.real_volumes]
+                )
+                vent_syn = np.array(
+                    [
+                        cond.ventricle_volume_ml(v, data.affine, low_high, VENTRICLE_THRESHOLD)
+                        for v in data.synthetic_volumes
+                    ]
+                )
+                block = _slope_block(real_age[real_ok], vent_real[real_ok], syn_age[syn_ok], vent_syn[syn_ok])
+                truth = pd.to_numeric(data.real[DEMO_TRUTH_COLUMN], errors="coerce").to_numpy(dtype=np.float64)
+                ok = real_ok & np.isfinite(truth)
+                block["slope_ground_truth"] = cond.slope_and_correlation(real_age[ok], truth[ok])["slope"]
+                block["r_proxy_vs_ground_truth"] = (
+                    float(np.corrcoef(vent_real[ok], truth[ok])[0, 1])
+                    if ok.sum() > 2 and np.ptp(vent_real[ok]) > 0
+                    else float("nan")
+                )
+                put_flat(flat, "age.ventricle_ml", block)
+                details["age"]["measures"]["ventricle_ml"] = (vent_real, vent_syn)
+        else:
+            log.info(
+                "Conditioning: no 'age' column in the %s manifest; age effects skipped",
+                "real" if real_age is None else "synthetic",
+            )
+
+    sex = by_name.get("sex")
+    if sex is not None and sex.kind == "categorical" and len(sex.levels or []) >= 2:
+        real_sex, syn_sex = covariate_column(data.real, sex), covariate_column(data.synthetic, sex)
+        if real_sex is not None and syn_sex is not None:
+
+            def head_ml(volumes: np.ndarray) -> np.ndarray:
+                return np.array([head_mask_normalized(v, low_high).sum() for v in volumes]) * data.voxel_ml
+
+            head_real, head_syn = head_ml(data.real_volumes), head_ml(data.synthetic_volumes)
+            first, last = sex.levels[0], sex.levels[-1]
+            block: dict[str, Any] = {}
+            groups = {}
+            for name, (values, ok), head in (("real", real_sex, head_real), ("synthetic", syn_sex, head_syn)):
+                for level in sex.levels:
+                    member = ok & (values == level)
+                    groups[(name, level)] = head[member]
+                    block[f"{level}_{name}"] = float(head[member].mean()) if member.any() else float("nan")
+                block[f"diff_{name}"] = block[f"{last}_{name}"] - block[f"{first}_{name}"]
+            a, b = groups[("real", last)], groups[("real", first)]
+            if len(a) >= 2 and len(b) >= 2:
+                p_value = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+                block["p_real"] = p_value
+                if p_value < EFFECT_P_VALUE and block["diff_real"] != 0:
+                    block["effect_ratio"] = block["diff_synthetic"] / block["diff_real"]
+            block["contrast"] = f"{last}-{first}"
+            put_flat(flat, "sex.head_ml", block)
+            details["sex"] = {"levels": list(sex.levels), "groups": groups}
+
+    predictors = {}
+    for cov in covariates:
+        train_v = covariate_column(data.real.iloc[data.train_index], cov)
+        ref_v = covariate_column(data.real.iloc[data.reference_index], cov)
+        syn_v = covariate_column(data.synthetic, cov)
+        if train_v is None or ref_v is None or syn_v is None:
+            continue
+        (tv, tok), (rv, rok), (sv, sok) = train_v, ref_v, syn_v
+        if tok.sum() < 3 or rok.sum() < 1 or sok.sum() < 1:
+            log.info(
+                "Conditioning: too few values of '%s' for a predictor (train %d, held-out %d, synthetic %d)",
+                cov.name,
+                tok.sum(),
+                rok.sum(),
+                sok.sum(),
+            )
+            continue
+        if cov.kind == "categorical" and len(set(tv[tok])) < 2:
+            log.info("Conditioning: '%s' has a single level in the training split; no predictor", cov.name)
+            continue
+        model = cond.fit_covariate_predictor(f_train[tok], tv[tok], cov.kind)
+        real_err = cond.predictor_error(model, f_reference[rok], rv[rok])
+        syn_err = cond.predictor_error(model, f_synthetic[sok], sv[sok])
+        if cov.kind == "continuous":
+            block = {"mae_real": real_err, "mae_synthetic": syn_err, "error_ratio": syn_err / max(real_err, 1e-12)}
+        else:
+            block = {"accuracy_real": real_err, "accuracy_synthetic": syn_err, "accuracy_drop": real_err - syn_err}
+        block.update({"n_real": int(rok.sum()), "n_synthetic": int(sok.sum())})
+        put_flat(flat, f"{cov.name}.predictor.{extractor_key}", block)
+        predictors[cov.name] = block
+    details["predictors"] = predictors
+    return flat, details
