@@ -135,7 +135,7 @@ def test_flow_runs_stages_publishes_and_stops_at_a_failing_gate(tmp_path, monkey
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("SYNTHMRI_PARENT_RUN_ID", raising=False)
     repo, remote = make_repo(tmp_path, stages=TRAIN_STAGE, files={"train.py": TRAIN, "flaky.py": FLAKY}, run=False)
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=180):
         first = flow_module.synthesize(repo=str(repo), retries=1, retry_delay_s=0)
         assert first["stages"] == {"train": "ran", "flaky": "ran", "make": "ran", "report": "ran"}
         assert (tmp_path / "flaky-attempted").exists()  # it failed once and was retried

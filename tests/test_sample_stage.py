@@ -44,7 +44,7 @@ TINY_LDM = (
 def prefect_server():
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=180):  # 30 s by default: too short on a busy 2-core machine
         yield
 
 

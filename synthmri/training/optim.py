@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from diffusers.optimization import get_scheduler
 
 from synthmri.config import TrainParams
 
@@ -20,4 +19,6 @@ def adamw(parameters: Iterable[torch.nn.Parameter], t: TrainParams, lr: float | 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, t: TrainParams) -> torch.optim.lr_scheduler.LRScheduler:
     """``t.lr_schedule`` over ``t.steps`` optimizer steps after ``t.warmup_steps`` of linear warm-up."""
+    from diffusers.optimization import get_scheduler  # diffusers is a heavy import: only when training starts
+
     return get_scheduler(t.lr_schedule, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.steps)
