@@ -77,7 +77,14 @@ def stage_run(stage: str, params: dict[str, Any], tags: dict[str, str] | None = 
         items = list(flat.items())
         for start in range(0, len(items), 100):
             mlflow.log_params(dict(items[start : start + 100]))
-        log.info("MLflow run %s (%s) in experiment '%s' at %s", run.info.run_id[:8], stage, EXPERIMENT, uri)
+        log.info(
+            "MLflow run %s (%s) in experiment '%s' at %s (UI: #/experiments/%s?workflowType=machine_learning)",
+            run.info.run_id[:8],
+            stage,
+            EXPERIMENT,
+            uri,
+            run.info.experiment_id,
+        )
         yield run
 
 
