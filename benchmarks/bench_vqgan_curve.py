@@ -127,6 +127,15 @@ def run(
     return rows
 
 
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Add rows to the results table, aligning columns by name (recipes record different columns)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(rows)
+    if path.exists():
+        frame = pd.concat([pd.read_csv(path), frame], ignore_index=True)
+    frame.to_csv(path, index=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--label", required=True)
@@ -143,9 +152,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for seed in args.seeds:
         rows = run(args.label, seed, args.params, args.overrides, args.cpu_minutes * 60, args.points, args.steps)
-        frame = pd.DataFrame(rows)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(args.out, mode="a", header=not args.out.exists(), index=False)
+        append_rows(args.out, rows)
 
 
 if __name__ == "__main__":
