@@ -14,6 +14,7 @@ import pytest
 
 from synthmri.config import Params
 from synthmri.data import demo
+from synthmri.data.mni import ventricle_proxy_ml
 from synthmri.io import sha256_file
 from synthmri.viz import three_plane_grid
 
@@ -124,7 +125,7 @@ def test_ventricles_grow_with_age_in_the_table_and_in_the_images(cohort, table):
     assert from_images[old.to_numpy()].mean() > 1.5 * from_images[young.to_numpy()].mean()
     # the package's own image-only proxy agrees with this independent measurement
     proxy = [
-        demo.ventricle_proxy_ml(np.asarray(load_t1w(cohort, sub).dataobj), demo.base_anatomy(2).affine)
+        ventricle_proxy_ml(np.asarray(load_t1w(cohort, sub).dataobj), demo.base_anatomy(2).affine)
         for sub in table.participant_id[:3]
     ]
     assert np.corrcoef(proxy, from_images[:3])[0, 1] > 0.9

@@ -13,7 +13,8 @@ from conftest import SMALL_COHORT, blob_volume, make_params, write_nifti
 
 from synthmri.catalog import LANDMARKS_NAME
 from synthmri.config import SplitParams
-from synthmri.data.normalize import fit_histogram_landmarks, head_mask
+from synthmri.data.masks import head_mask
+from synthmri.data.normalize import fit_histogram_landmarks
 from synthmri.data.split import assign_splits
 from synthmri.errors import StageError
 from synthmri.stages.ingest import run_ingest

@@ -371,7 +371,7 @@ def test_csf_fraction_follows_ventricle_size():
 
 
 def test_ventricle_volume_uses_the_demo_proxy_on_shifted_intensities():
-    from synthmri.data.demo import ventricle_proxy_ml
+    from synthmri.data.mni import ventricle_proxy_ml
 
     small, large = brain(0, ventricle=0.2), brain(0, ventricle=0.4)
     affine = np.diag([8.0, 8.0, 8.0, 1.0])

@@ -45,6 +45,7 @@ from scipy import ndimage as ndi
 
 from synthmri import __version__
 from synthmri.data.covariates import BIDS_MISSING
+from synthmri.data.mni import VENTRICLE_BOX_MM
 from synthmri.io import atomic_path, save_nifti, write_text_atomic
 from synthmri.logs import get_logger, progress
 from synthmri.viz import three_plane_grid
@@ -95,9 +96,6 @@ BIAS_FIELD_ORDER = 3
 N_BIAS_COEFFICIENTS = (BIAS_FIELD_ORDER + 1) * (BIAS_FIELD_ORDER + 2) * (BIAS_FIELD_ORDER + 3) // 6
 CONTRAST_JITTER = 0.03  # relative per-subject jitter of each tissue intensity
 GAIN_JITTER = 0.05
-
-# Central box (MNI mm) around the lateral ventricles, for image-only ventricle measurements.
-VENTRICLE_BOX_MM = ((-28.0, 28.0), (-50.0, 36.0), (-6.0, 34.0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,28 +158,6 @@ def base_anatomy(resolution_mm: int = 2) -> BaseAnatomy:
     depth = ndi.distance_transform_edt(~external, sampling=spacing) - 0.5 * min(spacing)
     depth = np.maximum(depth, 0).astype(np.float32)
     return BaseAnatomy(_readonly(labels), _readonly(affine), spacing, _readonly(dist_ventricle), _readonly(depth))
-
-
-def _world_coordinates(shape: tuple[int, ...], affine: np.ndarray) -> list[np.ndarray]:
-    """World (mm) x, y, z of every voxel centre, as three broadcastable arrays for axis-aligned grids."""
-    if not np.allclose(affine[:3, :3], np.diag(np.diag(affine[:3, :3]))):
-        index = np.indices(shape).reshape(3, -1)
-        world = affine[:3, :3] @ index + affine[:3, 3:4]
-        return [w.reshape(shape) for w in world]
-    coords = []
-    for axis in range(3):
-        values = affine[axis, axis] * np.arange(shape[axis]) + affine[axis, 3]
-        view = [1, 1, 1]
-        view[axis] = shape[axis]
-        coords.append(values.reshape(view))
-    return coords
-
-
-def _in_box(shape: tuple[int, ...], affine: np.ndarray, box=VENTRICLE_BOX_MM) -> np.ndarray:
-    x, y, z = _world_coordinates(shape, affine)
-    return (
-        (box[0][0] <= x) & (x <= box[0][1]) & (box[1][0] <= y) & (y <= box[1][1]) & (box[2][0] <= z) & (z <= box[2][1])
-    )
 
 
 def _find_ventricles(
@@ -610,20 +586,6 @@ def ensure_demo_cohort(params: Params, out_dir: Path) -> Path:
 
 # ----------------------------------------------------------------------------------------------
 # measurements and figures
-
-
-def ventricle_proxy_ml(volume: np.ndarray, affine: np.ndarray, threshold: float = 0.5) -> float:
-    """Image-only ventricle size: volume of CSF-dark voxels in a central box around the lateral
-    ventricles (MNI mm), dark meaning below ``threshold`` x the box's 95th intensity percentile
-    (white matter). Needs an image roughly in MNI space, e.g. the demo cohort or its samples."""
-    volume = np.asarray(volume, dtype=np.float32)
-    inside = _in_box(volume.shape, np.asarray(affine, dtype=np.float64))
-    values = volume[inside]
-    if values.size == 0:
-        return 0.0
-    reference = float(np.percentile(values, 95))
-    voxel_ml = abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
-    return float((values < threshold * reference).sum()) * voxel_ml
 
 
 def render_demo_figure(cohort_dir: Path, path: Path) -> Path:

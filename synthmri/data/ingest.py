@@ -1,4 +1,5 @@
-"""The ``ingest`` stage: find raw volumes, validate them and their covariates, write RAS copies.
+"""Ingest, the library (the stage is :mod:`synthmri.stages.ingest`): find raw volumes, validate them and their
+covariates, write RAS copies.
 
 Raw data is only read. Every rejected item (bad file, bad covariate row, stray participant) gets
 one row in ``quarantine.csv`` with a reason; the run continues and fails with a clear message only

@@ -1,4 +1,5 @@
-"""The ``encode`` stage, and the latent data set the diffusion model trains on.
+"""Encoding volumes to latents (the stage is :mod:`synthmri.stages.encode`), and the latent data set the
+diffusion model trains on.
 
 Every subject is encoded to its quantized code vectors (deterministic, never a noisy sample).
 The diffusion model works on standardized latents ``(z - mean) / std`` with per-channel statistics

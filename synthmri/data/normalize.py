@@ -1,4 +1,4 @@
-"""The ``normalize`` stage: bring every ingested volume into one training space with torchio.
+"""Normalization, the library (the stage is :mod:`synthmri.stages.normalize`): one training space with torchio.
 
 Resample to ``normalize.spacing``, crop/pad to ``normalize.shape`` around the head, optionally
 apply Nyúl histogram standardization (fitted on the training split only, so no information leaks
@@ -12,26 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchio as tio
-from scipy import ndimage
-from skimage.filters import threshold_otsu
 
 from synthmri.config import Params
+from synthmri.data.masks import head_mask
 from synthmri.logs import get_logger
 
 log = get_logger(__name__)
-
-
-def head_mask(volume: np.ndarray) -> np.ndarray:
-    """Foreground (head) mask: Otsu threshold, largest connected component, holes filled."""
-    volume = np.asarray(volume, dtype=np.float32)
-    threshold = 0.5 * threshold_otsu(volume)
-    mask = volume > threshold
-    labels, n = ndimage.label(mask)
-    if n > 1:
-        sizes = ndimage.sum(mask, labels, index=range(1, n + 1))
-        mask = labels == (1 + int(np.argmax(sizes)))
-    mask = ndimage.binary_closing(mask, iterations=2)
-    return ndimage.binary_fill_holes(mask)
 
 
 def load_subject(path: Path) -> tio.Subject:

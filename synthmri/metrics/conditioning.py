@@ -20,6 +20,7 @@ from sklearn.metrics import accuracy_score, mean_absolute_error
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from synthmri.data.mni import ventricle_proxy_ml
 from synthmri.metrics.features import head_mask_normalized
 
 __all__ = [
@@ -116,7 +117,7 @@ def csf_fraction(
     measured like the real one. On the processed demo cohort (40×48×40, 4 mm) it correlates with
     the true CSF fraction at r ≈ 0.79 and with age at r ≈ 0.74.
 
-    ``threshold=t``: the rule of :func:`synthmri.data.demo.ventricle_proxy_ml` over the whole head
+    ``threshold=t``: the rule of :func:`synthmri.data.mni.ventricle_proxy_ml` over the whole head
     instead: intensities shifted so that the background (``value_range[0]``) is 0, a voxel is dark
     when below ``t`` × the 95th percentile of the head (white matter). This depends on where the
     normalization put the background relative to CSF (on the processed demo, t = 0.3 fits; the raw
@@ -145,13 +146,12 @@ def csf_fraction(
 def ventricle_volume_ml(
     volume: np.ndarray, affine: np.ndarray, value_range: tuple[float, float] = (-1.0, 1.0), threshold: float = 0.5
 ) -> float:
-    """The demo cohort's image-only ventricle size (:func:`synthmri.data.demo.ventricle_proxy_ml`: dark
+    """The demo cohort's image-only ventricle size (:func:`synthmri.data.mni.ventricle_proxy_ml`: dark
     voxels in a central MNI box, in ml) for a volume in ``value_range`` with background at its low end.
 
     Needs the volume's affine in (roughly) MNI world coordinates: the processed space's affine
     (``data/processed/space.json``) for processed demo volumes and samples of a model trained on them.
     """
-    from synthmri.data.demo import ventricle_proxy_ml  # imports torchio and nilearn: load lazily
 
     shifted = np.asarray(volume, dtype=np.float32) - np.float32(value_range[0])
     return ventricle_proxy_ml(shifted, np.asarray(affine, dtype=np.float64), threshold)

@@ -36,6 +36,7 @@ from skimage.feature import graycomatrix, graycoprops
 from skimage.filters import threshold_multiotsu
 from torch import nn
 
+from synthmri.data.masks import head_mask
 from synthmri.models.slicing import slice_indices, take_slices
 
 log = logging.getLogger(__name__)
@@ -81,11 +82,10 @@ def as_volumes(volumes) -> np.ndarray:
 def head_mask_normalized(volume: np.ndarray, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
     """Head mask of a volume in ``value_range`` whose background sits at the low end (e.g. -1).
 
-    :func:`synthmri.data.normalize.head_mask` (Otsu, largest component, closing, holes filled) is
+    :func:`synthmri.data.masks.head_mask` (Otsu, largest component, closing, holes filled) is
     made for non-negative scanner intensities, so the volume is shifted to start at 0 first. Falls
     back to "above background" voxels, then to the whole volume, when the mask would be empty.
     """
-    from synthmri.data.normalize import head_mask  # imports torchio: keep it out of module import
 
     volume = np.asarray(volume, dtype=np.float32)
     shifted = volume - np.float32(value_range[0])

@@ -1,4 +1,5 @@
-"""The ``train_diffusion`` stage: conditional latent diffusion on the VQ-GAN's standardized latents.
+"""Training conditional latent diffusion on the VQ-GAN's standardized latents; the stage that runs it is
+:mod:`synthmri.stages.train_diffusion`.
 
 DDPM training with the L2 loss on the predicted noise (or on v, ``diffusion.schedule.prediction``),
 condition dropout for classifier-free guidance, EMA weights for sampling. Uses the same training

@@ -1,4 +1,5 @@
-"""The ``train_vqgan`` stage: train the 3D VQ-GAN (or, with perceptual = adversarial = 0, the VQ-VAE).
+"""Training the 3D VQ-GAN (or, with perceptual = adversarial = 0, the VQ-VAE); the stage that runs it is
+:mod:`synthmri.stages.train_vqgan`.
 
 Generator loss: L1 + perceptual (2.5D LPIPS) + commitment, and once the discriminator is switched
 on (``disc_start_step``) hinge adversarial loss scaled by the adaptive weight plus GAN feature
