@@ -3,7 +3,9 @@
 Runs each configuration in a fresh child process: two real optimizer steps (forward, backward, AdamW)
 of the VQ-GAN generator + discriminator or of the diffusion U-Net (+ EMA copy), and compares the peak
 with the planner's estimate. On CUDA the peak is ``torch.cuda.max_memory_allocated``; on the CPU it is
-the growth of the process's peak RSS (``ru_maxrss``) over the footprint before the models were built.
+the growth of the process's peak RSS over the footprint before the models were built. On Linux the peak
+(``VmHWM``) is reset to the current RSS just before the models are built (``/proc/self/clear_refs``), so a
+transient peak of an earlier import cannot hide the step's; elsewhere ``ru_maxrss`` is used.
 
     .venv/bin/python benchmarks/bench_memory.py            # 64^3 volumes
     .venv/bin/python benchmarks/bench_memory.py --quick    # 48^3
@@ -38,6 +40,22 @@ def _overrides(size: int, checkpointing: bool, precision: str) -> list[str]:
     ]
 
 
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS to its current RSS (Linux ≥ 4.0); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def _warm_up(device: torch.device) -> None:
     """Load the kernels' code (oneDNN JIT, attention, AdamW) before the baseline: on the CPU they add a
     constant ~0.2 GB of RSS that is not training memory."""
@@ -62,7 +80,8 @@ def measure(stage: str, size: int, checkpointing: bool, device: str, queue) -> N
     plan = plan_vqgan(params) if stage == "vqgan" else plan_diffusion(params)
     dev = torch.device(device)
     _warm_up(dev)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    exact_peak = _reset_peak_rss()
+    base = _status_bytes("VmRSS") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if stage == "vqgan":
         model, critics = build_models(params, dev, checkpointing)
         optimizers = [torch.optim.AdamW(model.parameters()), torch.optim.AdamW(critics.parameters())]
@@ -95,7 +114,8 @@ def measure(stage: str, size: int, checkpointing: bool, device: str, queue) -> N
     if device == "cuda":
         measured = torch.cuda.max_memory_allocated()
     else:
-        measured = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = _status_bytes("VmHWM") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        measured = peak - base
     queue.put((plan.allocated, measured))
 
 
