@@ -219,6 +219,7 @@ class UNetParams(_Section):
     norm_groups: int = Field(8, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
     cross_attention: bool = False
+    patch_size: int = Field(1, ge=1)  # fold patch_size^3 latent positions into channels (space-to-depth)
 
     @model_validator(mode="after")
     def _levels_agree(self) -> UNetParams:

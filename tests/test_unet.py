@@ -13,6 +13,7 @@ import torch
 
 from synthmri.config import Covariate, UNetParams
 from synthmri.diffusion.conditioning import CovariateEncoder
+from synthmri.models.blocks import depth_to_space, space_to_depth
 from synthmri.models.unet import CrossAttention, DiffusionUNet, timestep_embedding
 
 EMB = 32
@@ -167,3 +168,36 @@ def test_timestep_embedding_distinguishes_neighbours():
     emb = timestep_embedding(torch.tensor([0, 1, 999]), 16)
     assert emb.shape == (3, 16)
     assert (emb[0] - emb[1]).abs().max() > 1e-2 and (emb[1] - emb[2]).abs().max() > 1e-2
+
+
+def test_space_to_depth_is_pixel_unshuffle_in_2d_and_inverts_in_3d():
+    x2 = torch.randn(2, 3, 6, 8)
+    assert torch.equal(space_to_depth(x2, 2), torch.nn.functional.pixel_unshuffle(x2, 2))
+    assert torch.equal(depth_to_space(space_to_depth(x2, 2), 2), x2)
+    x3 = torch.randn(2, 4, 6, 8, 4)
+    folded = space_to_depth(x3, 2)
+    assert folded.shape == (2, 32, 3, 4, 2)
+    assert torch.equal(depth_to_space(folded, 2), x3)
+    # one 2x2x2 cube of channel 1 lands, whole and alone, in the 8 channels of channel 1 at its coarse position
+    cube = torch.zeros(1, 4, 6, 8, 4)
+    cube[0, 1, 2:4, 4:6, 0:2] = torch.arange(1.0, 9.0).view(2, 2, 2)
+    folded = space_to_depth(cube, 2)
+    assert torch.equal(folded[0, 8:16, 1, 2, 0], torch.arange(1.0, 9.0))
+    assert folded.abs().sum() == cube.abs().sum()
+    with pytest.raises(ValueError, match="not divisible by the patch size 2"):
+        space_to_depth(torch.randn(1, 4, 5, 8, 4), 2)
+
+
+def test_patched_unet_keeps_the_latent_shape_and_runs_at_the_coarse_grid():
+    fine = _perturbed(_unet(patch_size=2))
+    x = torch.randn(2, 4, 12, 16, 8)
+    out = fine(x, torch.tensor([1, 500]), torch.randn(2, EMB))
+    assert out.shape == x.shape and out.abs().max() > 0
+    assert fine.conv_in.in_channels == 32 and fine.out[-1].out_channels == 32
+    # the U-Net body sees the folded grid: its first conv output is at half the resolution
+    seen = {}
+    fine.conv_in.register_forward_hook(lambda m, i, o: seen.update(shape=tuple(o.shape[2:])))
+    fine(x, 3)
+    assert seen["shape"] == (6, 8, 4)
+    p = UNetParams(channels=[16, 32], attention=[False, True], num_heads=2, norm_groups=8, patch_size=2)
+    assert DiffusionUNet.from_params(p, in_channels=4).patch_size == 2

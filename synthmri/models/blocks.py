@@ -52,6 +52,33 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
+def space_to_depth(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """Fold every ``patch``-sized cube (square) of ``x`` into channels: ``(B, C, *S)`` → ``(B, C·patch^d, *S/patch)``.
+
+    The channel order is that of ``torch.nn.functional.pixel_unshuffle`` (which exists for 2D only):
+    input channel first, then the offsets inside the patch in row-major order. Every spatial size must
+    be divisible by ``patch``. This is DiT's "patchify" for a convolutional network: a U-Net on the
+    folded map costs what it costs at the coarse grid, whatever the latent grid's resolution.
+    """
+    b, c, *sizes = x.shape
+    if any(n % patch for n in sizes):
+        raise ValueError(f"spatial size {tuple(sizes)} is not divisible by the patch size {patch}")
+    d = len(sizes)
+    x = x.reshape(b, c, *[v for n in sizes for v in (n // patch, patch)])
+    x = x.permute(0, 1, *[3 + 2 * i for i in range(d)], *[2 + 2 * i for i in range(d)])
+    return x.reshape(b, c * patch**d, *[n // patch for n in sizes])
+
+
+def depth_to_space(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """The inverse of :func:`space_to_depth`: ``(B, C·patch^d, *S)`` → ``(B, C, *S·patch)``."""
+    b, folded, *sizes = x.shape
+    d = len(sizes)
+    c = folded // patch**d
+    x = x.reshape(b, c, *[patch] * d, *sizes)
+    x = x.permute(0, 1, *[v for i in range(d) for v in (2 + d + i, 2 + i)])
+    return x.reshape(b, c, *[n * patch for n in sizes])
+
+
 class ResidualBlock(nn.Module):
     """GroupNorm → SiLU → conv → GroupNorm (+ embedding) → SiLU → dropout → conv, plus a skip.
 

@@ -27,7 +27,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from synthmri.config import UNetParams
-from synthmri.models.blocks import AttentionBlock, Downsample, ResidualBlock, Upsample, conv_nd, group_norm, zero_module
+from synthmri.models.blocks import (
+    AttentionBlock,
+    Downsample,
+    ResidualBlock,
+    Upsample,
+    conv_nd,
+    depth_to_space,
+    group_norm,
+    space_to_depth,
+    zero_module,
+)
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -107,6 +117,10 @@ class DiffusionUNet(nn.Module):
             condition tokens must have; default ``4 * channels[0]``.
         cross_attention: add cross-attention to ``cond_tokens`` wherever there is self-attention.
         checkpointing: activation checkpointing per block while training (memory for compute).
+        patch_size: fold each ``patch_size``-cube of the latent into channels before the first conv and
+            unfold after the last (:func:`~synthmri.models.blocks.space_to_depth`), so a fine latent grid
+            (an autoencoder that downsamples only ×2) costs the U-Net what a grid ``patch_size`` times
+            coarser would. Every latent size must then be divisible by it.
     """
 
     def __init__(
@@ -122,6 +136,7 @@ class DiffusionUNet(nn.Module):
         emb_dim: int | None = None,
         cross_attention: bool = False,
         checkpointing: bool = False,
+        patch_size: int = 1,
     ) -> None:
         super().__init__()
         if len(attention) != len(channels):
@@ -132,6 +147,8 @@ class DiffusionUNet(nn.Module):
         self.emb_dim = emb_dim or 4 * channels[0]
         self.cross_attention = cross_attention
         self.checkpointing = checkpointing
+        self.patch_size = patch_size
+        folded_channels = in_channels * patch_size**spatial_dims
         self.time_mlp = nn.Sequential(
             nn.Linear(self.time_channels, self.emb_dim), nn.SiLU(), nn.Linear(self.emb_dim, self.emb_dim)
         )
@@ -145,7 +162,7 @@ class DiffusionUNet(nn.Module):
                 blocks.append(CrossAttention(ch, self.emb_dim, num_heads, norm_groups))
             return blocks
 
-        self.conv_in = conv_nd(spatial_dims, in_channels, channels[0])
+        self.conv_in = conv_nd(spatial_dims, folded_channels, channels[0])
         self.down = nn.ModuleList()  # each entry: one layer (ModuleList of blocks) whose output is a skip
         skip_channels = [channels[0]]
         prev = channels[0]
@@ -168,7 +185,7 @@ class DiffusionUNet(nn.Module):
                     blocks.append(Upsample(spatial_dims, ch))
                 self.up.append(nn.ModuleList(blocks))
         self.out = nn.Sequential(
-            group_norm(prev, norm_groups), nn.SiLU(), zero_module(conv_nd(spatial_dims, prev, in_channels))
+            group_norm(prev, norm_groups), nn.SiLU(), zero_module(conv_nd(spatial_dims, prev, folded_channels))
         )
 
     @classmethod
@@ -194,6 +211,7 @@ class DiffusionUNet(nn.Module):
             emb_dim=cond_dim,
             cross_attention=p.cross_attention,
             checkpointing=checkpointing,
+            patch_size=p.patch_size,
         )
 
     def _layer(
@@ -243,6 +261,8 @@ class DiffusionUNet(nn.Module):
             emb = emb + cond_emb.to(device=emb.device, dtype=emb.dtype)
         tokens = cond_tokens.to(x.dtype) if (self.cross_attention and cond_tokens is not None) else None
 
+        if self.patch_size > 1:
+            x = space_to_depth(x, self.patch_size)
         h = self.conv_in(x)
         skips = [h]
         for blocks in self.down:
@@ -252,4 +272,5 @@ class DiffusionUNet(nn.Module):
         for blocks in self.up:
             skip = skips.pop()
             h = self._run(blocks, torch.cat([_fit_to(h, skip), skip], dim=1), emb, tokens)
-        return self.out(h)
+        out = self.out(h)
+        return depth_to_space(out, self.patch_size) if self.patch_size > 1 else out

@@ -19,6 +19,7 @@ from synthmri.data.latents import LatentSet
 from synthmri.diffusion.conditioning import CovariateBatch, CovariateEncoder
 from synthmri.diffusion.ema import make_ema
 from synthmri.diffusion.sampling import sample_seed
+from synthmri.errors import StageError
 from synthmri.diffusion.schedulers import (
     add_noise,
     make_training_scheduler,
@@ -55,6 +56,12 @@ class DiffusionTrainer(ResumableTrainer):
         self.device = self.ctx.device
         seed_everything(params.seed)
         self.train, self.val = train, val
+        patch, grid = self.cfg.unet.patch_size, tuple(train.latents.shape[2:])
+        if any(n % patch for n in grid):
+            raise StageError(
+                f"diffusion.unet.patch_size={patch} does not divide the latent grid {grid}: pick a patch size "
+                "that divides every latent axis (or change normalize.shape / vqgan.model.downsample_factor)"
+            )
         self.model = build_ldm(
             self.cfg.unet, params.covariates, train.latents.shape[1], checkpointing=t.activation_checkpointing
         ).to(self.device)
