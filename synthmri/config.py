@@ -118,11 +118,11 @@ class NormalizeParams(_Section):
 class VQGANModelParams(_Section):
     """Encoder/decoder widths per resolution level; len(channels) = log2(downsample_factor) + 1."""
 
-    channels: list[int] = [16, 32, 64]
+    channels: list[int] = [16, 32]
     num_res_blocks: int = Field(1, ge=1)
-    downsample_factor: Literal[2, 4, 8] = 4
+    downsample_factor: Literal[2, 4, 8] = 2
     latent_channels: int = Field(4, ge=1)
-    attention: bool = True
+    attention: bool = False
     norm_groups: int = Field(8, ge=1)
 
     @model_validator(mode="after")
@@ -154,8 +154,8 @@ class VQGANLossParams(_Section):
     """Loss weights; perceptual = adversarial = 0 turns the VQ-GAN into the VQ-VAE baseline."""
 
     l1: float = Field(1.0, ge=0)
-    perceptual: float = Field(0.1, ge=0)
-    adversarial: float = Field(0.1, ge=0)
+    perceptual: float = Field(0.0, ge=0)
+    adversarial: float = Field(0.0, ge=0)
     feature_matching: float = Field(1.0, ge=0)
     disc_start_step: int = Field(200, ge=0)
     lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
@@ -193,6 +193,10 @@ class TrainParams(_Section):
 
 
 class VQGANTrainParams(TrainParams):
+    steps: int = Field(280, ge=1)
+    lr_schedule: Literal["constant", "constant_with_warmup", "cosine", "linear"] = "cosine"
+    betas: tuple[float, float] = (0.9, 0.99)
+    val_every: int = Field(140, ge=1)
     lr_discriminator: float = Field(2e-4, gt=0)
     flip_lr: float = Field(0.0, ge=0, le=1)  # probability of mirroring a training volume left-right (augmentation)
 
@@ -219,7 +223,7 @@ class UNetParams(_Section):
     norm_groups: int = Field(8, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
     cross_attention: bool = False
-    patch_size: int = Field(1, ge=1)  # fold patch_size^3 latent positions into channels (space-to-depth)
+    patch_size: int = Field(2, ge=1)  # fold patch_size^3 latent positions into channels (space-to-depth)
 
     @model_validator(mode="after")
     def _levels_agree(self) -> UNetParams:
@@ -236,6 +240,8 @@ class ScheduleParams(_Section):
     beta_start: float = Field(1e-4, gt=0)
     beta_end: float = Field(0.02, gt=0, lt=1)
     prediction: Literal["epsilon", "v_prediction"] = "v_prediction"
+    # standardized latents x input_scale are what gets noised (Chen 2023): < 1 = lower SNR at every timestep
+    input_scale: float = Field(1.0, gt=0)
 
 
 class DiffusionTrainParams(TrainParams):

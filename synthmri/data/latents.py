@@ -3,7 +3,10 @@ diffusion model trains on.
 
 Every subject is encoded to its quantized code vectors (deterministic, never a noisy sample).
 The diffusion model works on standardized latents ``(z - mean) / std`` with per-channel statistics
-of the training split only, stored in ``scale.json`` so sampling can undo the scaling.
+of the training split only, stored in ``scale.json`` so sampling can undo the scaling, times the noise
+schedule's ``input_scale`` (``diffusion.schedule.input_scale``; Chen 2023, "On the importance of noise
+scheduling for diffusion models"): a factor below 1 lowers the signal-to-noise ratio at every timestep,
+which a latent with more (and more correlated) positions needs for the same schedule to stay hard enough.
 """
 
 from __future__ import annotations
@@ -42,8 +45,11 @@ def channel_statistics(latents: torch.Tensor) -> dict[str, list[float]]:
 class LatentSet:
     """Standardized latents and covariates of one split, as the diffusion model sees them."""
 
-    def __init__(self, latent_dir: str | Path = LATENT_DIR, split: str | None = "train") -> None:
+    def __init__(
+        self, latent_dir: str | Path = LATENT_DIR, split: str | None = "train", input_scale: float = 1.0
+    ) -> None:
         latent_dir = Path(latent_dir)
+        self.input_scale = input_scale
         if not (latent_dir / "latents.safetensors").is_file():
             raise StageError(f"{latent_dir}/latents.safetensors not found: run `synthmri encode` first")
         manifest = pd.read_csv(latent_dir / "manifest.csv", dtype={"session": str}, keep_default_na=False)
@@ -56,10 +62,10 @@ class LatentSet:
         self.latents = self.standardize(latents[torch.tensor(keep.to_numpy())])
 
     def standardize(self, z: torch.Tensor) -> torch.Tensor:
-        return (z - self.mean) / self.std
+        return (z - self.mean) / self.std * self.input_scale
 
     def unstandardize(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.std.to(z.device) + self.mean.to(z.device)
+        return z / self.input_scale * self.std.to(z.device) + self.mean.to(z.device)
 
     def __len__(self) -> int:
         return len(self.latents)

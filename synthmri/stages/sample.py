@@ -66,11 +66,12 @@ class SampleJob:
 def _models(ldm_dir: str, vqgan_dir: str, latent_dir: str):
     """Models are loaded once per process (threads share them; each Dask worker loads its own)."""
     device = pick_device("auto")
+    config = read_config(Path(ldm_dir))
     return (
         load_ldm(ldm_dir, device),
-        read_config(Path(ldm_dir)),
+        config,
         load_vqgan(vqgan_dir, device),
-        LatentSet(latent_dir, split=None),
+        LatentSet(latent_dir, split=None, input_scale=ldm_schedule(config).input_scale),
         device,
     )
 

@@ -89,7 +89,8 @@ def run_train_diffusion(
 ) -> dict:
     """Train (or resume) the latent diffusion model; write EMA weights, curves and metrics."""
 
-    train, val = LatentSet(latent_dir, "train"), LatentSet(latent_dir, "val")
+    scale = params.diffusion.schedule.input_scale
+    train, val = LatentSet(latent_dir, "train", scale), LatentSet(latent_dir, "val", scale)
     if len(train) == 0:
         raise StageError("no training latents: run `synthmri encode` first")
     ctx = distributed.initialize(params.diffusion.train.device)
