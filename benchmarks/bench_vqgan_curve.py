@@ -8,7 +8,11 @@ first) for ``--cpu-minutes`` of *process CPU time* per repeat, so runs can share
 be compared. The schedule length (``vqgan.train.steps``, which a cosine decay and the GAN start refer to)
 is set from a timed probe of the step cost, unless ``--steps`` is given. ``--points`` times along the run
 the model is scored on the validation split (time not counted); the last point also scores the split's
-edge sharpness: mean in-head gradient magnitude of the reconstructions over that of the originals.
+edge sharpness (mean in-head gradient magnitude of the reconstructions over that of the originals) and
+the report's autoencoder ceiling in its ``stats`` feature space (texture, tissue classes, intensities):
+the FD ratio of decoded training volumes (``ceiling_fd_ratio_train``) and of the held-out volumes' own
+reconstructions (``ceiling_fd_ratio_heldout``) against the real held-out volumes (val + test), as the
+``report`` stage computes them.
 
 Appends one row per point to ``benchmarks/results/vqgan_curve.csv`` (label, seed, step, CPU minutes,
 PSNR, SSIM, LPIPS, losses, overrides, machine) and prints them.
@@ -30,6 +34,8 @@ from common import cpu_model
 from synthmri.catalog import PROCESSED_DIR
 from synthmri.config import load_params
 from synthmri.data.datasets import ProcessedVolumes
+from synthmri.metrics.features import get_extractor
+from synthmri.report.families import autoencoder_ceiling
 from synthmri.training.train_vqgan import VQGANTrainer, validate
 
 OUT = Path(__file__).parent / "results" / "vqgan_curve.csv"
@@ -66,6 +72,29 @@ def sharpness_ratio(model, volumes: ProcessedVolumes, device) -> float:
             grad = [np.linalg.norm(np.stack(np.gradient(v)), axis=0)[head].mean() for v in (real, recon)]
             ratios.append(grad[1] / grad[0])
     return float(np.mean(ratios))
+
+
+def ceiling_fd_ratios(model, train: ProcessedVolumes, heldout: ProcessedVolumes, device, k: int) -> dict:
+    """The report's autoencoder ceiling (``stats`` features): FD ratios of decoded real volumes."""
+
+    def as_numpy(volumes: ProcessedVolumes, decode: bool) -> np.ndarray:
+        out = []
+        with torch.inference_mode():
+            for i in range(len(volumes)):
+                x = volumes.batch([i]).to(device)
+                out.append((model.decode(model.encode(x)).clamp(-1, 1) if decode else x)[0, 0].cpu().numpy())
+        return np.stack(out)
+
+    extractor = get_extractor("stats", value_range=(-1.0, 1.0))
+    features = {
+        (name, decode): extractor(as_numpy(volumes, decode))
+        for name, volumes in (("train", train), ("heldout", heldout))
+        for decode in (False, True)
+    }
+    ceiling = autoencoder_ceiling(
+        features["heldout", False], features["heldout", True], features["train", True], features["train", False], k
+    )
+    return {f"ceiling_fd_ratio_{name}": round(ceiling[f"{name}.frechet_ratio"], 3) for name in ("train", "heldout")}
 
 
 def run(
@@ -112,6 +141,8 @@ def run(
             if trainer.step == steps:
                 trainer.model.eval()
                 row["val_sharpness_ratio"] = round(sharpness_ratio(trainer.model, val_set, trainer.device), 4)
+                heldout = ProcessedVolumes(PROCESSED_DIR, ["val", "test"])
+                row.update(ceiling_fd_ratios(trainer.model, train_set, heldout, trainer.device, base.report.prdc_k))
                 trainer.model.train()
             row.update(
                 overrides=" ".join(overrides),

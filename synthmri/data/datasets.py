@@ -18,16 +18,18 @@ class ProcessedVolumes(Dataset):
 
     Args:
         processed_dir: output folder of the ``normalize`` stage (``manifest.csv`` + ``volumes/``).
-        split: ``"train"``, ``"val"``, ``"test"`` or ``None`` for every subject.
+        split: ``"train"``, ``"val"``, ``"test"``, a list of them, or ``None`` for every subject.
     """
 
-    def __init__(self, processed_dir: str | Path, split: str | None) -> None:
+    def __init__(self, processed_dir: str | Path, split: str | list[str] | None) -> None:
         self.root = Path(processed_dir)
         manifest_path = self.root / "manifest.csv"
         if not manifest_path.is_file():
             raise StageError(f"{manifest_path} not found: run `synthmri normalize` first")
         manifest = pd.read_csv(manifest_path, dtype={"session": str}, keep_default_na=False)
-        self.manifest = (manifest if split is None else manifest[manifest["split"] == split]).reset_index(drop=True)
+        if split is not None:
+            manifest = manifest[manifest["split"].isin([split] if isinstance(split, str) else split)]
+        self.manifest = manifest.reset_index(drop=True)
         self.volumes = [
             torch.from_numpy(np.asarray(nib.load(self.root / rel).dataobj, dtype=np.float32)[None].copy())
             for rel in self.manifest["processed_path"]

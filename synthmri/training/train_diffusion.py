@@ -19,13 +19,13 @@ from synthmri.data.latents import LatentSet
 from synthmri.diffusion.conditioning import CovariateBatch, CovariateEncoder
 from synthmri.diffusion.ema import make_ema
 from synthmri.diffusion.sampling import sample_seed
-from synthmri.errors import StageError
 from synthmri.diffusion.schedulers import (
     add_noise,
     make_training_scheduler,
     sample_timesteps,
     training_target,
 )
+from synthmri.errors import StageError
 from synthmri.logs import get_logger
 from synthmri.models.loading import build_ldm
 from synthmri.training.distributed import Context
