@@ -17,8 +17,10 @@ import argparse
 import copy
 import json
 import multiprocessing as mp
+import queue as queue_module
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -35,6 +37,7 @@ def _overrides(size: int, checkpointing: bool, precision: str) -> list[str]:
         f"vqgan.train.activation_checkpointing={flag}",
         f"diffusion.train.activation_checkpointing={flag}",
         "vqgan.loss.perceptual=0",
+        "vqgan.loss.adversarial=0.1",  # the GAN phase: the largest VQ-GAN step (the demo trains without it)
         "diffusion.train.batch_size=16",
         "diffusion.unet.channels=[64,128]",
     ]
@@ -91,12 +94,12 @@ def measure(stage: str, size: int, checkpointing: bool, device: str, queue) -> N
             recon, vq_loss, _ = model(x)
             return (recon - x).abs().mean() + vq_loss + sum(d(recon)[0].mean() for d in critics)
     else:
-        model = build_ldm(params.diffusion.unet, params.covariates, 4, checkpointing).to(dev)
+        factor, channels = params.vqgan.model.downsample_factor, params.vqgan.model.latent_channels
+        model = build_ldm(params.diffusion.unet, params.covariates, channels, checkpointing).to(dev)
         optimizers = [torch.optim.AdamW(model.parameters())]
         ema = copy.deepcopy(model)  # noqa: F841  (held, like the trainer's EMA)
         batch = params.diffusion.train.batch_size
-        latent = [s // 4 for s in params.normalize.shape]
-        x = torch.randn(batch, 4, *latent, device=dev)
+        x = torch.randn(batch, channels, *[s // factor for s in params.normalize.shape], device=dev)
         covariates = model.encoder.encode_values([{c.name: None for c in params.covariates}] * batch)
 
         def loss():
@@ -124,7 +127,15 @@ def run(stage: str, size: int, checkpointing: bool, device: str) -> dict:
     queue = context.Queue()
     child = context.Process(target=measure, args=(stage, size, checkpointing, device, queue))
     child.start()
-    planned, measured = queue.get(timeout=900)
+    began = time.monotonic()
+    while True:  # a child that dies (an exception, the OOM killer) must fail the run, not hang it
+        try:
+            planned, measured = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not child.is_alive() or time.monotonic() - began > 900:
+                child.kill()
+                raise RuntimeError(f"the {stage} memory probe died (exit code {child.exitcode})") from None
     child.join()
     return {
         "stage": stage,

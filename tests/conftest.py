@@ -102,6 +102,7 @@ def make_bids(root: Path, n: int = 8, shape=(24, 28, 20)) -> Path:
 
 TINY_VQGAN = (
     "vqgan.model.channels=[8,16,32]",
+    "vqgan.model.downsample_factor=4",
     "vqgan.model.latent_channels=4",
     "vqgan.quantizer.codebook_size=64",
     "vqgan.train.batch_size=2",

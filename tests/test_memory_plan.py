@@ -29,6 +29,7 @@ def test_counter_counts_exactly_what_autograd_saves_and_not_the_weights():
 SMALL = (
     "normalize.shape=[32,32,32]",
     "vqgan.model.channels=[8,16,32]",
+    "vqgan.model.downsample_factor=4",
     "vqgan.discriminator.channels=8",
     "diffusion.unet.channels=[8,16]",
     "diffusion.unet.num_heads=2",

@@ -86,7 +86,12 @@ def trained_8cubed_latents(tmp_path_factory):
     decoder's kernels across threads, so a volume's last bits would differ between processes if its
     thread count were not fixed (measured: with 4³ latents, or widths 8/16/32, the decoder gives the
     same bytes on 1 and 2 threads; with 8³ latents and widths 16/32/64 it does not)."""
-    return _train_chain(tmp_path_factory.mktemp("sample32"), (32, 32, 32), "vqgan.model.channels=[16,32,64]")
+    return _train_chain(
+        tmp_path_factory.mktemp("sample32"),
+        (32, 32, 32),
+        "vqgan.model.channels=[16,32,64]",
+        "vqgan.model.downsample_factor=4",
+    )
 
 
 def _sample(params, work: Path, out: Path):
