@@ -47,6 +47,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 QUICK_OVERRIDES = [
     "normalize.shape=[16,16,16]",
     "vqgan.model.channels=[8,8,16]",
+    "vqgan.model.downsample_factor=4",
     "vqgan.quantizer.codebook_size=32",
     "vqgan.discriminator.channels=16",
     "vqgan.discriminator.layers=2",

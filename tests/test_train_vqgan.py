@@ -40,6 +40,10 @@ def trained(tmp_path_factory):
         8,
         (16, 16, 16),
         "vqgan.train.steps=60",
+        "vqgan.loss.perceptual=0.1",  # the full VQ-GAN path (the demo default trains L1 + quantizer only)
+        "vqgan.loss.adversarial=0.1",
+        "vqgan.train.betas=[0.5,0.9]",  # the GAN recipe's optimizer
+        "vqgan.train.lr_schedule=constant",
         "vqgan.loss.disc_start_step=30",
         "vqgan.train.val_every=30",
         "vqgan.train.checkpoint_every=20",

@@ -41,6 +41,8 @@ VQGAN = (
     "vqgan.train.val_every=100",
     "vqgan.train.checkpoint_every=100",
     "vqgan.loss.disc_start_step=0",
+    "vqgan.loss.adversarial=0.1",  # the GAN terms must run under DDP too (the demo default is L1 + quantizer)
+    "vqgan.loss.perceptual=0.1",
     "vqgan.model.attention=false",
 )
 
