@@ -253,6 +253,11 @@ class DiffusionTrainParams(TrainParams):
     condition_dropout: float = Field(0.1, ge=0, le=1)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     sample_every: int = Field(400, ge=1)
+    # how the per-timestep losses are weighted: none = plain MSE on the target; min_snr = Hang et al. 2023's
+    # min-SNR-gamma (each timestep's weight on the x0 error capped at gamma, so easy low-noise steps stop
+    # dominating the gradient)
+    loss_weighting: Literal["none", "min_snr"] = "none"
+    min_snr_gamma: float = Field(5.0, gt=0)
 
 
 class SamplerParams(_Section):

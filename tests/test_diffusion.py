@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import REPO
 
 from synthmri.config import Covariate, Params, ScheduleParams
 from synthmri.diffusion import (
@@ -11,6 +12,7 @@ from synthmri.diffusion import (
     CovariateBatch,
     CovariateEncoder,
     add_noise,
+    loss_weights,
     make_ema,
     make_sampler,
     make_training_scheduler,
@@ -18,6 +20,7 @@ from synthmri.diffusion import (
     sample_latents,
     sample_seed,
     sample_timesteps,
+    signal_to_noise,
     training_target,
 )
 from synthmri.diffusion.ema import ema_decay
@@ -153,6 +156,30 @@ def test_targets_are_consistent_with_noising(schedule, prediction):
     rec = predicted_x0(sched, x_t, target, t)
     ok = abar.view(-1) > 1e-3 if prediction == "epsilon" else torch.ones(4, dtype=torch.bool)
     assert torch.allclose(rec[ok], x0[ok], atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_min_snr_weights_are_the_capped_snr_on_the_x0_error(prediction):
+    """Hang et al. 2023: weight x (error on the network's target)^2 == min(SNR, gamma) x (implied x0 error)^2,
+    checked against the x0 that :func:`predicted_x0` recovers from a perturbed prediction."""
+    sched = make_training_scheduler(ScheduleParams(prediction=prediction))
+    g = torch.Generator().manual_seed(1)
+    t = torch.tensor([1, 50, 200, 500, 999])
+    x0, noise = torch.randn(5, 2, 3, 3, 3, generator=g), torch.randn(5, 2, 3, 3, 3, generator=g)
+    target = training_target(sched, x0, noise, t)
+    wrong = target + 0.1 * torch.randn(target.shape, generator=g)
+    x_t = add_noise(sched, x0, noise, t)
+    x0_error = (predicted_x0(sched, x_t, wrong, t) - x0).square().flatten(1).sum(1).double()
+    target_error = (wrong - target).square().flatten(1).sum(1).double()
+    snr = signal_to_noise(sched, t).double()
+    assert torch.allclose(snr, (sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t])).double(), rtol=1e-5)
+    gamma = 5.0
+    weights = loss_weights(sched, t, "min_snr", gamma).double()
+    assert torch.allclose(weights * target_error, snr.clamp(max=gamma) * x0_error, rtol=2e-3)
+    assert (snr[:2] > gamma).all() and (snr[-2:] < gamma).all()  # both sides of the cap are exercised
+    assert torch.equal(loss_weights(sched, t, "none"), torch.ones(5))
+    with pytest.raises(ValueError, match="loss weighting"):
+        loss_weights(sched, t, "p2")
 
 
 def test_samplers_share_the_training_schedule():
@@ -376,24 +403,68 @@ def test_model_learns_two_clusters_and_guidance_hits_each():
         )
 
 
-def test_input_scale_lowers_the_signal_of_standardized_latents_and_sampling_undoes_it(tmp_path):
+def _write_latent_dir(path, latents: torch.Tensor, **columns) -> None:
+    """A ``data/latents``-like folder: latents, a manifest (all in the training split) and ``scale.json``."""
     import json
 
     import pandas as pd
     from safetensors.torch import save_file
 
+    n = len(latents)
+    save_file({"latents": latents}, str(path / "latents.safetensors"))
+    pd.DataFrame({"subject_id": [f"s{i}" for i in range(n)], "split": ["train"] * n, **columns}).to_csv(
+        path / "manifest.csv", index=False
+    )
+    mean, std = latents.mean(dim=(0, 2, 3, 4)), latents.std(dim=(0, 2, 3, 4))
+    (path / "scale.json").write_text(
+        json.dumps({"mean": mean.tolist(), "std": std.tolist(), "shape": list(latents.shape[1:])})
+    )
+
+
+def test_trainer_weights_each_sample_by_min_snr(tmp_path):
+    """The training loss with ``loss_weighting: min_snr`` is the mean over the batch of each sample's plain
+    loss times its min-SNR weight (so the weighting is applied per timestep, not to the batch mean)."""
+    from synthmri.config import load_params
+    from synthmri.data.covariates import covariate_rows
+    from synthmri.data.latents import LatentSet
+    from synthmri.training.train_diffusion import DiffusionTrainer
+
+    g = torch.Generator().manual_seed(0)
+    _write_latent_dir(tmp_path, torch.randn(4, 4, 4, 4, 4, generator=g), age=[30, 40, 50, 60], sex=["F", "M"] * 2)
+    latents = LatentSet(tmp_path, "train")
+    noise, t = torch.randn(latents.latents.shape, generator=g), torch.tensor([5, 100, 400, 900])
+    losses = {}
+    for weighting in ("none", "min_snr"):
+        params = load_params(
+            REPO / "params.yaml",
+            [
+                "diffusion.unet.channels=[16,32]",
+                "diffusion.unet.patch_size=1",
+                "diffusion.train.device=cpu",
+                f"diffusion.train.loss_weighting={weighting}",
+            ],
+        )
+        trainer = DiffusionTrainer(params, latents, None, tmp_path / "ckpt", "test")
+        model = trainer.model.eval()
+        rows = model.encoder.encode_values(covariate_rows(latents.manifest, params.covariates))
+        with torch.no_grad():
+            losses[weighting] = trainer.loss(model, latents.latents, rows, noise, t)
+            if weighting == "none":
+                single = torch.stack(
+                    [trainer.loss(model, latents.latents[[i]], rows.select([i]), noise[[i]], t[[i]]) for i in range(4)]
+                )
+                weights = loss_weights(trainer.scheduler, t, "min_snr", params.diffusion.train.min_snr_gamma)
+    assert torch.allclose(losses["none"], single.mean(), rtol=1e-5)
+    assert torch.allclose(losses["min_snr"], (weights * single).mean(), rtol=1e-5)
+    assert not torch.allclose(losses["min_snr"], losses["none"], rtol=1e-2)
+
+
+def test_input_scale_lowers_the_signal_of_standardized_latents_and_sampling_undoes_it(tmp_path):
     from synthmri.data.latents import LatentSet
 
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(6, 2, 4, 4, 4, generator=g) * torch.tensor([3.0, 0.5]).view(1, 2, 1, 1, 1) + 1.0
-    save_file({"latents": latents}, str(tmp_path / "latents.safetensors"))
-    pd.DataFrame({"subject_id": [f"s{i}" for i in range(6)], "split": ["train"] * 6}).to_csv(
-        tmp_path / "manifest.csv", index=False
-    )
-    mean, std = latents.mean(dim=(0, 2, 3, 4)), latents.std(dim=(0, 2, 3, 4))
-    (tmp_path / "scale.json").write_text(
-        json.dumps({"mean": mean.tolist(), "std": std.tolist(), "shape": list(latents.shape[1:])})
-    )
+    _write_latent_dir(tmp_path, latents)
     plain, scaled = LatentSet(tmp_path, "train"), LatentSet(tmp_path, "train", input_scale=0.5)
     assert torch.allclose(plain.latents.std(dim=(0, 2, 3, 4)), torch.ones(2), atol=1e-5)
     assert torch.allclose(scaled.latents, plain.latents * 0.5)

@@ -5,10 +5,12 @@ from synthmri.diffusion.ema import make_ema
 from synthmri.diffusion.sampling import sample_latents, sample_seed
 from synthmri.diffusion.schedulers import (
     add_noise,
+    loss_weights,
     make_sampler,
     make_training_scheduler,
     predicted_x0,
     sample_timesteps,
+    signal_to_noise,
     training_target,
 )
 
@@ -21,9 +23,11 @@ __all__ = [
     "sample_latents",
     "sample_seed",
     "add_noise",
+    "loss_weights",
     "make_sampler",
     "make_training_scheduler",
     "predicted_x0",
     "sample_timesteps",
+    "signal_to_noise",
     "training_target",
 ]

@@ -76,6 +76,34 @@ def training_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Ten
     raise ValueError(f"unsupported prediction_type '{kind}'")
 
 
+def signal_to_noise(scheduler: DDPMScheduler, t: torch.Tensor) -> torch.Tensor:
+    """``SNR(t) = ᾱ_t / (1 - ᾱ_t)`` of the forward process, float32 ``(len(t),)``."""
+    abar = scheduler.alphas_cumprod.to(t.device)[t].float()
+    return abar / (1 - abar)
+
+
+def loss_weights(scheduler: DDPMScheduler, t: torch.Tensor, weighting: str, gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample weights of the MSE on the training target at timesteps ``t``.
+
+    ``none``: ones. ``min_snr`` (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting"):
+    the loss on x0 weighted by ``min(SNR, gamma)``, which in terms of the target the network predicts is
+    ``min(SNR, gamma) / SNR`` for epsilon (``|eps error|² = SNR·|x0 error|²``) and
+    ``min(SNR, gamma) / (SNR + 1)`` for v (``|v error|² = (SNR + 1)·|x0 error|²``).
+    """
+    if weighting == "none":
+        return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+    if weighting != "min_snr":
+        raise ValueError(f"unknown loss weighting '{weighting}'; choose none or min_snr")
+    snr = signal_to_noise(scheduler, t)
+    capped = snr.clamp(max=gamma)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return capped / snr
+    if kind == "v_prediction":
+        return capped / (snr + 1)
+    raise ValueError(f"unsupported prediction_type '{kind}'")
+
+
 def predicted_x0(
     scheduler: DDPMScheduler, x_t: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor
 ) -> torch.Tensor:

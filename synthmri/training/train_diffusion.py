@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from synthmri.config import Params
 from synthmri.data.covariates import covariate_rows
@@ -21,6 +20,7 @@ from synthmri.diffusion.ema import make_ema
 from synthmri.diffusion.sampling import sample_seed
 from synthmri.diffusion.schedulers import (
     add_noise,
+    loss_weights,
     make_training_scheduler,
     sample_timesteps,
     training_target,
@@ -89,13 +89,16 @@ class DiffusionTrainer(ResumableTrainer):
     def loss(
         self, model: torch.nn.Module, x0: torch.Tensor, covariates: CovariateBatch, noise: torch.Tensor, t: torch.Tensor
     ) -> torch.Tensor:
-        """L2 between the network's prediction and the target (noise or v) at timesteps ``t``."""
+        """L2 between the network's prediction and the target (noise or v) at timesteps ``t``, each sample
+        weighted by ``diffusion.train.loss_weighting`` (:func:`~synthmri.diffusion.schedulers.loss_weights`)."""
         cfg = self.cfg.train
         x0, noise = (to_device(v, self.device, cfg.pin_memory, cfg.channels_last) for v in (x0, noise))
         t, covariates = t.to(self.device), covariates.to(self.device)
         with autocast(self.device, cfg.precision):
             prediction = model(add_noise(self.scheduler, x0, noise, t), t, covariates)
-        return F.mse_loss(prediction.float(), training_target(self.scheduler, x0, noise, t))
+        per_sample = (prediction.float() - training_target(self.scheduler, x0, noise, t)).square()
+        per_sample = per_sample.flatten(1).mean(dim=1)
+        return (per_sample * loss_weights(self.scheduler, t, cfg.loss_weighting, cfg.min_snr_gamma)).mean()
 
     def next_step(self) -> dict[str, float]:
         """One optimizer step on the global batch: ``grad_accumulation`` micro-batches per rank."""
