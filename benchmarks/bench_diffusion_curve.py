@@ -14,7 +14,10 @@ too) generates ``--samples`` volumes for the covariates of the ``sample`` stage'
 sampler, decodes them with the VQ-GAN exactly as the ``sample`` stage does, and scores them with the
 ``report`` stage's metrics against the real held-out volumes: FD ratio, precision, coverage, effect ratios,
 predictor errors, diversity, intensities, privacy, and the number of failing gate checks (the two
-reconstruction checks do not apply: the autoencoder is fixed). ``--final-guidance`` scores the last point's
+reconstruction checks do not apply: the autoencoder is fixed). Each row also has the denoiser's error at
+a few timesteps on the validation latents (``x0_mse_t<t>``: mean squared error of the clean latent it implies)
+next to the error of the best *linear* denoiser built from the training latents' per-position mean and
+variance (``wiener_t<t>``): a network that does not beat it has learned no more than the average brain. ``--final-guidance`` scores the last point's
 EMA model again with other guidance scales (same seeds).
 
 Appends one row per point to ``benchmarks/results/diffusion_curve.csv`` and prints it.
@@ -37,10 +40,11 @@ from common import cpu_model
 
 from synthmri.catalog import LATENT_DIR, PROCESSED_DIR, SPACE_FILE, VQGAN_DIR
 from synthmri.config import Params, load_params
+from synthmri.data.covariates import covariate_rows
 from synthmri.data.datasets import ProcessedVolumes
 from synthmri.data.latents import LatentSet
 from synthmri.diffusion.sampling import sample_latents, sample_seed
-from synthmri.diffusion.schedulers import make_sampler
+from synthmri.diffusion.schedulers import add_noise, make_sampler, predicted_x0
 from synthmri.models.loading import load_vqgan
 from synthmri.report.compute import compute_set_metrics
 from synthmri.report.gate import evaluate_gate
@@ -77,7 +81,7 @@ class Scorer:
         self.real_volumes = np.stack([v[0].numpy() for v in real.volumes])
         self.space = json.loads(SPACE_FILE.read_text())
         self.vqgan = load_vqgan(VQGAN_DIR, "cpu")
-        self.latents = LatentSet(LATENT_DIR, split=None, input_scale=params.diffusion.schedule.input_scale)
+        self.latents = LatentSet(LATENT_DIR, split=None, schedule=params.diffusion.schedule)
         self.plan = make_plan(self.params, self.real_manifest[self.real_manifest["split"] == "train"])
         self.seeds = [sample_seed(self.params.sample.seed, i) for i in range(n_samples)]
 
@@ -119,6 +123,30 @@ class Scorer:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
 
 
+DIAGNOSTIC_TIMESTEPS = (50, 200, 400, 700)
+
+
+@torch.inference_mode()
+def denoising_errors(denoiser, trainer: DiffusionTrainer, train: LatentSet, val: LatentSet) -> dict[str, float]:
+    """x0 error of the denoiser at :data:`DIAGNOSTIC_TIMESTEPS` on the validation latents (fixed noise),
+    and of the per-position linear (Wiener) denoiser ``mu + a·var / (a²·var + s²) · (x_t - a·mu)``."""
+    mu, var = train.latents.mean(0, keepdim=True), train.latents.var(0, keepdim=True)
+    x0 = val.latents
+    rows = denoiser.encoder.encode_values(covariate_rows(val.manifest, trainer.params.covariates))
+    generator = torch.Generator().manual_seed(0)
+    out = {}
+    for t in DIAGNOSTIC_TIMESTEPS:
+        noise, steps = torch.randn(x0.shape, generator=generator), torch.full((len(x0),), t)
+        x_t = add_noise(trainer.scheduler, x0, noise, steps)
+        implied = predicted_x0(trainer.scheduler, x_t, denoiser.eval()(x_t, steps, rows), steps)
+        a2 = trainer.scheduler.alphas_cumprod[t]
+        a, s2 = a2.sqrt(), 1 - a2
+        wiener = mu + a * var / (a2 * var + s2) * (x_t - a * mu)
+        out[f"x0_mse_t{t}"] = round(float((implied - x0).square().mean()), 4)
+        out[f"wiener_t{t}"] = round(float((wiener - x0).square().mean()), 4)
+    return out
+
+
 def step_cost(params: Params, train: LatentSet, probe_steps: int = 5) -> float:
     """CPU seconds of one training step of this recipe."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,8 +173,8 @@ def run(
 ) -> list[dict]:
     overrides = [*overrides, f"seed={seed}"]
     base = load_params(params_file, overrides)
-    scale = base.diffusion.schedule.input_scale
-    train, val = LatentSet(LATENT_DIR, "train", scale), LatentSet(LATENT_DIR, "val", scale)
+    schedule = base.diffusion.schedule
+    train, val = LatentSet(LATENT_DIR, "train", schedule), LatentSet(LATENT_DIR, "val", schedule)
     if fixed_steps is None:
         cost = step_cost(base, train)
         steps = max(1, int(budget_s / cost))
@@ -187,6 +215,7 @@ def run(
                     "loss": round(losses["loss"], 5),
                     "val_loss": round(trainer.validation_loss(), 5),
                     "n_samples": n_samples,
+                    **denoising_errors(denoiser, trainer, train, val),
                     **scorer.score(denoiser),
                     "eval_minutes": round((time.perf_counter() - e0) / 60, 2),
                     "overrides": " ".join(overrides),

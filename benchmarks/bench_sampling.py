@@ -32,8 +32,8 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params)
     ldm, vqgan = load_ldm("models/ldm"), load_vqgan("models/vqgan")
-    latents = LatentSet("data/latents", split=None)
     config = read_config("models/ldm")
+    latents = LatentSet("data/latents", split=None, schedule=ldm_schedule(config))
     rows = [{"age": 60.0, "sex": "F", "site": None}] * args.volumes
     for name, steps in CONFIGS:
         start = time.perf_counter()

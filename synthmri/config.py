@@ -242,6 +242,9 @@ class ScheduleParams(_Section):
     prediction: Literal["epsilon", "v_prediction"] = "v_prediction"
     # standardized latents x input_scale are what gets noised (Chen 2023): < 1 = lower SNR at every timestep
     input_scale: float = Field(1.0, gt=0)
+    # how latents are standardized before noising: channel = per-channel mean/std (scale.json); position =
+    # per-position mean/std of the training latents (the model then learns deviations from the average brain)
+    standardize: Literal["channel", "position"] = "channel"
 
 
 class DiffusionTrainParams(TrainParams):

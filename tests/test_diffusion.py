@@ -465,7 +465,7 @@ def test_input_scale_lowers_the_signal_of_standardized_latents_and_sampling_undo
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(6, 2, 4, 4, 4, generator=g) * torch.tensor([3.0, 0.5]).view(1, 2, 1, 1, 1) + 1.0
     _write_latent_dir(tmp_path, latents)
-    plain, scaled = LatentSet(tmp_path, "train"), LatentSet(tmp_path, "train", input_scale=0.5)
+    plain, scaled = LatentSet(tmp_path, "train"), LatentSet(tmp_path, "train", ScheduleParams(input_scale=0.5))
     assert torch.allclose(plain.latents.std(dim=(0, 2, 3, 4)), torch.ones(2), atol=1e-5)
     assert torch.allclose(scaled.latents, plain.latents * 0.5)
     # what the sampler hands back in the diffusion space decodes to the original latents
@@ -473,3 +473,38 @@ def test_input_scale_lowers_the_signal_of_standardized_latents_and_sampling_undo
     assert ScheduleParams().input_scale == 1.0
     with pytest.raises(ValueError):
         ScheduleParams(input_scale=0)
+
+
+def test_position_standardization_removes_the_average_latent_and_is_undone_when_sampling(tmp_path):
+    """Per position: zero mean and unit std over the training latents, a floor where every training subject
+    has the same value (no division by ~0), other splits mapped with the training statistics, and
+    ``unstandardize`` the exact inverse."""
+    import pandas as pd
+
+    from synthmri.data.latents import POSITION_STD_FLOOR, LatentSet
+    from synthmri.errors import StageError
+
+    g = torch.Generator().manual_seed(0)
+    template = torch.randn(1, 2, 4, 4, 4, generator=g) * 1.5  # the "average brain": most of the variance
+    latents = template + 0.5 * torch.randn(8, 2, 4, 4, 4, generator=g)
+    latents[:, :, 0, 0, 0] = 5.0  # a position where every subject has the same code
+    _write_latent_dir(tmp_path, latents)
+    manifest = pd.read_csv(tmp_path / "manifest.csv")
+    manifest.loc[6:, "split"] = "val"
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    schedule = ScheduleParams(standardize="position")
+    train, val, every = (LatentSet(tmp_path, split, schedule) for split in ("train", "val", None))
+    assert torch.allclose(train.latents.mean(0), torch.zeros(2, 4, 4, 4), atol=1e-5)
+    varying = torch.ones(2, 4, 4, 4, dtype=torch.bool)
+    varying[:, 0, 0, 0] = False
+    assert torch.allclose(train.latents.std(0)[varying], torch.ones(int(varying.sum())), atol=1e-4)
+    channel_std = LatentSet(tmp_path, "train").std.view(2)
+    assert torch.allclose(train.std[:, 0, 0, 0], POSITION_STD_FLOOR * channel_std)
+    assert torch.equal(train.latents[:, :, 0, 0, 0], torch.zeros(6, 2))
+    # held-out latents use the training statistics; sampling's inverse recovers every latent
+    assert torch.allclose(val.latents, every.latents[6:]) and torch.allclose(val.mean, train.mean)
+    assert torch.allclose(every.unstandardize(every.latents), latents, atol=1e-5)
+    manifest["split"] = ["train"] + ["val"] * 7
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    with pytest.raises(StageError, match="at least 2 training latents"):
+        LatentSet(tmp_path, "val", schedule)

@@ -2,11 +2,20 @@
 diffusion model trains on.
 
 Every subject is encoded to its quantized code vectors (deterministic, never a noisy sample).
-The diffusion model works on standardized latents ``(z - mean) / std`` with per-channel statistics
-of the training split only, stored in ``scale.json`` so sampling can undo the scaling, times the noise
-schedule's ``input_scale`` (``diffusion.schedule.input_scale``; Chen 2023, "On the importance of noise
-scheduling for diffusion models"): a factor below 1 lowers the signal-to-noise ratio at every timestep,
-which a latent with more (and more correlated) positions needs for the same schedule to stay hard enough.
+The diffusion model works on standardized latents ``(z - mean) / std`` (``diffusion.schedule.standardize``),
+statistics of the training split only:
+
+* ``channel``: per-channel mean and std, stored in ``scale.json`` by the encode stage;
+* ``position``: per-position (channel and voxel) mean and std of the training latents, the "average
+  brain" in latent space. Most of a latent's variance is where each structure is (here ~88 %), not how
+  subjects differ: with this standardization the forward process noises the deviations from the average
+  brain, a denoiser that outputs zero already is the best linear (Wiener) denoiser of that prior, and the
+  network only has to learn what is not linear. Computed from ``latents.safetensors``' training rows at load
+  time (deterministic), so training and sampling always agree.
+
+times the noise schedule's ``input_scale`` (``diffusion.schedule.input_scale``; Chen 2023, "On the
+importance of noise scheduling for diffusion models"): a factor below 1 lowers the signal-to-noise ratio at
+every timestep.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from synthmri.catalog import LATENT_DIR
+from synthmri.config import ScheduleParams
 from synthmri.data.datasets import ProcessedVolumes
 from synthmri.errors import StageError
 from synthmri.logs import get_logger, progress
@@ -42,14 +52,24 @@ def channel_statistics(latents: torch.Tensor) -> dict[str, list[float]]:
     return {"mean": latents.mean(dim=dims).tolist(), "std": latents.std(dim=dims).clamp_min(1e-6).tolist()}
 
 
+# per-position std floor, as a fraction of the channel's std: where every training subject has the same code
+# the std is 0, and a sampled deviation there must not be blown up (nor a held-out one divided by zero)
+POSITION_STD_FLOOR = 0.1
+
+
 class LatentSet:
-    """Standardized latents and covariates of one split, as the diffusion model sees them."""
+    """Standardized latents and covariates of one split, as the diffusion model sees them.
+
+    ``schedule`` (``diffusion.schedule``) decides the standardization and ``input_scale``; the default is
+    per-channel standardization at scale 1.
+    """
 
     def __init__(
-        self, latent_dir: str | Path = LATENT_DIR, split: str | None = "train", input_scale: float = 1.0
+        self, latent_dir: str | Path = LATENT_DIR, split: str | None = "train", schedule: ScheduleParams | None = None
     ) -> None:
         latent_dir = Path(latent_dir)
-        self.input_scale = input_scale
+        schedule = schedule or ScheduleParams()
+        self.input_scale, self.standardization = schedule.input_scale, schedule.standardize
         if not (latent_dir / "latents.safetensors").is_file():
             raise StageError(f"{latent_dir}/latents.safetensors not found: run `synthmri encode` first")
         manifest = pd.read_csv(latent_dir / "manifest.csv", dtype={"session": str}, keep_default_na=False)
@@ -57,6 +77,15 @@ class LatentSet:
         self.mean = torch.tensor(scale["mean"]).view(-1, *[1] * (len(scale["shape"]) - 1))
         self.std = torch.tensor(scale["std"]).view_as(self.mean)
         latents = load_file(str(latent_dir / "latents.safetensors"))["latents"]
+        if self.standardization == "position":
+            training = latents[torch.tensor((manifest["split"] == "train").to_numpy())]
+            if len(training) < 2:
+                raise StageError(
+                    f"diffusion.schedule.standardize=position needs at least 2 training latents in {latent_dir}, "
+                    f"found {len(training)}"
+                )
+            self.mean = training.mean(dim=0)
+            self.std = torch.maximum(training.std(dim=0), POSITION_STD_FLOOR * self.std)
         keep = manifest["split"] == split if split else pd.Series(True, index=manifest.index)
         self.manifest = manifest[keep].reset_index(drop=True)
         self.latents = self.standardize(latents[torch.tensor(keep.to_numpy())])

@@ -71,7 +71,7 @@ def _models(ldm_dir: str, vqgan_dir: str, latent_dir: str):
         load_ldm(ldm_dir, device),
         config,
         load_vqgan(vqgan_dir, device),
-        LatentSet(latent_dir, split=None, input_scale=ldm_schedule(config).input_scale),
+        LatentSet(latent_dir, split=None, schedule=ldm_schedule(config)),
         device,
     )
 

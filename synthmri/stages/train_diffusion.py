@@ -89,8 +89,8 @@ def run_train_diffusion(
 ) -> dict:
     """Train (or resume) the latent diffusion model; write EMA weights, curves and metrics."""
 
-    scale = params.diffusion.schedule.input_scale
-    train, val = LatentSet(latent_dir, "train", scale), LatentSet(latent_dir, "val", scale)
+    schedule = params.diffusion.schedule
+    train, val = LatentSet(latent_dir, "train", schedule), LatentSet(latent_dir, "val", schedule)
     if len(train) == 0:
         raise StageError("no training latents: run `synthmri encode` first")
     ctx = distributed.initialize(params.diffusion.train.device)
