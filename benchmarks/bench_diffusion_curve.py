@@ -18,7 +18,8 @@ reconstruction checks do not apply: the autoencoder is fixed). Each row also has
 a few timesteps on the validation latents (``x0_mse_t<t>``: mean squared error of the clean latent it implies)
 next to the error of the best *linear* denoiser built from the training latents' per-position mean and
 variance (``wiener_t<t>``): a network that does not beat it has learned no more than the average brain. ``--final-guidance`` scores the last point's
-EMA model again with other guidance scales (same seeds).
+EMA model again with other guidance scales (same seeds), and the first four volumes of the last point are
+drawn to ``diffusion_samples_<label>.png`` next to the table (look at them: numbers can hide blobs).
 
 Appends one row per point to ``benchmarks/results/diffusion_curve.csv`` and prints it.
 """
@@ -51,6 +52,7 @@ from synthmri.report.gate import evaluate_gate
 from synthmri.report.inputs import ReportData
 from synthmri.synthesis.plan import make_plan
 from synthmri.training.train_diffusion import DiffusionTrainer
+from synthmri.viz import three_plane_grid
 
 OUT = Path(__file__).parent / "results" / "diffusion_curve.csv"
 KEPT = {  # metrics.json key (stats extractor) -> column
@@ -104,6 +106,7 @@ class Scorer:
 
     def score(self, denoiser) -> dict:
         volumes = self.generate(denoiser)
+        self.last_volumes = volumes
         synthetic = pd.DataFrame(self.plan)
         synthetic["file"] = [f"sample-{i:06d}.nii.gz" for i in range(len(synthetic))]
         data = ReportData(
@@ -170,6 +173,7 @@ def run(
     fixed_steps: int | None,
     raw: bool,
     final_guidance: list[float],
+    figure_dir: Path = OUT.parent,
 ) -> list[dict]:
     overrides = [*overrides, f"seed={seed}"]
     base = load_params(params_file, overrides)
@@ -227,6 +231,19 @@ def run(
                 rows.append(row)
                 print(json.dumps({k: row[k] for k in row if k not in ("overrides", "machine", "torch")}), flush=True)
             trainer.model.train()
+    scorer.guidance_scale = params.diffusion.sampler.guidance_scale
+    scorer.score(trainer.ema.module)
+    shown = range(min(4, n_samples))
+    three_plane_grid(
+        [scorer.last_volumes[i] for i in shown],
+        [
+            f"#{i} " + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in scorer.plan[i].values())
+            for i in shown
+        ],
+        figure_dir / f"diffusion_samples_{label}.png",
+        scorer.space["spacing_mm"],
+        suptitle=f"{label}: EMA samples after {cpu_s / 60:.1f} CPU-min",
+    )
     return rows
 
 
@@ -259,6 +276,7 @@ def main() -> None:
             args.steps,
             args.raw,
             args.final_guidance,
+            args.out.parent,
         )
         append_rows(args.out, rows)
 
