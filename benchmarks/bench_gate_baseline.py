@@ -123,19 +123,21 @@ def main() -> None:
     print(f"cohort: {len(manifest)} subjects from {args.processed}", flush=True)
     extractor = CachedExtractor(make_extractor(params.report, (-1.0, 1.0)), volumes)
     rng = np.random.default_rng(args.seed)
-    rows = []
-    for spec in args.sizes:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    frames = []
+    for spec in args.sizes:  # the table is rewritten after every size: a long run keeps what it finished
         sizes = tuple(int(s) for s in spec.split(":"))
         if sum(sizes) > len(manifest):
             raise SystemExit(f"sizes {spec} need {sum(sizes)} subjects; the cohort has {len(manifest)}")
-        for draw in progress(range(args.draws), desc=f"Real-vs-real draws at {spec}", unit="draw"):
-            row = one_draw(params, manifest, volumes, space, extractor, sizes, rng)
-            rows.append({"sizes": spec, "draw": draw, **row})
-    frame = pd.DataFrame(rows)
-    frame["machine"], frame["date"] = cpu_model(), time.strftime("%Y-%m-%d %H:%M")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(args.out, index=False)
-    print(summarize(frame).to_string(index=False))
+        rows = [
+            {"sizes": spec, "draw": draw, **one_draw(params, manifest, volumes, space, extractor, sizes, rng)}
+            for draw in progress(range(args.draws), desc=f"Real-vs-real draws at {spec}", unit="draw")
+        ]
+        frame = pd.DataFrame(rows)
+        frame["machine"], frame["date"] = cpu_model(), time.strftime("%Y-%m-%d %H:%M")
+        frames.append(frame)
+        pd.concat(frames, ignore_index=True).to_csv(args.out, index=False)
+        print(summarize(frame).to_string(index=False), flush=True)
 
 
 if __name__ == "__main__":
