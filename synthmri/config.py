@@ -244,7 +244,7 @@ class ScheduleParams(_Section):
     input_scale: float = Field(1.0, gt=0)
     # how latents are standardized before noising: channel = per-channel mean/std (scale.json); position =
     # per-position mean/std of the training latents (the model then learns deviations from the average brain)
-    standardize: Literal["channel", "position"] = "channel"
+    standardize: Literal["channel", "position"] = "position"
 
 
 class DiffusionTrainParams(TrainParams):

@@ -465,7 +465,9 @@ def test_input_scale_lowers_the_signal_of_standardized_latents_and_sampling_undo
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(6, 2, 4, 4, 4, generator=g) * torch.tensor([3.0, 0.5]).view(1, 2, 1, 1, 1) + 1.0
     _write_latent_dir(tmp_path, latents)
-    plain, scaled = LatentSet(tmp_path, "train"), LatentSet(tmp_path, "train", ScheduleParams(input_scale=0.5))
+    channel = ScheduleParams(standardize="channel")
+    plain = LatentSet(tmp_path, "train", channel)
+    scaled = LatentSet(tmp_path, "train", channel.model_copy(update={"input_scale": 0.5}))
     assert torch.allclose(plain.latents.std(dim=(0, 2, 3, 4)), torch.ones(2), atol=1e-5)
     assert torch.allclose(scaled.latents, plain.latents * 0.5)
     # what the sampler hands back in the diffusion space decodes to the original latents
@@ -498,7 +500,7 @@ def test_position_standardization_removes_the_average_latent_and_is_undone_when_
     varying = torch.ones(2, 4, 4, 4, dtype=torch.bool)
     varying[:, 0, 0, 0] = False
     assert torch.allclose(train.latents.std(0)[varying], torch.ones(int(varying.sum())), atol=1e-4)
-    channel_std = LatentSet(tmp_path, "train").std.view(2)
+    channel_std = LatentSet(tmp_path, "train", ScheduleParams(standardize="channel")).std.view(2)
     assert torch.allclose(train.std[:, 0, 0, 0], POSITION_STD_FLOOR * channel_std)
     assert torch.equal(train.latents[:, :, 0, 0, 0], torch.zeros(6, 2))
     # held-out latents use the training statistics; sampling's inverse recovers every latent
