@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 from bench_vqgan_curve import append_rows
-from common import cpu_model
+from common import add_run_args, run_stamp
 
 from synthmri.catalog import LATENT_DIR, PROCESSED_DIR, SPACE_FILE, VQGAN_DIR
 from synthmri.config import Params, load_params
@@ -223,10 +223,7 @@ def run(
                     **scorer.score(denoiser),
                     "eval_minutes": round((time.perf_counter() - e0) / 60, 2),
                     "overrides": " ".join(overrides),
-                    "threads": torch.get_num_threads(),
-                    "machine": cpu_model(),
-                    "torch": torch.__version__,
-                    "date": time.strftime("%Y-%m-%d %H:%M"),
+                    **run_stamp(),
                 }
                 rows.append(row)
                 print(json.dumps({k: row[k] for k in row if k not in ("overrides", "machine", "torch")}), flush=True)
@@ -250,7 +247,6 @@ def run(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--label", required=True)
-    parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--cpu-minutes", type=float, default=10.0)
     parser.add_argument("--steps", type=int, default=None, help="fixed schedule length instead of a CPU budget")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -258,9 +254,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32, help="volumes generated per point")
     parser.add_argument("--raw", action="store_true", help="also score the raw (non-EMA) weights at the end")
     parser.add_argument("--final-guidance", type=float, nargs="*", default=[], help="extra guidance scales, last point")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("-S", dest="overrides", action="append", default=[])
+    add_run_args(parser, OUT)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)

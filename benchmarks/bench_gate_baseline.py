@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from common import cpu_model
+from common import add_run_args, run_stamp
 
 from synthmri.config import load_params
 from synthmri.data.datasets import ProcessedVolumes
@@ -105,13 +104,10 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processed", type=Path, required=True, help="processed folder of a large cohort")
-    parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--sizes", nargs="+", default=["51:13:16"], help="n_train:n_reference:n_synthetic")
     parser.add_argument("--draws", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("-S", dest="overrides", action="append", default=[])
+    add_run_args(parser, OUT)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
@@ -134,7 +130,7 @@ def main() -> None:
             for draw in progress(range(args.draws), desc=f"Real-vs-real draws at {spec}", unit="draw")
         ]
         frame = pd.DataFrame(rows)
-        frame["machine"], frame["date"] = cpu_model(), time.strftime("%Y-%m-%d %H:%M")
+        frame = frame.assign(**run_stamp())
         frames.append(frame)
         pd.concat(frames, ignore_index=True).to_csv(args.out, index=False)
         print(summarize(frame).to_string(index=False), flush=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from common import cpu_model
+from common import add_run_args, run_stamp
 
 from synthmri.catalog import PROCESSED_DIR
 from synthmri.config import load_params
@@ -146,10 +146,7 @@ def run(
                 trainer.model.train()
             row.update(
                 overrides=" ".join(overrides),
-                threads=torch.get_num_threads(),
-                machine=cpu_model(),
-                torch=torch.__version__,
-                date=time.strftime("%Y-%m-%d %H:%M"),
+                **run_stamp(),
             )
             rows.append(row)
             print(
@@ -170,14 +167,11 @@ def append_rows(path: Path, rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--label", required=True)
-    parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--cpu-minutes", type=float, default=8.0)
     parser.add_argument("--steps", type=int, default=None, help="fixed schedule length instead of a CPU budget")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--points", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("-S", dest="overrides", action="append", default=[])
+    add_run_args(parser, OUT)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)

@@ -83,6 +83,24 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def run_stamp() -> dict:
+    """Where and when a benchmark row was measured: intra-op threads, CPU model, torch version, date."""
+    return {
+        "threads": torch.get_num_threads(),
+        "machine": cpu_model(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def add_run_args(parser, out: Path) -> None:
+    """The options every curve/baseline benchmark shares: params file and overrides, threads, output table."""
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("-S", dest="overrides", action="append", default=[])
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "cpu": cpu_model(),
