@@ -225,10 +225,29 @@ def test_new_real_subjects_flagged_only_at_chance_rate():
     fresh = privacy.memorization_report(
         np.stack([brain(seed) for seed in range(30, 40)]), train, calibration=calibration
     )
-    # a new subject beats the max of n real-vs-real scores with probability ~1/(n+1): few, none near a copy
+    # a new subject beats the max of n real-vs-real scores with probability 1/(n+1): few, none near a copy
     assert fresh["chance_fraction"] == pytest.approx(1 / 7)
-    assert fresh["fraction"] <= 0.2
+    assert fresh["fraction"] <= fresh["chance_fraction_bound"]
     assert fresh["max_score"] < copy - 0.1
+
+
+@pytest.mark.parametrize("n_synthetic, n_holdout", [(16, 13), (64, 13), (64, 40)])
+def test_chance_copy_fraction_is_the_beta_binomial_of_new_subjects(n_synthetic, n_holdout):
+    """Threshold = max of n held-out scores: the count of new subjects above it is beta-binomial(N, 1, n)."""
+    from scipy.stats import betabinom
+
+    mean, bound = privacy.chance_copy_fraction(n_synthetic, n_holdout, quantile=1.0)
+    assert mean == pytest.approx(1 / (n_holdout + 1))
+    count = betabinom(n_synthetic, 1, n_holdout)
+    assert bound * n_synthetic == count.ppf(0.95)
+    # an interpolated quantile sits below the max, so more new subjects pass it than 1/(n+1); simulated directly
+    rng = np.random.default_rng(1)
+    held, new = rng.normal(size=(20000, n_holdout)), rng.normal(size=(20000, n_synthetic))
+    fractions = (new > np.quantile(held, 0.9, axis=1)[:, None]).mean(1)
+    mean, bound = privacy.chance_copy_fraction(n_synthetic, n_holdout, quantile=0.9)
+    assert mean == pytest.approx(fractions.mean(), abs=0.003)
+    assert bound == pytest.approx(np.quantile(fractions, 0.95, method="higher"), abs=1.01 / n_synthetic)
+    assert (fractions <= bound).mean() >= 0.95
 
 
 def test_ncc_is_pearson_inside_union_mask_and_shortlist():

@@ -237,7 +237,7 @@ def test_gate_rules_skip_fail_and_pass():
         "fidelity.stats.precision": 0.9,
         "fidelity.stats.coverage": 0.2,
         "conditioning.age.predictor.stats.error_ratio": 1.5,
-        "privacy.excess_fraction": 0.0,
+        "privacy.excess_over_chance_bound": 0.0,
         "privacy.n_near_duplicates": 0,
     }
     checks = {c.name: c for c in evaluate_gate(metrics, ReportThresholds())}

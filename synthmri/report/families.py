@@ -169,8 +169,9 @@ def privacy_metrics(
 ) -> tuple[dict, dict]:
     """Nearest training volume of every synthetic volume by NCC and by SSIM
     (:func:`synthmri.metrics.privacy.memorization_report`), each with its own threshold calibrated on
-    held-out real vs training. Adds ``excess_fraction`` = fraction of likely copies − chance fraction,
-    and near duplicates: scores above ``(threshold + 1) / 2``, i.e. closer to identical than to the most
+    held-out real vs training. Adds ``excess_fraction`` = fraction of likely copies − its mean for new real
+    subjects, ``excess_over_chance_bound`` = fraction − the 95 % bound of new real subjects (what the gate
+    reads: :func:`synthmri.metrics.privacy.chance_copy_fraction` has the derivation), and near duplicates: scores above ``(threshold + 1) / 2``, i.e. closer to identical than to the most
     similar pair of different real subjects. The gate reads the ``report.privacy_metric`` numbers,
     repeated without the metric name (``privacy.excess_fraction``...)."""
     from synthmri.metrics.privacy import memorization_report
@@ -198,7 +199,9 @@ def privacy_metrics(
             "n_likely_copies": report["n_likely_copies"],
             "fraction": report["fraction"],
             "chance_fraction": report["chance_fraction"],
+            "chance_fraction_bound": report["chance_fraction_bound"],
             "excess_fraction": report["fraction"] - report["chance_fraction"],
+            "excess_over_chance_bound": report["fraction"] - report["chance_fraction_bound"],
             "near_duplicate_threshold": near,
             "n_near_duplicates": len(report["near_duplicates"]),
             "max_score": report["max_score"],
@@ -214,7 +217,9 @@ def privacy_metrics(
                         "n_likely_copies",
                         "fraction",
                         "chance_fraction",
+                        "chance_fraction_bound",
                         "excess_fraction",
+                        "excess_over_chance_bound",
                         "n_near_duplicates",
                         "threshold",
                     )

@@ -512,7 +512,10 @@ def build_html(
             f'<p class="note">Likely copy: similarity above {privacy["threshold"]:.4f}, the '
             f"{privacy['quantile']:g} quantile of held-out real vs training similarity; near duplicate: "
             f"above {privacy['near_duplicate_threshold']:.4f}. Fraction of likely copies "
-            f"{privacy['fraction']:.3f} (chance {privacy['chance_fraction']:.3f}).</p>"
+            f"{privacy['fraction']:.3f}; new real subjects would give {privacy['chance_fraction']:.3f} on average "
+            f"and at most {privacy['chance_fraction_bound']:.3f} in 95 draws of 100 (the gate's bound: the "
+            f"threshold is a quantile of only {len(privacy['holdout_scores'])} held-out volumes, so the chance "
+            "fraction itself varies from draw to draw).</p>"
         )
 
     parts.append("<h2>Figures</h2>")
