@@ -155,6 +155,10 @@ def test_metrics_json_is_flat_and_has_every_family(report):
             np.isfinite(on_disk[f"ceiling.stats.{who}.frechet_ratio"])
             and 0 <= on_disk[f"ceiling.stats.{who}.coverage"] <= 1
         )
+    # ... and the gate's set checks on the decoded training volumes (what a perfect diffusion model would score)
+    assert np.isfinite(on_disk["ceiling.check.frechet_ratio"]) and "ceiling.check.precision" in on_disk
+    assert not any(k.startswith(("ceiling.check.recon_", "ceiling.check.privacy_")) for k in on_disk)
+    assert on_disk["ceiling.gate_n_failed"] == len([n for n in on_disk["ceiling.gate_failed_checks"].split(",") if n])
     assert 0 < on_disk["diversity.ms_ssim_real"] <= 1 and on_disk["diversity.ratio"] > 0
     assert on_disk["intensity.wasserstein"] > 0
     assert on_disk["compare.vqvae.val_psnr"] == 21.0  # the optional VQ-VAE metrics are picked up
@@ -197,6 +201,7 @@ def test_html_is_self_contained_with_images_and_verdicts(report, setup):
     pngs = sorted((work / "reports" / "figures").glob("*.png"))
     assert len(parser.refs) == len(pngs) >= 6
     assert "Which model limits fidelity" in text and "decoded training volumes" in text
+    assert "<th>ceiling</th>" in text  # the gate table's column of decoded training volumes
     assert {
         "real_vs_synthetic.png",
         "nearest_neighbours.png",
@@ -286,3 +291,21 @@ def test_cli_runs_the_stage_logs_to_mlflow_and_exits_zero_on_a_failing_gate(setu
     assert {i.key: i.value for i in inputs[0].tags}.get("mlflow.data.context") == "evaluation"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"metrics.json", "report.html", "figures"} <= artifacts
+
+
+def test_ceiling_checks_separate_what_the_autoencoder_limits(setup):
+    """A perfect autoencoder's ceiling is the real training set itself: its FD ratio is exactly 1 (it *is* the
+    baseline) and the copy checks do not apply; an autoencoder that decodes noise fails the fidelity checks."""
+    from synthmri.report.compute import ceiling_checks, make_extractor
+
+    work, _, _, _ = setup
+    params = make_params()
+    data = load_report_data(params, work / "data" / "processed", work / "data" / "synthetic")
+    extractor = make_extractor(params.report, data.value_range)
+    perfect = {c.name: c for c in ceiling_checks(params, data, data.train.copy(), extractor)}
+    assert perfect["frechet_ratio"].value == pytest.approx(1.0) and perfect["frechet_ratio"].status == "pass"
+    assert perfect["intensity_wasserstein"].status == "pass" and perfect["predictor_sex"].value <= 0
+    assert not any(name.startswith(("recon_", "privacy_")) for name in perfect)
+    noise = np.random.default_rng(0).uniform(-1, 1, data.train.shape).astype(np.float32)
+    failed = {c.name for c in ceiling_checks(params, data, noise, extractor) if c.status == "fail"}
+    assert {"frechet_ratio", "precision", "coverage", "intensity_wasserstein"} <= failed

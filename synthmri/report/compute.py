@@ -17,7 +17,7 @@ Key names: ``<family>.<...>``; feature-space numbers carry the extractor's name 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from synthmri.report.families import (
     put_flat,
     reconstruction_metrics,
 )
+from synthmri.report.gate import Check, evaluate_gate
 from synthmri.report.inputs import ReportData
 
 log = get_logger(__name__)
@@ -67,8 +68,9 @@ def make_extractor(rp: ReportParams, value_range: tuple[float, float], device: s
         raise StageError(f"report.extractor={rp.extractor}: {exc} (set report.extractor_weights)") from None
 
 
-def compute_set_metrics(params: Params, data: ReportData, extractor=None) -> ReportResult:
-    """Every metric that needs no model: fidelity, diversity, conditioning, privacy, intensities."""
+def compute_set_metrics(params: Params, data: ReportData, extractor=None, privacy: bool = True) -> ReportResult:
+    """Every metric that needs no model: fidelity, diversity, conditioning, privacy (unless ``privacy`` is
+    False), intensities."""
     import torch
 
     from synthmri.training.runtime import pick_device
@@ -107,13 +109,15 @@ def compute_set_metrics(params: Params, data: ReportData, extractor=None) -> Rep
     log.info("Conditioning fidelity")
     flat, details["conditioning"] = conditioning_metrics(data, list(params.covariates), f_train, f_ref, f_syn, key)
     put_flat(metrics, "conditioning", flat)
-    log.info("Memorization: nearest training volume of every synthetic volume (NCC, SSIM)")
-    flat, details["privacy"] = privacy_metrics(data.synthetic_volumes, data.train, data.reference, rp, data.value_range)
-    put_flat(metrics, "privacy", flat)
     flat, details["intensity"] = intensity_metrics(
         data.reference, data.synthetic_volumes, rp.histogram_bins, data.value_range
     )
     put_flat(metrics, "intensity", flat)
+    if not privacy:
+        return ReportResult(metrics, details)
+    log.info("Memorization: nearest training volume of every synthetic volume (NCC, SSIM)")
+    flat, details["privacy"] = privacy_metrics(data.synthetic_volumes, data.train, data.reference, rp, data.value_range)
+    put_flat(metrics, "privacy", flat)
     _name_closest_pairs(data, details["privacy"])
     closest = details["privacy"][rp.privacy_metric]["closest_pairs"][0]
     metrics.update(
@@ -137,9 +141,33 @@ def _name_closest_pairs(data: ReportData, privacy: dict) -> None:
             pair["near_duplicate"] = bool(pair["score"] > report["near_duplicate_threshold"])
 
 
+CEILING_NOT_APPLICABLE = ("recon_", "privacy_")  # the autoencoder's own checks; decoded training volumes are copies
+
+
+def ceiling_checks(params: Params, data: ReportData, decoded_train, extractor) -> list[Check]:
+    """The gate's set checks on the decoded *training* volumes, each with its own covariates, as if they were
+    the synthetic set: what a perfect diffusion model (one that generates real subjects' latents) would score
+    through this autoencoder. A check that fails here cannot pass by training the diffusion model longer.
+
+    The covariate predictors were fitted on these subjects' real volumes, so their errors here are optimistic
+    (a perfect autoencoder would score below the held-out error); the reconstruction and privacy checks do
+    not apply (they judge the autoencoder itself, and a decoded training volume is a copy by construction).
+    """
+    train = data.real.iloc[data.train_index].reset_index(drop=True)
+    train["file"] = [f"decoded-{i:06d}" for i in range(len(train))]
+    decoded = replace(data, synthetic=train, synthetic_volumes=decoded_train)
+    metrics = compute_set_metrics(params, decoded, extractor, privacy=False).metrics
+    return [
+        c
+        for c in evaluate_gate(metrics, params.report.thresholds)
+        if not c.name.startswith(CEILING_NOT_APPLICABLE) and c.status != "skipped"
+    ]
+
+
 def compute_report(params: Params, data: ReportData, vqgan_dir: Path | None) -> ReportResult:
     """All metrics of the report: the set metrics, and when ``vqgan_dir`` holds a model the VQ-GAN's
-    reconstruction scores and the autoencoder's ceiling (fidelity of decoded real volumes)."""
+    reconstruction scores and the autoencoder's ceiling (fidelity of decoded real volumes, and the gate's
+    checks on decoded training volumes: :func:`ceiling_checks`)."""
     import torch
 
     from synthmri.training.runtime import pick_device
@@ -177,6 +205,18 @@ def compute_report(params: Params, data: ReportData, vqgan_dir: Path | None) -> 
             features["reference"], f_dec_ref, f_dec_train, features["train"], rp.prdc_k, rp.seed
         )
         put_flat(result.metrics, f"ceiling.{feature_key(extractor.name)}", ceiling)
+        log.info("Autoencoder ceiling: the gate's checks on the decoded training volumes")
+        checks = ceiling_checks(params, data, decoded_train, extractor)
+        failed = [c.name for c in checks if c.status == "fail"]
+        put_flat(result.metrics, "ceiling.check", {c.name: c.value for c in checks})
+        result.metrics.update({"ceiling.gate_failed_checks": ",".join(failed), "ceiling.gate_n_failed": len(failed)})
+        result.details["ceiling_checks"] = {c.name: c for c in checks}
+        if failed:
+            log.warning(
+                "Autoencoder ceiling: even decoded real training volumes fail %s: the diffusion model alone "
+                "cannot pass these checks",
+                ", ".join(failed),
+            )
         result.details["recon_example"] = example
         result.details["recon_id"] = str(data.real["item_id"].iloc[recon_index[0]]) if "item_id" in data.real else ""
     else:

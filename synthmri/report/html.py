@@ -361,6 +361,13 @@ def _png_data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
+BADGES = {
+    "pass": '<td class="pass">PASS</td>',
+    "fail": '<td class="fail">FAIL</td>',
+    "skipped": '<td class="skipped">skipped</td>',
+}
+
+
 def _table(header: list[str], rows: list[list[str]], raw_columns: set[int] = frozenset()) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = []
@@ -447,24 +454,34 @@ def build_html(
     parts.append(f'<div class="banner {"pass" if passed else "fail"}">{banner}</div>')
 
     parts.append("<h2>Quality gate</h2>")
+    ceiling = result.details.get("ceiling_checks")
     rows = []
     for check in checks:
-        badge = {
-            "pass": '<td class="pass">PASS</td>',
-            "fail": '<td class="fail">FAIL</td>',
-            "skipped": '<td class="skipped">skipped</td>',
-        }[check.status]
-        rows.append(
-            [
-                check.name,
-                f"<td><code>{html.escape(check.key)}</code></td>",
-                _fmt(check.value),
-                check.rule,
-                badge,
-                check.note,
-            ]
+        row = [
+            check.name,
+            f"<td><code>{html.escape(check.key)}</code></td>",
+            _fmt(check.value),
+            check.rule,
+            BADGES[check.status],
+            check.note,
+        ]
+        if ceiling is not None:
+            decoded = ceiling.get(check.name)
+            row[5:5] = [_fmt(decoded.value), BADGES[decoded.status]] if decoded else ["", "<td></td>"]
+        rows.append(row)
+    header = ["check", "metric", "value", "threshold", "result", "note"]
+    if ceiling is None:
+        parts.append(_table(header, rows, raw_columns={1, 4}))
+    else:
+        header[5:5] = ["decoded training volumes", "ceiling"]
+        parts.append(_table(header, rows, raw_columns={1, 4, 6}))
+        parts.append(
+            '<p class="note">Decoded training volumes: the same checks on the VQ-GAN\'s reconstructions of the '
+            "real training volumes, each with its own covariates, as if they were the synthetic set: what a "
+            "perfect diffusion model would score through this autoencoder. A check that fails there cannot be "
+            "passed by the diffusion model; the autoencoder limits it (predictor errors there are optimistic: "
+            "the predictors were fitted on those subjects).</p>"
         )
-    parts.append(_table(["check", "metric", "value", "threshold", "result", "note"], rows, raw_columns={1, 4}))
     parts.append(
         '<p class="note">Thresholds come from <code>report.thresholds</code> in params.yaml; '
         "<code>null</code> switches a check off. Feature-space numbers are only comparable within one "
