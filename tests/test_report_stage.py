@@ -159,6 +159,9 @@ def test_metrics_json_is_flat_and_has_every_family(report):
     assert np.isfinite(on_disk["ceiling.check.frechet_ratio"]) and "ceiling.check.precision" in on_disk
     assert not any(k.startswith(("ceiling.check.recon_", "ceiling.check.privacy_")) for k in on_disk)
     assert on_disk["ceiling.gate_n_failed"] == len([n for n in on_disk["ceiling.gate_failed_checks"].split(",") if n])
+    # the bootstrap interval of every set check that has one, low <= high
+    for check in ("frechet_ratio", "precision", "coverage", "predictor_age", "predictor_sex"):
+        assert on_disk[f"interval.{check}.low"] <= on_disk[f"interval.{check}.high"], check
     assert 0 < on_disk["diversity.ms_ssim_real"] <= 1 and on_disk["diversity.ratio"] > 0
     assert on_disk["intensity.wasserstein"] > 0
     assert on_disk["compare.vqvae.val_psnr"] == 21.0  # the optional VQ-VAE metrics are picked up
@@ -202,6 +205,7 @@ def test_html_is_self_contained_with_images_and_verdicts(report, setup):
     assert len(parser.refs) == len(pngs) >= 6
     assert "Which model limits fidelity" in text and "decoded training volumes" in text
     assert "<th>ceiling</th>" in text  # the gate table's column of decoded training volumes
+    assert "95 % bootstrap interval" in text and "] </td>" not in text
     assert {
         "real_vs_synthetic.png",
         "nearest_neighbours.png",

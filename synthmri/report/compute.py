@@ -38,6 +38,7 @@ from synthmri.report.families import (
 )
 from synthmri.report.gate import Check, evaluate_gate
 from synthmri.report.inputs import ReportData
+from synthmri.report.intervals import BOOTSTRAP_DRAWS, gate_intervals
 
 log = get_logger(__name__)
 
@@ -68,9 +69,12 @@ def make_extractor(rp: ReportParams, value_range: tuple[float, float], device: s
         raise StageError(f"report.extractor={rp.extractor}: {exc} (set report.extractor_weights)") from None
 
 
-def compute_set_metrics(params: Params, data: ReportData, extractor=None, privacy: bool = True) -> ReportResult:
+def compute_set_metrics(
+    params: Params, data: ReportData, extractor=None, privacy: bool = True, intervals: bool = True
+) -> ReportResult:
     """Every metric that needs no model: fidelity, diversity, conditioning, privacy (unless ``privacy`` is
-    False), intensities."""
+    False), intensities, and the bootstrap intervals of the gate's set metrics (``interval.<check>.low/high``;
+    unless ``intervals`` is False)."""
     import torch
 
     from synthmri.training.runtime import pick_device
@@ -109,6 +113,11 @@ def compute_set_metrics(params: Params, data: ReportData, extractor=None, privac
     log.info("Conditioning fidelity")
     flat, details["conditioning"] = conditioning_metrics(data, list(params.covariates), f_train, f_ref, f_syn, key)
     put_flat(metrics, "conditioning", flat)
+    if intervals:
+        log.info("Bootstrap intervals of the gate's set metrics (%d replicates)", BOOTSTRAP_DRAWS)
+        details["intervals"] = gate_intervals(details["conditioning"], f_train, f_ref, f_syn, rp.prdc_k, rp.seed)
+        for name, (low, high) in details["intervals"].items():
+            metrics[f"interval.{name}.low"], metrics[f"interval.{name}.high"] = low, high
     flat, details["intensity"] = intensity_metrics(
         data.reference, data.synthetic_volumes, rp.histogram_bins, data.value_range
     )
@@ -156,7 +165,7 @@ def ceiling_checks(params: Params, data: ReportData, decoded_train, extractor) -
     train = data.real.iloc[data.train_index].reset_index(drop=True)
     train["file"] = [f"decoded-{i:06d}" for i in range(len(train))]
     decoded = replace(data, synthetic=train, synthetic_volumes=decoded_train)
-    metrics = compute_set_metrics(params, decoded, extractor, privacy=False).metrics
+    metrics = compute_set_metrics(params, decoded, extractor, privacy=False, intervals=False).metrics
     return [
         c
         for c in evaluate_gate(metrics, params.report.thresholds)

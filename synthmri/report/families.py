@@ -247,6 +247,14 @@ def _slope_block(x_real, y_real, x_syn, y_syn) -> dict[str, float]:
     return out
 
 
+def _subject_errors(model, features: np.ndarray, values: np.ndarray, kind: str) -> np.ndarray:
+    """Absolute error per subject (continuous) or 1.0 where the predicted level is right (categorical)."""
+    predicted = model.predict(np.asarray(features, dtype=np.float64))
+    if kind == "continuous":
+        return np.abs(predicted - np.asarray(values, dtype=np.float64))
+    return (predicted == np.asarray(values)).astype(np.float64)
+
+
 def conditioning_metrics(
     data: ReportData,
     covariates: list[Covariate],
@@ -374,12 +382,17 @@ def conditioning_metrics(
         model = cond.fit_covariate_predictor(f_train[tok], tv[tok], cov.kind)
         real_err = cond.predictor_error(model, f_reference[rok], rv[rok])
         syn_err = cond.predictor_error(model, f_synthetic[sok], sv[sok])
+        # per subject (absolute error, or 1 if right), for the bootstrap intervals of .intervals
+        per_subject = {
+            name: _subject_errors(model, f[ok], v[ok], cov.kind)
+            for name, f, v, ok in (("reference", f_reference, rv, rok), ("synthetic", f_synthetic, sv, sok))
+        }
         if cov.kind == "continuous":
             block = {"mae_real": real_err, "mae_synthetic": syn_err, "error_ratio": syn_err / max(real_err, 1e-12)}
         else:
             block = {"accuracy_real": real_err, "accuracy_synthetic": syn_err, "accuracy_drop": real_err - syn_err}
         block.update({"n_real": int(rok.sum()), "n_synthetic": int(sok.sum())})
         put_flat(flat, f"{cov.name}.predictor.{extractor_key}", block)
-        predictors[cov.name] = block
+        predictors[cov.name] = {**block, "kind": cov.kind, "per_subject": per_subject}
     details["predictors"] = predictors
     return flat, details

@@ -455,12 +455,14 @@ def build_html(
 
     parts.append("<h2>Quality gate</h2>")
     ceiling = result.details.get("ceiling_checks")
+    intervals = result.details.get("intervals", {})
     rows = []
     for check in checks:
+        interval = intervals.get(check.name)
         row = [
             check.name,
             f"<td><code>{html.escape(check.key)}</code></td>",
-            _fmt(check.value),
+            _fmt(check.value) + (f" [{_fmt(interval[0])}, {_fmt(interval[1])}]" if interval else ""),
             check.rule,
             BADGES[check.status],
             check.note,
@@ -484,7 +486,9 @@ def build_html(
         )
     parts.append(
         '<p class="note">Thresholds come from <code>report.thresholds</code> in params.yaml; '
-        "<code>null</code> switches a check off. Feature-space numbers are only comparable within one "
+        "<code>null</code> switches a check off. In brackets: the 95 % bootstrap interval over subjects "
+        "(held-out and synthetic volumes resampled; <code>synthmri.report.intervals</code>): a threshold inside "
+        "it is a decision that other subjects could flip. Feature-space numbers are only comparable within one "
         f"extractor (here <b>{html.escape(str(metrics.get('extractor', '')))}</b>).</p>"
     )
 
