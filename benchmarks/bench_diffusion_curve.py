@@ -117,7 +117,7 @@ class Scorer:
             space=self.space,
             reference_splits=list(self.params.report.reference_splits),
         )
-        metrics = compute_set_metrics(self.params, data).metrics
+        metrics = compute_set_metrics(self.params, data, intervals=False).metrics
         checks = evaluate_gate(metrics, self.params.report.thresholds)
         row = {column: metrics.get(key) for key, column in KEPT.items()}
         row["gate_failed"] = ",".join(c.name for c in checks if c.status == "fail")
