@@ -62,3 +62,15 @@ def test_bench_flops_quick(tmp_path):
     assert {r["name"] for r in result["rows"]} >= {"vqgan/ours", "unet/ours"}
     for r in result["rows"]:
         assert r["throughput"] > 0 and r["gflop_per_step"] > 0 and r["achieved_gflops"] > 0
+
+
+def test_monai_ldm_latent_padding_keeps_the_latent_and_fits_two_halvings():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import torch
+    from bench_monai_ldm import pad_to_multiple
+
+    z = torch.randn(2, 3, 10, 12, 10)
+    padded, shape = pad_to_multiple(z)
+    assert padded.shape == (2, 3, 12, 12, 12) and shape == (10, 12, 10)
+    assert torch.equal(padded[..., :10, :12, :10], z)  # cropping back gives the latent unchanged
+    assert torch.equal(padded[..., 10:, :12, :10], z[..., 9:10, :, :].expand(-1, -1, 2, -1, -1))  # replicated edge
