@@ -13,7 +13,8 @@ for the covariates their subjects have) and the gate of ``--params`` is applied.
 generator fails in more than 5 % of draws at a given size cannot tell a good set from a bad one at that
 size: either the set sizes grow, or (only then, and re-derived from this baseline) the threshold moves.
 
-Writes ``benchmarks/results/gate_baseline.csv`` (one row per draw: every gate metric and check) and
+Appends to ``benchmarks/results/gate_baseline.csv`` (one row per draw: every gate metric and check; rows from before
+2026-12-05 02:00 score the copy check by its old rule, the excess over the chance *mean*) and
 prints per size and check the pass rate and the 5th/50th/95th percentiles of the metric.
 """
 
@@ -120,7 +121,7 @@ def main() -> None:
     extractor = CachedExtractor(make_extractor(params.report, (-1.0, 1.0)), volumes)
     rng = np.random.default_rng(args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    frames = []
+    frames = [pd.read_csv(args.out)] if args.out.is_file() else []  # earlier runs' rows are kept
     for spec in args.sizes:  # the table is rewritten after every size: a long run keeps what it finished
         sizes = tuple(int(s) for s in spec.split(":"))
         if sum(sizes) > len(manifest):
