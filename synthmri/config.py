@@ -53,7 +53,7 @@ class Covariate(_Section):
 class DemoParams(_Section):
     """The simulated cohort built from nilearn's MNI152 template (see synthmri.data.demo)."""
 
-    n_subjects: int = Field(64, ge=2)
+    n_subjects: int = Field(128, ge=2)
     seed: int = 20261125
     template_resolution_mm: Literal[1, 2] = 2
     age_range: tuple[float, float] = (20.0, 90.0)
@@ -280,7 +280,7 @@ class SampleParams(_Section):
     """Which synthetic subjects to make (the covariate plan) and how to fan the work out."""
 
     plan: Literal["match_training", "grid", "csv"] = "match_training"
-    n_samples: int = Field(16, ge=1)
+    n_samples: int = Field(32, ge=1)
     grid: dict[str, list[float | str]] = {}
     per_cell: int = Field(1, ge=1)
     csv: str | None = None
