@@ -525,7 +525,7 @@ def _sampling(side: str, params: Params, device: torch.device, variant: str, vol
                 guidance_scale=1.0,
                 seeds=list(range(volumes)),
                 device=device,
-                batch_invariant=side == "ours_invariant",
+                micro_batch=1 if side == "ours_invariant" else volumes,
             )
             return vqgan.decode(_input(z, variant), quantize=True)
 

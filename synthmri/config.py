@@ -293,6 +293,18 @@ class SampleParams(_Section):
     # intra-op CPU threads of every generating task, wherever it runs: part of a volume's recipe
     # (a reduction's last bits depend on it), so it is recorded in the manifest
     torch_threads: int = Field(1, ge=1)
+    # volumes per network call, on a fixed grid (sample i runs at position i % micro_batch): batching
+    # without changing any volume's bytes with the shard or its neighbours (synthmri.diffusion.sampling)
+    micro_batch: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _shards_hold_whole_micro_batches(self) -> SampleParams:
+        if self.shard_size % self.micro_batch:
+            raise ValueError(
+                f"shard_size ({self.shard_size}) must be a multiple of micro_batch ({self.micro_batch}): "
+                "a micro-batch cannot straddle two shards"
+            )
+        return self
 
 
 class ReportThresholds(_Section):

@@ -16,6 +16,7 @@ from synthmri.diffusion import (
     make_ema,
     make_sampler,
     make_training_scheduler,
+    micro_batch_grid,
     predicted_x0,
     sample_latents,
     sample_seed,
@@ -271,14 +272,29 @@ def test_sampling_is_reproducible_and_per_sample(sampler):
         assert torch.equal(run(ROWS[i : i + 1], seeds[i : i + 1]), batch[i : i + 1])
     assert (batch[0] - batch[1]).abs().max() > 1e-2
     assert not torch.equal(run(ROWS, [s + 1 for s in seeds]), batch)
-    # batched chains: per-sample noise streams (also DDPM's per-step noise) keep each sample its own,
-    # up to float rounding of the batched network; a shared stream would differ by O(1)
-    fast = run(ROWS, seeds, batch_invariant=False)
-    alone = run(ROWS[2:], seeds[2:], batch_invariant=False)
-    assert _rel_diff(fast, batch) < 1e-4 and _rel_diff(fast[2:], alone) < 1e-4
+    # micro-batched chains: per-sample noise streams (also DDPM's per-step noise) and the fixed grid keep
+    # each sample's bits whatever its neighbours (fillers or other rows); another micro-batch size only
+    # changes the network's rounding, where a shared noise stream would differ by O(1)
+    fast = run(ROWS, seeds, micro_batch=4)
+    assert _rel_diff(fast, batch) < 1e-4
+    for i in range(3):
+        assert torch.equal(run(ROWS[i : i + 1], seeds[i : i + 1], micro_batch=4, slots=[i]), fast[i : i + 1])
+    others = [{"age": 0.5, "sex": "M"}, {"sex": "F"}, {"age": 0.1}]
+    mixed = run([others[0], ROWS[1], others[2]], [7, seeds[1], 9], micro_batch=4)
+    assert torch.equal(mixed[1], fast[1])
     # explicit generators are accepted as well, and give the same result as their seeds
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     assert torch.equal(sample_latents(model, enc, sched, ROWS, (4, 5, 6, 5), 8, 2.0, generators=gens), batch)
+
+
+def test_micro_batch_grid_places_each_row_at_its_slot_and_pads_the_rest():
+    assert micro_batch_grid([0, 1, 2, 3, 4], 4) == [[0, 1, 2, 3], [4, None, None, None]]
+    assert micro_batch_grid([9, 5], 4) == [[None, 1, None, None], [None, 0, None, None]]  # slots 5 and 9
+    assert micro_batch_grid([3], 1) == [[0]]
+    with pytest.raises(ValueError, match="unique"):
+        micro_batch_grid([1, 1], 2)
+    with pytest.raises(ValueError, match=">= 1"):
+        micro_batch_grid([0], 0)
 
 
 def test_guidance_zero_ignores_covariates_and_positive_uses_them():

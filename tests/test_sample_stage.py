@@ -19,9 +19,11 @@ import pytest
 import torch
 from conftest import REPO, make_processed
 
+from synthmri.config import QuantizerParams, VQGANModelParams
 from synthmri.data.synthetic import SyntheticDataset
+from synthmri.models.vqgan import VQGAN
 from synthmri.stages.encode import run_encode
-from synthmri.stages.sample import SampleJob, generate_shard, run_sample
+from synthmri.stages.sample import SampleJob, decode_on_grid, generate_shard, run_sample
 from synthmri.stages.train_diffusion import run_train_diffusion
 from synthmri.stages.train_vqgan import run_train_vqgan
 from synthmri.synthesis.plan import make_plan
@@ -167,6 +169,57 @@ def test_same_seed_gives_bitwise_identical_volumes_and_one_index_regenerates_alo
     generate_shard(job, 0, [(3, plan[3])])
     alone = nib.load(tmp_path / "alone" / "volumes" / "sample-000003.nii.gz").get_fdata()
     assert np.array_equal(alone, nib.load(tmp_path / "a" / "volumes" / "sample-000003.nii.gz").get_fdata())
+
+
+def test_micro_batched_volumes_keep_their_bytes_across_shard_sizes_workers_and_alone(
+    trained_8cubed_latents, prefect_server, tmp_path
+):
+    """Batched chains and decoding on the fixed micro-batch grid: volume i's bytes depend on (seed, i), the
+    models and micro_batch only, not on the shard size, the number of workers or its neighbours."""
+    params, work, _ = trained_8cubed_latents
+    digests = {}
+    for shard_size, workers in ((2, 1), (4, 2)):
+        sample = params.sample.model_copy(update={"micro_batch": 2, "shard_size": shard_size, "workers": workers})
+        manifest = _sample(params.model_copy(update={"sample": sample}), work, tmp_path / f"shards-of-{shard_size}")
+        assert manifest["numerics"].str.endswith("micro-batch 2").all()
+        digests[shard_size] = list(manifest["sha256"])
+    # (this fixture's 4-step VQ-GAN decodes most latents to the same volume: the two tests below use
+    # distinct outputs to show that neighbours cannot leak into a volume's bits)
+    assert digests[2] == digests[4]
+    plan = make_plan(params, pd.read_csv(work / "latents" / "manifest.csv").query("split == 'train'"))
+    space = json.loads((work / "processed" / "space.json").read_text())
+    job = SampleJob(
+        str(work / "ldm"),
+        str(work / "vqgan"),
+        str(work / "latents"),
+        str(tmp_path / "alone"),
+        space["affine"],
+        params.diffusion.sampler.sampler,
+        params.diffusion.sampler.steps,
+        params.diffusion.sampler.guidance_scale,
+        params.sample.seed,
+        "dev",
+        {},
+        micro_batch=2,
+    )
+    generate_shard(job, 0, [(3, plan[3])])  # alone: position 1 of micro-batch 1, position 0 is a filler
+    alone = json.loads((tmp_path / "alone" / "shards" / "shard-00000.json").read_text())
+    assert alone[0]["sha256"] == digests[2][3]
+
+
+def test_decoding_on_the_grid_gives_each_volume_the_same_bits_alone_or_with_any_neighbours():
+    torch.manual_seed(0)
+    vqgan = VQGAN.from_params(
+        VQGANModelParams(channels=[8, 16, 16], downsample_factor=4, latent_channels=4, norm_groups=4),
+        QuantizerParams(codebook_size=32),
+    ).eval()
+    z = torch.randn(6, 4, 4, 4, 4)
+    together = decode_on_grid(vqgan, z, list(range(6)), micro_batch=4)
+    assert together.shape == (6, 1, 16, 16, 16) and (together[0] - together[1]).abs().max() > 1e-3
+    for i in range(6):
+        assert torch.equal(decode_on_grid(vqgan, z[i : i + 1], [i], micro_batch=4)[0], together[i])
+    shuffled = decode_on_grid(vqgan, torch.stack([z[5], torch.randn(4, 4, 4, 4), z[2]]), [5, 4, 2], micro_batch=4)
+    assert torch.equal(shuffled[0], together[5]) and torch.equal(shuffled[2], together[2])
 
 
 def test_volume_bytes_do_not_depend_on_the_thread_count_of_the_process_that_runs_them(trained_8cubed_latents, tmp_path):

@@ -2,7 +2,7 @@
 
 from synthmri.diffusion.conditioning import ConditionedUNet, CovariateBatch, CovariateEncoder, encode_covariates
 from synthmri.diffusion.ema import make_ema
-from synthmri.diffusion.sampling import sample_latents, sample_seed
+from synthmri.diffusion.sampling import micro_batch_grid, sample_latents, sample_seed
 from synthmri.diffusion.schedulers import (
     add_noise,
     loss_weights,
@@ -20,6 +20,7 @@ __all__ = [
     "CovariateEncoder",
     "encode_covariates",
     "make_ema",
+    "micro_batch_grid",
     "sample_latents",
     "sample_seed",
     "add_noise",

@@ -11,17 +11,23 @@ samples share its batch. Therefore:
   passes it to ``randn_tensor``, which draws row ``i`` of the noise from ``generator[i]`` alone. One
   batched ``step`` is kept (rather than one call per sample) because multistep schedulers such as
   DPM-Solver keep a history of model outputs and a step counter that per-sample calls would corrupt.
-  This matters when chains are batched (``batch_invariant=False``); the tests check that path too
-  (alone vs in a batch of 3 agree to float rounding, not to an independent noise draw).
-- the network's result for one sample is NOT bitwise independent of the batch size (measured on CPU:
+  This matters when chains are batched (``micro_batch > 1``), and the tests check it (a shared stream
+  would make neighbours' noise differ by O(1), not by nothing).
+- the network's result for one sample is NOT bitwise independent of the batch *size* (measured on CPU:
   oneDNN conv3d and ``Linear`` with few rows differ in the last bits, ~4e-6; GPU kernels are also
-  chosen per shape). So by default (``batch_invariant=True``) each sample's chain runs on its own,
-  with its conditional and unconditional inputs batched together (a fixed shape for every sample).
+  chosen per shape), but at a fixed batch size it IS independent of the other rows' values and of its
+  own row position (measured on CPU, 1 thread, the demo's U-Net: bitwise equal). So chains run in
+  micro-batches of a fixed size ``micro_batch`` laid on a fixed grid: the row with global index
+  (``slot``) ``s`` runs in micro-batch ``s // micro_batch`` at position ``s % micro_batch``, and a
+  micro-batch that is not full is padded with filler rows whose results are dropped. Sample ``i`` is
+  then the same bits whichever shard, worker, resume or neighbours it was generated with, for a given
+  ``micro_batch`` (and intra-op thread count); ``micro_batch=1`` is one chain per sample.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -40,6 +46,30 @@ def sample_seed(global_seed: int, index: int) -> int:
     """
     state = np.random.SeedSequence([int(global_seed), int(index)]).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 32 | int(state[1])) & (2**63 - 1))
+
+
+FILLER_SEED = 0  # the noise stream of padding rows (their results are dropped)
+
+
+def micro_batch_grid(slots: Sequence[int], size: int) -> list[list[int | None]]:
+    """Lay rows on the fixed grid of micro-batches (see the module docstring).
+
+    Args:
+        slots: the global index of each row (e.g. its sample index); unique.
+        size: rows per micro-batch.
+
+    Returns:
+        one list of ``size`` entries per occupied micro-batch, in grid order: at each position, the
+        index into ``slots`` of the row that runs there, or ``None`` for a filler.
+    """
+    if size < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {size}")
+    if len(set(slots)) != len(slots):
+        raise ValueError("slots must be unique: two rows cannot run in the same grid position")
+    grid: dict[int, list[int | None]] = {}
+    for row, slot in enumerate(slots):
+        grid.setdefault(int(slot) // size, [None] * size)[int(slot) % size] = row
+    return [grid[batch] for batch in sorted(grid)]
 
 
 def _generators(
@@ -67,7 +97,8 @@ def sample_latents(
     generators: Sequence[torch.Generator] | None = None,
     seeds: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
-    batch_invariant: bool = True,
+    micro_batch: int = 1,
+    slots: Sequence[int] | None = None,
     callback: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Generate one latent per row of covariates.
@@ -86,12 +117,12 @@ def sample_latents(
         generators: one CPU generator per sample, or
         seeds: one seed per sample (e.g. from :func:`sample_seed`).
         device: where the network runs.
-        batch_invariant: run each sample's chain on its own (default), so that sample ``i`` is bitwise
-            identical whether generated alone or in a batch of any size. Measured on CPU: oneDNN
-            conv3d and small-batch ``Linear`` results change in the last bits (~4e-6) with the batch
-            size, so one batched forward cannot give that guarantee. ``False`` batches all samples in
-            each forward: faster on a GPU with small latents; same seeds + same batch layout still
-            reproduce exactly, a different layout only to ~1e-5.
+        micro_batch: rows per network call (padded with fillers when not full). For a given value,
+            sample ``i`` is bitwise the same whatever else is generated with it; a different value
+            changes its last bits (~1e-5). 1 = one chain per sample.
+        slots: each row's position on the micro-batch grid (its global sample index); default
+            ``0 .. len(rows) - 1``. Pass the sample indices so that a subset (one shard, one volume
+            regenerated alone) lands where it lands in the whole set.
         callback: ``callback(done, total)`` after each step, counted in sample-steps
             (``total = len(rows) * steps``), for progress bars.
 
@@ -102,24 +133,29 @@ def sample_latents(
     gens = _generators(generators, seeds, len(rows))
     model.eval()
     covariate_encoder.eval()
-    chunks = [[i] for i in range(len(rows))] if batch_invariant else [list(range(len(rows)))]
+    slots = list(range(len(rows))) if slots is None else list(slots)
+    if len(slots) != len(rows):
+        raise ValueError(f"need one slot per row: {len(rows)} rows, {len(slots)} slots")
     progress = _Progress(callback, len(rows) * steps)
-    out = [
-        _sample_chain(
+    out = torch.empty((len(rows), *shape), device=device)
+    for batch in micro_batch_grid(slots, micro_batch):
+        real = [i for i in batch if i is not None]
+        x = _sample_chain(
             model,
             covariate_encoder,
             scheduler,
-            [rows[i] for i in idx],
+            [rows[i] if i is not None else {} for i in batch],
             shape,
             steps,
             guidance_scale,
-            [gens[i] for i in idx],
+            [gens[i] if i is not None else torch.Generator().manual_seed(FILLER_SEED) for i in batch],
             device,
-            progress,
+            functools.partial(progress.advance, len(real)),
         )
-        for idx in chunks
-    ]
-    return torch.cat(out)
+        for position, i in enumerate(batch):
+            if i is not None:
+                out[i] = x[position]
+    return out
 
 
 class _Progress:
@@ -142,7 +178,7 @@ def _sample_chain(
     guidance_scale: float,
     gens: list[torch.Generator],
     device: torch.device | str,
-    progress: _Progress,
+    after_step: Callable[[], None],
 ) -> torch.Tensor:
     """One batched reverse-diffusion chain over ``rows`` (see the module docstring for the noise)."""
     scheduler = copy.deepcopy(scheduler)  # schedulers are stateful (timesteps, multistep history)
@@ -167,5 +203,5 @@ def _sample_chain(
             out_cond, out_uncond = model(torch.cat([x_in, x_in]), t, emb, tokens).float().chunk(2)
             out = out_uncond + guidance_scale * (out_cond - out_uncond)
         x = scheduler.step(out, t, x, generator=gens).prev_sample
-        progress.advance(len(rows))
+        after_step()
     return x

@@ -26,7 +26,7 @@ from synthmri import __version__
 from synthmri.catalog import LATENT_DIR, LDM_DIR, PROCESSED_DIR, SOFTWARE_NAME, SPACE_NAME, SYNTHETIC_DIR, VQGAN_DIR
 from synthmri.config import Params
 from synthmri.data.latents import LatentSet
-from synthmri.diffusion.sampling import sample_latents, sample_seed
+from synthmri.diffusion.sampling import micro_batch_grid, sample_latents, sample_seed
 from synthmri.diffusion.schedulers import make_sampler
 from synthmri.environment import software_versions
 from synthmri.io import dvc_directory_hash, save_nifti, sha256_file, write_csv_atomic, write_text_atomic
@@ -60,6 +60,7 @@ class SampleJob:
     release: str
     provenance: dict
     torch_threads: int = 1
+    micro_batch: int = 1
 
 
 @functools.lru_cache(maxsize=2)
@@ -88,7 +89,8 @@ def generate_shard(job: SampleJob, shard: int, items: list[tuple[int, dict]]) ->
 
 def _generate_shard(job: SampleJob, shard: int, items: list[tuple[int, dict]]) -> dict:
     ldm, config, vqgan, latents, device = _models(job.ldm_dir, job.vqgan_dir, job.latent_dir)
-    seeds = [sample_seed(job.seed, index) for index, _ in items]
+    indices = [index for index, _ in items]
+    seeds = [sample_seed(job.seed, index) for index in indices]
     rows = [row for _, row in items]
     z = sample_latents(
         ldm.unet,
@@ -100,14 +102,16 @@ def _generate_shard(job: SampleJob, shard: int, items: list[tuple[int, dict]]) -
         job.guidance_scale,
         seeds=seeds,
         device=device,
+        micro_batch=job.micro_batch,
+        slots=indices,
     )
+    volumes = decode_on_grid(vqgan, latents.unstandardize(z.cpu()).to(device), indices, job.micro_batch)
     out_dir = Path(job.out_dir)
     numerics = "cuda" if device.type == "cuda" else f"{cpu_numerics()}, {job.torch_threads} thread(s)"
+    numerics += f", micro-batch {job.micro_batch}"
     records = []
-    for (index, row), seed, latent in zip(items, seeds, z):
-        with torch.inference_mode():  # one volume at a time: decoding is then batch-size invariant
-            volume = vqgan.decode(latents.unstandardize(latent[None].cpu()).to(device), quantize=True)
-        data = ((volume.clamp(-1, 1)[0, 0].float().cpu().numpy() + 1.0) / 2.0).astype(np.float32)
+    for (index, row), seed, volume in zip(items, seeds, volumes):
+        data = ((volume.clamp(-1, 1)[0].float().cpu().numpy() + 1.0) / 2.0).astype(np.float32)
         name = Path("volumes") / sample_volume_name(index)
         save_nifti(
             data,
@@ -131,6 +135,20 @@ def _generate_shard(job: SampleJob, shard: int, items: list[tuple[int, dict]]) -
         )
     write_text_atomic(out_dir / "shards" / f"shard-{shard:05d}.json", json.dumps(records, indent=1))
     return {"shard": shard, "n": len(records)}
+
+
+@torch.inference_mode()
+def decode_on_grid(vqgan, z: torch.Tensor, slots: list[int], micro_batch: int) -> torch.Tensor:
+    """Decode latents in the same fixed micro-batches as their chains (zero latents pad a batch), so a
+    volume's bytes do not depend on which other volumes were decoded with it."""
+    out: list[torch.Tensor | None] = [None] * len(slots)
+    for batch in micro_batch_grid(slots, micro_batch):
+        filler = torch.zeros_like(z[0])
+        decoded = vqgan.decode(torch.stack([z[i] if i is not None else filler for i in batch]), quantize=True)
+        for position, i in enumerate(batch):
+            if i is not None:
+                out[i] = decoded[position]
+    return torch.stack(out)
 
 
 def ldm_schedule(config: dict):
@@ -342,6 +360,7 @@ def _generate(
         params.sample.release,
         provenance,
         params.sample.torch_threads,
+        params.sample.micro_batch,
     )
     log.info(
         "Sampling %d volumes in %d shards (%d already done) with %s, %d steps, guidance %.1f, on %s x%d",
