@@ -59,7 +59,7 @@ def test_a_stage_without_params_yaml_says_so(tmp_path: Path, monkeypatch):
         ("ingest.source=dicom", "'ingest.source'"),
         ("covariates.7.name=x", "'covariates.7'"),
         ("novalue", "must look like section.key=value"),
-        ("sample.micro_batch=3", "shard_size (4) must be a multiple of micro_batch (3)"),
+        ("sample.micro_batch=3", "shard_size .4. must be a multiple of micro_batch .3."),
     ],
 )
 def test_bad_overrides_name_the_key(override, fragment):
