@@ -100,6 +100,27 @@ def _sample(params, work: Path, out: Path):
     return run_sample(params, work / "latents", work / "processed", work / "ldm", work / "vqgan", out, track=False)
 
 
+def _plan_and_job(params, work: Path, out: Path, **job) -> tuple[list[dict], SampleJob]:
+    """The stage's covariate plan and a shard job with the fixture's models and sampler, writing to ``out``."""
+    plan = make_plan(params, pd.read_csv(work / "latents" / "manifest.csv").query("split == 'train'"))
+    space = json.loads((work / "processed" / "space.json").read_text())
+    sampler = params.diffusion.sampler
+    return plan, SampleJob(
+        str(work / "ldm"),
+        str(work / "vqgan"),
+        str(work / "latents"),
+        str(out),
+        space["affine"],
+        sampler.sampler,
+        sampler.steps,
+        sampler.guidance_scale,
+        params.sample.seed,
+        "dev",
+        {},
+        **job,
+    )
+
+
 def test_diffusion_training_outputs(trained):
     _, work, metrics = trained
     assert metrics["steps"] == 12 and np.isfinite(metrics["train_loss"]) and np.isfinite(metrics["val_loss"])
@@ -151,21 +172,7 @@ def test_same_seed_gives_bitwise_identical_volumes_and_one_index_regenerates_alo
     _sample(params, work, tmp_path / "b")
     for f in first["file"]:
         assert np.array_equal(nib.load(tmp_path / "a" / f).get_fdata(), nib.load(tmp_path / "b" / f).get_fdata())
-    plan = make_plan(params, pd.read_csv(work / "latents" / "manifest.csv").query("split == 'train'"))
-    space = json.loads((work / "processed" / "space.json").read_text())
-    job = SampleJob(
-        str(work / "ldm"),
-        str(work / "vqgan"),
-        str(work / "latents"),
-        str(tmp_path / "alone"),
-        space["affine"],
-        "dpm_solver",
-        3,
-        params.diffusion.sampler.guidance_scale,
-        params.sample.seed,
-        "dev",
-        {},
-    )
+    plan, job = _plan_and_job(params, work, tmp_path / "alone")
     generate_shard(job, 0, [(3, plan[3])])
     alone = nib.load(tmp_path / "alone" / "volumes" / "sample-000003.nii.gz").get_fdata()
     assert np.array_equal(alone, nib.load(tmp_path / "a" / "volumes" / "sample-000003.nii.gz").get_fdata())
@@ -186,22 +193,7 @@ def test_micro_batched_volumes_keep_their_bytes_across_shard_sizes_workers_and_a
     # (this fixture's 4-step VQ-GAN decodes most latents to the same volume: the two tests below use
     # distinct outputs to show that neighbours cannot leak into a volume's bits)
     assert digests[2] == digests[4]
-    plan = make_plan(params, pd.read_csv(work / "latents" / "manifest.csv").query("split == 'train'"))
-    space = json.loads((work / "processed" / "space.json").read_text())
-    job = SampleJob(
-        str(work / "ldm"),
-        str(work / "vqgan"),
-        str(work / "latents"),
-        str(tmp_path / "alone"),
-        space["affine"],
-        params.diffusion.sampler.sampler,
-        params.diffusion.sampler.steps,
-        params.diffusion.sampler.guidance_scale,
-        params.sample.seed,
-        "dev",
-        {},
-        micro_batch=2,
-    )
+    plan, job = _plan_and_job(params, work, tmp_path / "alone", micro_batch=2)
     generate_shard(job, 0, [(3, plan[3])])  # alone: position 1 of micro-batch 1, position 0 is a filler
     alone = json.loads((tmp_path / "alone" / "shards" / "shard-00000.json").read_text())
     assert alone[0]["sha256"] == digests[2][3]
@@ -226,24 +218,9 @@ def test_volume_bytes_do_not_depend_on_the_thread_count_of_the_process_that_runs
     """A Dask worker starts with one intra-op thread, the main process with one per core: the job's own
     ``torch_threads`` decides, so the bytes are the same wherever the shard runs."""
     params, work, _ = trained_8cubed_latents
-    plan = make_plan(params, pd.read_csv(work / "latents" / "manifest.csv").query("split == 'train'"))
-    space = json.loads((work / "processed" / "space.json").read_text())
     digests = {}
     for ambient in (1, 2):
-        job = SampleJob(
-            str(work / "ldm"),
-            str(work / "vqgan"),
-            str(work / "latents"),
-            str(tmp_path / f"{ambient}"),
-            space["affine"],
-            "dpm_solver",
-            3,
-            2.0,
-            params.sample.seed,
-            "dev",
-            {},
-            torch_threads=1,
-        )
+        plan, job = _plan_and_job(params, work, tmp_path / f"{ambient}", torch_threads=1)
         with intra_op_threads(ambient):
             generate_shard(job, 0, list(enumerate(plan))[:2])
             assert torch.get_num_threads() == ambient, "the caller's thread count is restored"
