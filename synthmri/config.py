@@ -349,6 +349,8 @@ class ReportParams(_Section):
     reference_splits: list[Literal["val", "test"]] = Field(["val", "test"], min_length=1)
     recon_split: Literal["val", "test"] = "test"
     prdc_k: int = Field(5, ge=1)
+    compare_size: int | None = Field(32, ge=2)
+    max_comparisons: int = Field(32, ge=1)
     max_pairs: int = Field(300, ge=1)
     privacy_metric: Literal["ncc", "ssim"] = "ncc"
     privacy_quantile: float = Field(0.99, gt=0, le=1)

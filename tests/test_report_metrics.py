@@ -491,3 +491,46 @@ def test_predictor_and_feature_intervals_bracket_their_metric():
     coverage = compare_features(ref, syn, 5)["coverage"]
     assert found["coverage"][0] <= coverage + 0.05 and found["coverage"][0] < found["coverage"][1] <= 1
     assert found["frechet_ratio"][0] > 1  # a shifted set is farther from the held-out set than real subsets are
+
+
+# ----------------------------------------------------------------------------------------------
+# large sets: comparisons at the gate's calibrated size
+
+
+def test_comparison_subsets_are_disjoint_seeded_and_capped():
+    from synthmri.report.families import comparison_subsets
+
+    whole = comparison_subsets(20, 32, 8)
+    assert len(whole) == 1 and whole[0].tolist() == list(range(20))  # a small set is compared whole, in order
+    assert comparison_subsets(50, None, 8)[0].tolist() == list(range(50))
+    subsets = comparison_subsets(1000, 32, 8, seed=3)
+    assert len(subsets) == 8 and all(len(s) == 32 for s in subsets)
+    flat = np.concatenate(subsets)
+    assert len(set(flat.tolist())) == len(flat)  # disjoint
+    assert len(comparison_subsets(100, 32, 8)) == 3  # no partial subset: every comparison has the calibrated size
+    again = comparison_subsets(1000, 32, 8, seed=3)
+    assert all((a == b).all() for a, b in zip(subsets, again))
+    assert not all((a == b).all() for a, b in zip(subsets, comparison_subsets(1000, 32, 8, seed=4)))
+
+
+def test_a_large_set_is_judged_at_the_compared_size_not_its_own():
+    """Coverage of a too-wide generator grows with the set's size: compared whole, 2,000 volumes cover every
+    held-out subject; in subsets of 32 they score what 32 of them would, which is what the gate's threshold
+    was derived for. A set of exactly the compared size scores the same either way."""
+    from synthmri.report.families import fidelity_metrics
+
+    rng = np.random.default_rng(0)
+    ref, train = rng.normal(size=(26, 6)), rng.normal(size=(100, 6))
+    wide = rng.normal(0, 3.0, size=(2000, 6))
+    whole = fidelity_metrics(ref, wide, train, 5, seed=0)
+    split = fidelity_metrics(ref, wide, train, 5, seed=0, compare_size=32, max_comparisons=16)
+    assert whole["coverage"] > 0.95 and split["coverage"] < 0.6
+    assert split["n_compared"] == 32 and split["n_subsets"] == 16 and split["baseline_n"] == 32
+    assert split["coverage_subset_min"] <= split["coverage"] <= split["coverage_subset_max"]
+    small = wide[:32]
+    assert fidelity_metrics(ref, small, train, 5, 0, 32, 16) == fidelity_metrics(ref, small, train, 5, 0)
+    # the feature intervals draw the compared size too: a whole-set bootstrap would claim coverage ~1
+    from synthmri.report import intervals
+
+    low, high = intervals.gate_intervals({}, train, ref, wide, k=5, compare_size=32)["coverage"]
+    assert high < 0.95 and low <= split["coverage"] <= high

@@ -103,7 +103,11 @@ def compute_set_metrics(
         f_train, f_ref, f_syn = extractor(data.train), extractor(data.reference), extractor(data.synthetic_volumes)
     details["features"] = {"train": f_train, "reference": f_ref}
 
-    put_flat(metrics, f"fidelity.{key}", fidelity_metrics(f_ref, f_syn, f_train, rp.prdc_k, rp.seed))
+    put_flat(
+        metrics,
+        f"fidelity.{key}",
+        fidelity_metrics(f_ref, f_syn, f_train, rp.prdc_k, rp.seed, rp.compare_size, rp.max_comparisons),
+    )
     log.info("Diversity: mean pairwise MS-SSIM (at most %d pairs per set)", rp.max_pairs)
     put_flat(
         metrics,
@@ -115,7 +119,9 @@ def compute_set_metrics(
     put_flat(metrics, "conditioning", flat)
     if intervals:
         log.info("Bootstrap intervals of the gate's set metrics (%d replicates)", BOOTSTRAP_DRAWS)
-        details["intervals"] = gate_intervals(details["conditioning"], f_train, f_ref, f_syn, rp.prdc_k, rp.seed)
+        details["intervals"] = gate_intervals(
+            details["conditioning"], f_train, f_ref, f_syn, rp.prdc_k, rp.seed, rp.compare_size
+        )
         for name, (low, high) in details["intervals"].items():
             metrics[f"interval.{name}.low"], metrics[f"interval.{name}.high"] = low, high
     flat, details["intensity"] = intensity_metrics(
@@ -211,7 +217,14 @@ def compute_report(params: Params, data: ReportData, vqgan_dir: Path | None) -> 
         with torch.inference_mode():
             f_dec_ref, f_dec_train = extractor(decoded_reference), extractor(decoded_train)
         ceiling = autoencoder_ceiling(
-            features["reference"], f_dec_ref, f_dec_train, features["train"], rp.prdc_k, rp.seed
+            features["reference"],
+            f_dec_ref,
+            f_dec_train,
+            features["train"],
+            rp.prdc_k,
+            rp.seed,
+            rp.compare_size,
+            rp.max_comparisons,
         )
         put_flat(result.metrics, f"ceiling.{feature_key(extractor.name)}", ceiling)
         log.info("Autoencoder ceiling: the gate's checks on the decoded training volumes")

@@ -419,6 +419,17 @@ def _ceiling_section(metrics: dict) -> list[str]:
     ]
 
 
+def _comparisons(metrics: dict) -> str:
+    """How the synthetic set met the held-out set in the feature-space metrics, in words."""
+    key = next((k for k in metrics if k.startswith("fidelity.") and k.endswith(".n_subsets")), None)
+    if key is None:
+        return "whole set"
+    subsets, size = metrics[key], metrics.get(key.replace("n_subsets", "n_compared"))
+    if subsets == 1:
+        return f"whole set ({_fmt(size)} volumes)"
+    return f"median of {_fmt(subsets)} disjoint seeded subsets of {_fmt(size)} volumes (the gate's calibrated size)"
+
+
 def build_html(
     metrics: dict,
     checks: list[Check],
@@ -445,6 +456,7 @@ def build_html(
         ("real held-out volumes", f"{_fmt(metrics.get('n_reference'))} ({metrics.get('reference_splits', '')})"),
         ("real training volumes", _fmt(metrics.get("n_train"))),
         ("feature extractor", str(metrics.get("extractor", ""))),
+        ("set comparisons (FD, MMD, PRDC)", _comparisons(metrics)),
         *[(k, v) for k, v in provenance.items()],
     ]
     parts.append(_table(["", ""], [[k, str(v)] for k, v in info]))
