@@ -143,10 +143,13 @@ def _repo_key(repo: str) -> str:
 def fetch_version(tag: str, repo: str | Path = ".", cache_dir: str | Path | None = None, verify: bool = True) -> Path:
     """Download ``data/synthetic`` at ``tag`` (like ``dvc get``) into the cache; return the folder.
 
-    A cached copy is reused when it still matches its manifest; a fresh download that does not match
-    raises :class:`~synthmri.errors.StageError` naming the bad files.
+    A cached copy is reused when it still matches its manifest; a fresh download that does not match, or
+    that the DVC remote cannot serve in full, raises :class:`~synthmri.errors.StageError` naming the bad
+    files, and nothing is left in the cache. Processes that fetch the same version at once share the cache:
+    a lock file lets one download while the others wait, then each verifies the result itself.
     """
     from dvc.api import DVCFileSystem
+    from filelock import FileLock
 
     from synthmri.data.synthetic import SyntheticDataset
 
@@ -154,21 +157,30 @@ def fetch_version(tag: str, repo: str | Path = ".", cache_dir: str | Path | None
     if not TAG_PATTERN.match(tag):
         raise StageError(f"'{tag}' is not a data-set version tag (synth-YYYYMMDD[-N])")
     target = Path(cache_dir or cache_root()) / _repo_key(repo) / tag
-    if (target / "manifest.csv").is_file() and (not verify or not SyntheticDataset(target).verify()):
-        return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{tag}.", dir=target.parent))
-    try:
-        fs = DVCFileSystem(repo, rev=tag)
-        fs.get(SYNTHETIC_DIR.as_posix(), str(staging / "synthetic"), recursive=True)
-        bad = SyntheticDataset(staging / "synthetic").verify() if verify else []
-        if bad:
-            raise StageError(f"{len(bad)} file(s) of {tag} do not match manifest.csv: {', '.join(bad[:5])}")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging / "synthetic", target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with FileLock(target.parent / f".{tag}.lock"):
+        if (target / "manifest.csv").is_file() and (not verify or not SyntheticDataset(target).verify()):
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{tag}.", dir=target.parent))
+        try:
+            try:
+                DVCFileSystem(repo, rev=tag).get(SYNTHETIC_DIR.as_posix(), str(staging / "synthetic"), recursive=True)
+            except FileNotFoundError as exc:  # dvc-data: "No storage files available" for an object the remote lacks
+                raise StageError(
+                    f"{tag}: {exc.filename or exc} could not be downloaded: the DVC remote has no object for it "
+                    f"(deleted or never pushed); nothing was written to {target.parent}"
+                ) from None
+            bad = SyntheticDataset(staging / "synthetic").verify() if verify else []
+            if bad:
+                raise StageError(
+                    f"{tag}: {len(bad)} downloaded file(s) do not match manifest.csv (a damaged object in the DVC "
+                    f"remote?): {', '.join(bad[:5])}; nothing was written to {target.parent}"
+                )
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging / "synthetic", target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

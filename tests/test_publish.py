@@ -271,3 +271,63 @@ def test_lock_second_run_fails_clearly_or_waits(tmp_path):
     dead.wait()
     with pub.pipeline_lock(tmp_path):
         pass
+
+
+def _published(tmp_path, n: int = 4) -> tuple[Path, Path, str, Path]:
+    """A published version, and a plain git clone of its repository: what a user pulls from (no DVC cache,
+    so every volume comes from the remote)."""
+    repo, remote = make_repo(tmp_path, n=n)
+    tag = pub.publish(repo).tag
+    sh("git", "clone", "-q", str(repo), str(tmp_path / "clone"), cwd=tmp_path)
+    return repo, remote, tag, tmp_path / "clone"
+
+
+def _remote_object(remote: Path, content: bytes) -> Path:
+    """The remote's object file of a volume (DVC stores objects by the md5 of their bytes)."""
+    import hashlib
+
+    digest = hashlib.md5(content).hexdigest()
+    (found,) = [p for p in remote_files(remote) if p.parent.name + p.name == digest]
+    return found
+
+
+@pytest.mark.parametrize("damage", ["corrupted", "deleted"])
+def test_a_damaged_remote_object_is_named_at_pull_and_nothing_is_handed_over(tmp_path, damage):
+    repo, remote, tag, clone = _published(tmp_path)
+    volume = repo / "data" / "synthetic" / "volumes" / "sample-000002.bin"
+    obj = _remote_object(remote, volume.read_bytes())
+    obj.chmod(0o644)
+    if damage == "corrupted":
+        obj.write_bytes(b"flipped bits")
+    else:
+        obj.unlink()
+    cache = tmp_path / "cache"
+    with pytest.raises(versions.StageError, match="sample-000002") as error:
+        versions.load_version(tag, repo=clone, cache_dir=cache)
+    assert "\n" not in str(error.value) and len(str(error.value)) < 400  # one readable line
+    left = [p for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    assert not left  # no partial or wrong set left to be picked up
+
+
+def test_concurrent_pulls_share_one_cache_and_all_verify(tmp_path):
+    """Processes that load the same version at once: one downloads, the others wait for it, and every
+    one gets a set whose files all match the manifest (no process sees a half-written or replaced folder)."""
+    _, _, tag, clone = _published(tmp_path, n=6)
+    cache = tmp_path / "cache"
+    script = textwrap.dedent(f"""\
+        from synthmri.versions import load_version
+        dataset = load_version({tag!r}, repo={str(clone)!r}, cache_dir={str(cache)!r})
+        assert len(dataset) == 6 and dataset.verify() == [], dataset.verify()
+        print(dataset.root)
+        """)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(6)
+    ]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    assert all(code == 0 for code, _, _ in results), [err[-2000:] for _, _, err in results]
+    assert len({out.strip() for _, out, _ in results}) == 1  # one cached folder for all
+    staging = [p for p in (cache.iterdir()) if p.is_dir()]
+    assert len(staging) == 1 and [p.name for p in staging[0].iterdir() if not p.name.startswith(".")] == [tag]
