@@ -296,6 +296,10 @@ class SampleParams(_Section):
     # volumes per network call, on a fixed grid (sample i runs at position i % micro_batch): batching
     # without changing any volume's bytes with the shard or its neighbours (synthmri.diffusion.sampling)
     micro_batch: int = Field(1, ge=1)
+    # how the finished set is laid out: loose NIfTI files, or WebDataset tar shards of volumes_per_tar
+    # volumes (few large files: cheap for DVC, streamable; synthmri.data.shards)
+    layout: Literal["files", "webdataset"] = "files"
+    volumes_per_tar: int = Field(1000, ge=1)
 
     @model_validator(mode="after")
     def _shards_hold_whole_micro_batches(self) -> SampleParams:

@@ -261,6 +261,25 @@ def test_rerun_skips_finished_shards_and_cleans_partial_ones(trained, prefect_se
     assert len(manifest) == 5 and manifest["file"].is_unique
 
 
+def test_webdataset_layout_holds_the_same_volumes_in_tar_shards(trained_8cubed_latents, prefect_server, tmp_path):
+    """sample.layout=webdataset: the same volumes (same checksums) end up in tar shards, the loose files are
+    gone, the set verifies and reads like the loose one, and a rerun changes nothing."""
+    params, work, _ = trained_8cubed_latents
+    loose = _sample(params, work, tmp_path / "files")
+    sample = params.sample.model_copy(update={"layout": "webdataset", "volumes_per_tar": 2})
+    out = tmp_path / "tars"
+    manifest = _sample(params.model_copy(update={"sample": sample}), work, out)
+    assert list(manifest["sha256"]) == list(loose["sha256"])
+    assert not (out / "volumes").exists() and len(list((out / "webdataset").glob("*.tar"))) == 3
+    assert pd.read_csv(out / "manifest.csv")["tar"].nunique() == 3
+    assert "WebDataset tar shards" in (out / "README.md").read_text()
+    tars, files = SyntheticDataset(out), SyntheticDataset(tmp_path / "files")
+    assert tars.verify() == [] and all(torch.equal(tars[i][0], files[i][0]) for i in range(len(files)))
+    before = {p.name: p.read_bytes() for p in (out / "webdataset").glob("*.tar")}
+    _sample(params.model_copy(update={"sample": sample}), work, out)
+    assert {p.name: p.read_bytes() for p in (out / "webdataset").glob("*.tar")} == before
+
+
 def test_dask_runner_with_two_local_workers_gives_the_same_set(trained_8cubed_latents, prefect_server, tmp_path):
     params, work, _ = trained_8cubed_latents
     threads = _sample(params, work, tmp_path / "threads")

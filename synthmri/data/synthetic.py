@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from synthmri.data.shards import TarMembers, nifti_from_bytes
 from synthmri.io import sha256_file
 
 _NOT_COVARIATES = {
@@ -27,6 +28,7 @@ _NOT_COVARIATES = {
     "ldm_version",
     "ldm_sha256",
     "synthmri_version",
+    "tar",
 }
 
 
@@ -34,7 +36,9 @@ class SyntheticDataset(Dataset):
     """Volumes of a synthetic set as ``(1, D, H, W)`` float32 tensors, with their requested covariates.
 
     Args:
-        root: the data-set folder (``manifest.csv`` + ``volumes/``), e.g. from ``dvc get``.
+        root: the data-set folder, e.g. from ``dvc get``: ``manifest.csv`` + ``volumes/`` (loose NIfTI files),
+            or ``manifest.csv`` with a ``tar`` column + ``webdataset/`` (tar shards, :mod:`synthmri.data.shards`;
+            to stream them instead, :func:`synthmri.data.shards.stream_webdataset`).
         transform: optional torchio transform (or any callable on a ``torchio.Subject``); the volume is
             the subject's ``"image"``.
         covariates: which covariates to return (default: all in the manifest).
@@ -49,13 +53,17 @@ class SyntheticDataset(Dataset):
         self.manifest = pd.read_csv(self.root / "manifest.csv")
         self.covariates = covariates or [c for c in self.manifest.columns if c not in _NOT_COVARIATES]
         self.transform = transform
+        self._tars = TarMembers(self.root, self.manifest) if "tar" in self.manifest.columns else None
 
     def __len__(self) -> int:
         return len(self.manifest)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         row = self.manifest.iloc[index]
-        image = nib.load(self.root / row["file"])
+        if self._tars is not None:
+            image = nifti_from_bytes(self._tars.read_bytes(row["tar"], row["file"]))
+        else:
+            image = nib.load(self.root / row["file"])
         volume = torch.from_numpy(np.asarray(image.dataobj, dtype=np.float32)[None].copy())
         if self.transform is not None:
             import torchio as tio
@@ -69,9 +77,18 @@ class SyntheticDataset(Dataset):
         return volume, values
 
     def verify(self) -> list[str]:
-        """Files whose sha256 differs from the manifest (empty list = the set is intact)."""
-        return [
-            f
-            for f, digest in zip(self.manifest["file"], self.manifest["sha256"])
-            if not (self.root / f).is_file() or sha256_file(self.root / f) != digest
-        ]
+        """Volumes whose sha256 differs from the manifest, or that are missing (empty list = the set is intact)."""
+        if self._tars is None:
+            return [
+                f
+                for f, digest in zip(self.manifest["file"], self.manifest["sha256"])
+                if not (self.root / f).is_file() or sha256_file(self.root / f) != digest
+            ]
+        bad = []
+        for tar, f, digest in zip(self.manifest["tar"], self.manifest["file"], self.manifest["sha256"]):
+            try:
+                if self._tars.sha256(tar, f) != digest:
+                    bad.append(f)
+            except FileNotFoundError:
+                bad.append(f)
+        return bad

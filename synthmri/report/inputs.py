@@ -8,7 +8,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
@@ -76,6 +75,7 @@ class ReportData:
 def load_report_data(params: Params, processed_dir: Path, synthetic_dir: Path) -> ReportData:
     """Read the processed real volumes (all splits) and the synthetic set; check that they match."""
     from synthmri.data.datasets import ProcessedVolumes
+    from synthmri.data.synthetic import SyntheticDataset
 
     processed_dir, synthetic_dir = Path(processed_dir), Path(synthetic_dir)
     space_path = processed_dir / SPACE_NAME
@@ -94,13 +94,14 @@ def load_report_data(params: Params, processed_dir: Path, synthetic_dir: Path) -
     low, high = space.get("intensity_range", (-1.0, 1.0))
     shape = tuple(int(s) for s in space["shape"])
     volumes = []
-    for rel in synthetic["file"]:
-        path = synthetic_dir / rel
-        if not path.is_file():
-            raise StageError(f"synthetic volume {path} listed in {manifest_path} does not exist")
-        array = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+    reader = SyntheticDataset(synthetic_dir)  # loose files or tar shards (sample.layout)
+    for i, rel in enumerate(synthetic["file"]):
+        try:
+            array = reader[i][0][0].numpy()
+        except FileNotFoundError:
+            raise StageError(f"synthetic volume {rel} listed in {manifest_path} does not exist") from None
         if array.shape != shape:
-            raise StageError(f"{path}: shape {array.shape} differs from the processed space {shape}")
+            raise StageError(f"{synthetic_dir / rel}: shape {array.shape} differs from the processed space {shape}")
         volumes.append(np.float32(low) + array * np.float32(high - low))  # [0, 1] -> processed range
     data = ReportData(
         real=real.manifest,
