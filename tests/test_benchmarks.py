@@ -74,3 +74,45 @@ def test_monai_ldm_latent_padding_keeps_the_latent_and_fits_two_halvings():
     assert padded.shape == (2, 3, 12, 12, 12) and shape == (10, 12, 10)
     assert torch.equal(padded[..., :10, :12, :10], z)  # cropping back gives the latent unchanged
     assert torch.equal(padded[..., 10:, :12, :10], z[..., 9:10, :, :].expand(-1, -1, 2, -1, -1))  # replicated edge
+
+
+def test_bench_dvc_layouts_on_a_tiny_set(tmp_path):
+    """Both layouts go through add/push/get/load_version, and a crowd of pulls all verify every checksum."""
+    from test_shards import N, loose_set
+
+    source = loose_set(tmp_path / "set")
+    out = tmp_path / "dvc.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_dvc_layouts.py"), "--set", str(source)]
+        + ["--volumes-per-tar", "3", "--pulls", "3", "--work", str(tmp_path / "work"), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    files, tars = json.loads(out.read_text())["layouts"]
+    assert files["layout"] == "files" and files["files"] == N + 1  # volumes + manifest
+    assert tars["layout"] == "webdataset" and tars["files"] == 3 + 1  # ceil(7 / 3) tars + manifest
+    for layout in (files, tars):
+        assert layout["volumes"] == N and layout["load_version_intact"]
+        assert layout["concurrent_pulls"]["all_verified"], layout["concurrent_pulls"]
+
+
+def test_bench_report_scaling_features_only_shows_the_capped_cost(tmp_path):
+    out = tmp_path / "scaling.csv"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_report_scaling.py"), "--features-only"]
+        + ["--sizes", "64", "256", "--compare-sizes", "32", "none", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    import pandas as pd
+
+    rows = pd.read_csv(out)
+    assert list(rows["volumes"]) == [64, 256, 64, 256] and (rows["metrics_s"] > 0).all()
+    # whole-set comparisons: a wider-than-real generator covers every held-out subject once it is large
+    assert rows["coverage"].iloc[3] >= rows["coverage"].iloc[1]
