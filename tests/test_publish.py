@@ -331,3 +331,48 @@ def test_concurrent_pulls_share_one_cache_and_all_verify(tmp_path):
     assert len({out.strip() for _, out, _ in results}) == 1  # one cached folder for all
     staging = [p for p in (cache.iterdir()) if p.is_dir()]
     assert len(staging) == 1 and [p.name for p in staging[0].iterdir() if not p.name.startswith(".")] == [tag]
+
+
+def test_a_version_on_an_s3_object_store_publishes_pulls_and_names_a_lost_object(tmp_path, monkeypatch):
+    """The cluster plan's remote: DVC on S3-compatible object storage (moto's S3 server on 127.0.0.1,
+    started and stopped here). Publish pushes there, a clone pulls and verifies every volume, and an
+    object deleted from the bucket stops the pull with the volume's name."""
+    pytest.importorskip("dvc_s3", reason="dvc-s3 is in the 'cluster' extra (pip install -e '.[cluster]')")
+    moto_server = pytest.importorskip("moto.server", reason="moto is in the 'cluster' extra")
+    import boto3
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
+            monkeypatch.setenv(key, value)
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="synthmri")
+        repo, _ = make_repo(tmp_path, n=4)
+        env = dict(ENV, **{k: os.environ[k] for k in os.environ if k.startswith("AWS_")})
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+        sh(DVC, "remote", "add", "-d", "-f", "store", "s3://synthmri/dvc", cwd=repo, env=env)
+        sh(DVC, "remote", "modify", "store", "endpointurl", endpoint, cwd=repo, env=env)
+        sh("git", "commit", "-qam", "DVC remote on object storage", cwd=repo)
+        tag = pub.publish(repo).tag
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="synthmri")["Contents"]]
+        assert len(keys) >= 5  # 4 volumes, manifest, card, software, the .dir listing
+        sh("git", "clone", "-q", str(repo), str(tmp_path / "clone"), cwd=tmp_path)
+        dataset = versions.load_version(tag, repo=tmp_path / "clone", cache_dir=tmp_path / "cache")
+        assert len(dataset) == 4 and dataset.verify() == []
+
+        import hashlib
+
+        digest = hashlib.md5((repo / "data/synthetic/volumes/sample-000001.bin").read_bytes()).hexdigest()
+        (lost,) = [k for k in keys if k.endswith(f"{digest[:2]}/{digest[2:]}")]
+        s3.delete_object(Bucket="synthmri", Key=lost)
+        with pytest.raises(versions.StageError, match="sample-000001"):
+            versions.load_version(tag, repo=tmp_path / "clone", cache_dir=tmp_path / "cache-2")
+    finally:
+        server.stop()
