@@ -14,7 +14,7 @@ import pandas as pd
 from synthmri.catalog import SPACE_NAME, SYNTHETIC_DIR
 from synthmri.config import Params
 from synthmri.errors import StageError
-from synthmri.logs import get_logger
+from synthmri.logs import get_logger, progress
 
 log = get_logger(__name__)
 
@@ -93,21 +93,23 @@ def load_report_data(params: Params, processed_dir: Path, synthetic_dir: Path) -
         raise StageError(f"{manifest_path} has no 'file' column")
     low, high = space.get("intensity_range", (-1.0, 1.0))
     shape = tuple(int(s) for s in space["shape"])
-    volumes = []
+    # filled in place: a list then np.stack would hold every volume twice (2 x 2.9 GB at 10,000 demo volumes)
+    volumes = np.empty((len(synthetic), *shape), np.float32)
     reader = SyntheticDataset(synthetic_dir)  # loose files or tar shards (sample.layout)
-    for i, rel in enumerate(synthetic["file"]):
+    for i, rel in enumerate(progress(synthetic["file"], "Reading the synthetic set", "vol")):
         try:
             array = reader[i][0][0].numpy()
         except FileNotFoundError:
             raise StageError(f"synthetic volume {rel} listed in {manifest_path} does not exist") from None
         if array.shape != shape:
             raise StageError(f"{synthetic_dir / rel}: shape {array.shape} differs from the processed space {shape}")
-        volumes.append(np.float32(low) + array * np.float32(high - low))  # [0, 1] -> processed range
+        np.multiply(array, np.float32(high - low), out=volumes[i])
+        volumes[i] += np.float32(low)  # [0, 1] -> processed range
     data = ReportData(
         real=real.manifest,
         real_volumes=real_volumes,
         synthetic=synthetic,
-        synthetic_volumes=np.stack(volumes) if volumes else np.zeros((0, *shape), np.float32),
+        synthetic_volumes=volumes,
         space=space,
         reference_splits=list(params.report.reference_splits),
         synthetic_dir=synthetic_dir,
