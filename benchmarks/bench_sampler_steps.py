@@ -65,19 +65,28 @@ def plot(csv: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     frame = pd.read_csv(csv)
-    metrics = [("fd_ratio", "FD ratio (lower is better)"), ("precision", "precision"), ("coverage", "coverage")]
-    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(4.2 * (len(metrics) + 1), 3.4))
+    metrics = [
+        ("fd_ratio", "FD ratio (lower is better)"),
+        ("precision", "precision"),
+        ("coverage", "coverage"),
+        ("diversity", "diversity ratio (synthetic / real)"),
+        ("effect_ventricles", "ventricles-vs-age effect ratio"),
+    ]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.4))
+    axes = axes.ravel()
     for name, group in frame.groupby("sampler"):
         mean = group.groupby("steps").mean(numeric_only=True)
         spread = group.groupby("steps").agg(["min", "max"])
         for ax, (column, label) in zip(axes, metrics):
-            ax.plot(mean.index, mean[column], "o-", label=name)
-            ax.fill_between(mean.index, spread[column]["min"], spread[column]["max"], alpha=0.2)
+            low, high = mean[column] - spread[column]["min"], spread[column]["max"] - mean[column]
+            ax.errorbar(mean.index, mean[column], yerr=[low, high], fmt="o-", capsize=3, label=name)
             ax.set(xscale="log", xlabel="sampler steps", title=label)
+            if column in ("precision", "coverage"):
+                ax.set_ylim(-0.05, 1.05)  # fractions: a flat 0 reads as 0, not as an axis offset
         axes[-1].plot(mean.index, mean["volumes_per_min"], "o-", label=name)
     axes[-1].set(xscale="log", yscale="log", xlabel="sampler steps", title="volumes/min (this CPU)")
     axes[0].legend()
-    fig.suptitle("Sampler steps against the report's fidelity (mean and range over repeats; same model, same seeds)")
+    fig.suptitle("Sampler steps against the report's fidelity (mean, bars: range over repeats; same model, same seeds)")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
