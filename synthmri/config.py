@@ -265,7 +265,8 @@ class DiffusionTrainParams(TrainParams):
 
 class SamplerParams(_Section):
     sampler: Literal["ddpm", "ddim", "dpm_solver"] = "dpm_solver"
-    steps: int = Field(25, ge=1)
+    # DPM-Solver++ 10 vs 25 steps: 1.9x faster, same FD and effects, diversity 0.81 vs 0.83 (benchmarks/RESULTS.md)
+    steps: int = Field(10, ge=1)
     guidance_scale: float = Field(2.0, ge=0)
 
 
