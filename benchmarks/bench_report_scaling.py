@@ -48,12 +48,11 @@ FAMILIES = (
 
 def generated_records(synthetic_dir: Path) -> pd.DataFrame:
     """The set's rows in index order: the manifest if the stage has finished, else its recorded shards."""
+    from synthmri.stages.sample import recorded_manifest
+
     if (synthetic_dir / "manifest.csv").is_file():
         return pd.read_csv(synthetic_dir / "manifest.csv")
-    rows = [
-        r for shard in sorted((synthetic_dir / "shards").glob("shard-*.json")) for r in json.loads(shard.read_text())
-    ]
-    return pd.DataFrame(rows).sort_values("sample_index").reset_index(drop=True)
+    return recorded_manifest(synthetic_dir)
 
 
 def one_size(project: Path, size: int, params_path: Path, overrides: list[str]) -> dict:

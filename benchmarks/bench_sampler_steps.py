@@ -35,7 +35,7 @@ from synthmri.data.latents import LatentSet
 from synthmri.report.compute import compute_set_metrics
 from synthmri.report.gate import evaluate_gate
 from synthmri.report.inputs import load_report_data
-from synthmri.stages.sample import SampleJob
+from synthmri.stages.sample import SampleJob, recorded_manifest
 from synthmri.synthesis.plan import make_plan
 
 OUT = Path(__file__).parent / "results" / "sampler_steps.csv"
@@ -48,8 +48,7 @@ def parse_setting(text: str) -> tuple[str, int]:
 
 def score(params, out: Path) -> dict:
     """The report's set metrics of the volumes in ``out`` (its shard records become the manifest)."""
-    rows = [r for shard in sorted((out / "shards").glob("shard-*.json")) for r in json.loads(shard.read_text())]
-    pd.DataFrame(rows).sort_values("sample_index").to_csv(out / "manifest.csv", index=False)
+    recorded_manifest(out).to_csv(out / "manifest.csv", index=False)
     data = load_report_data(params, PROCESSED_DIR, out)
     metrics = compute_set_metrics(params, data, privacy=False, intervals=False).metrics
     checks = evaluate_gate(metrics, params.report.thresholds)

@@ -82,6 +82,19 @@ def sample_volume_name(index: int) -> str:
     return f"sample-{index:06d}.nii.gz"
 
 
+def recorded_manifest(out_dir: Path, shards: list[int] | None = None) -> pd.DataFrame:
+    """The rows of the recorded shards (the given ones, or every one present) in sample-index order: the
+    set's manifest once every shard is recorded, or what a running or killed stage has finished so far."""
+    shard_dir = Path(out_dir) / "shards"
+    paths = (
+        sorted(shard_dir.glob("shard-*.json"))
+        if shards is None
+        else [shard_dir / f"shard-{s:05d}.json" for s in shards]
+    )
+    records = [record for path in paths for record in json.loads(path.read_text())]
+    return pd.DataFrame(records).sort_values("sample_index").reset_index(drop=True)
+
+
 def generate_shard(job: SampleJob, shard: int, items: list[tuple[int, dict]]) -> dict:
     """Generate, decode and write the volumes of one shard; record it only when all are on disk."""
     with intra_op_threads(job.torch_threads):  # the bytes must not depend on the process it runs in
@@ -405,10 +418,7 @@ def _generate(
     if pending:
         run_shards(params, job, pending, len(plan), done)
 
-    records = []
-    for shard, _ in shards:
-        records.extend(json.loads((out_dir / "shards" / f"shard-{shard:05d}.json").read_text()))
-    manifest = pd.DataFrame(records).sort_values("sample_index").reset_index(drop=True)
+    manifest = recorded_manifest(out_dir, [shard for shard, _ in shards])
     listed = set(manifest["file"])
     for stray in (out_dir / "volumes").glob("*"):
         if f"volumes/{stray.name}" not in listed:  # leftovers of a shard that was killed half-way
