@@ -30,6 +30,11 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name)
 
 
-def progress(items: Iterable[T], desc: str, unit: str, total: int | None = None) -> Iterator[T]:
-    """A progress bar with rate and ETA, on stderr, quiet when stderr is not a terminal and long."""
+def progress(items: Iterable[T], desc: str, unit: str, total: int | None = None, min_total: int = 0) -> Iterator[T]:
+    """A progress bar with rate and ETA, on stderr, quiet when stderr is not a terminal and long.
+
+    ``min_total``: no bar below this many items (a loop that is long only on a large set stays quiet on a small
+    one)."""
+    if min_total and (total if total is not None else len(items)) < min_total:  # type: ignore[arg-type]
+        return iter(items)
     return iter(tqdm(items, desc=desc, unit=unit, total=total, dynamic_ncols=True, mininterval=1.0))

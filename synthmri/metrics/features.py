@@ -37,6 +37,7 @@ from skimage.filters import threshold_multiotsu
 from torch import nn
 
 from synthmri.data.masks import head_mask
+from synthmri.logs import progress
 from synthmri.models.slicing import slice_indices, take_slices
 
 log = logging.getLogger(__name__)
@@ -109,11 +110,23 @@ class FeatureExtractor(ABC):
     name: str = "extractor"
     feature_names: list[str] | None = None
 
+    #: Volumes per call of :meth:`_extract`; a set larger than one chunk shows a progress bar (a 10,000-volume
+    #: set takes minutes). Features are per volume, so chunking does not change them.
+    chunk_size: int = 256
+
     def __call__(self, volumes) -> np.ndarray:
         array = as_volumes(volumes)
         if len(array) == 0:
             raise ValueError(f"{self.name}: no volumes given")
-        feats = np.asarray(self._extract(array), dtype=np.float64)
+        starts = progress(
+            range(0, len(array), self.chunk_size),
+            f"Features ({self.name}, {self.chunk_size} volumes a step)",
+            "step",
+            min_total=2,
+        )
+        feats = np.concatenate(
+            [np.asarray(self._extract(array[s : s + self.chunk_size]), dtype=np.float64) for s in starts]
+        )
         if feats.ndim != 2 or feats.shape[0] != len(array):
             raise RuntimeError(f"{self.name}: returned features of shape {feats.shape} for {len(array)} volumes")
         if not np.isfinite(feats).all():

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from synthmri.logs import progress
 from synthmri.metrics.features import as_volumes, head_mask_normalized
 from synthmri.metrics.image import ssim3d
 
@@ -114,7 +115,8 @@ def ssim_matrix(queries, train, data_range: float = 2.0, pairs_mask: np.ndarray 
     ``pairs_mask`` is true when given (NaN elsewhere). About 10 ms per pair at 40×48×40."""
     queries, train = as_volumes(queries), as_volumes(train)
     out = np.full((len(queries), len(train)), np.nan)
-    for i, query in enumerate(queries):
+    rows = progress(queries, "3D SSIM with training volumes", "vol", total=len(queries), min_total=500)
+    for i, query in enumerate(rows):
         for j, reference in enumerate(train):
             if pairs_mask is None or pairs_mask[i, j]:
                 out[i, j] = ssim3d(reference, query, data_range)

@@ -16,7 +16,7 @@ import pandas as pd
 
 from synthmri.config import Covariate, ReportParams, VQGANLossParams
 from synthmri.data.covariates import covariate_column
-from synthmri.logs import get_logger
+from synthmri.logs import get_logger, progress
 from synthmri.report.inputs import ReportData
 
 log = get_logger(__name__)
@@ -30,6 +30,14 @@ DEMO_TRUTH_COLUMN = "ventricle_ml"
 FD_BASELINE_DRAWS = 5
 #: A real effect must be significant at this level before a synthetic/real effect ratio is judged.
 EFFECT_P_VALUE = 0.05
+#: Per-volume loops over at least this many synthetic volumes show a progress bar.
+LARGE_SET = 1000
+
+
+def _each(volumes: np.ndarray, what: str):
+    """``volumes`` one by one, with a progress bar on a large set (a per-volume measure of 10,000 volumes takes
+    about a minute)."""
+    return progress(volumes, f"{what} of the synthetic set", "vol", total=len(volumes), min_total=LARGE_SET)
 
 
 def feature_key(name: str) -> str:
@@ -332,7 +340,7 @@ def conditioning_metrics(
         if real_age is not None and syn is not None:
             syn_age, syn_ok = syn
             csf_real = np.array([cond.csf_fraction(v, low_high) for v in data.real_volumes])
-            csf_syn = np.array([cond.csf_fraction(v, low_high) for v in data.synthetic_volumes])
+            csf_syn = np.array([cond.csf_fraction(v, low_high) for v in _each(data.synthetic_volumes, "CSF fraction")])
             block = _slope_block(real_age[real_ok], csf_real[real_ok], syn_age[syn_ok], csf_syn[syn_ok])
             put_flat(flat, "age.csf_fraction", block)
             details["age"] = {
@@ -349,7 +357,7 @@ def conditioning_metrics(
                 vent_syn = np.array(
                     [
                         cond.ventricle_volume_ml(v, data.affine, low_high, VENTRICLE_THRESHOLD)
-                        for v in data.synthetic_volumes
+                        for v in _each(data.synthetic_volumes, "Ventricle volume")
                     ]
                 )
                 block = _slope_block(real_age[real_ok], vent_real[real_ok], syn_age[syn_ok], vent_syn[syn_ok])
@@ -377,7 +385,7 @@ def conditioning_metrics(
             def head_ml(volumes: np.ndarray) -> np.ndarray:
                 return np.array([head_mask_normalized(v, low_high).sum() for v in volumes]) * data.voxel_ml
 
-            head_real, head_syn = head_ml(data.real_volumes), head_ml(data.synthetic_volumes)
+            head_real, head_syn = head_ml(data.real_volumes), head_ml(_each(data.synthetic_volumes, "Head size"))
             first, last = sex.levels[0], sex.levels[-1]
             block: dict[str, Any] = {}
             groups = {}
