@@ -16,6 +16,8 @@ taken out), it times:
 - ``--pulls`` processes calling ``load_version`` at once on one new cache: wall time, and whether every
   process got the whole set with every checksum verified.
 
+Each step's peak RSS is recorded too (``peak_rss_mb``; ``load_version``'s is this process's peak so far).
+
 Writes ``benchmarks/results/dvc_layouts.json`` (or ``--out``) and prints it. Each layout's folder is
 deleted after its measurements (``--keep`` keeps them).
 """
@@ -25,9 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -42,12 +46,24 @@ ENV = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{BIN}{os.pathsep}{os.environ
 TAG = "synth-" + time.strftime("%Y%m%d")
 
 
-def run(*cmd: str, cwd: Path) -> float:
+PEAK_MB: dict[str, float] = {}  # step -> peak RSS of its process (MB), filled by run()
+
+
+def run(*cmd: str, cwd: Path, step: str | None = None) -> float:
+    """Seconds ``cmd`` took; its peak RSS (``os.wait4``: the process and the children it waited for) goes to
+    ``PEAK_MB[step]``."""
     started = time.perf_counter()
-    done = subprocess.run(list(cmd), cwd=cwd, env=ENV, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed in {cwd}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return round(time.perf_counter() - started, 1)
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(list(cmd), cwd=cwd, env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = round(time.perf_counter() - started, 1)
+        if proc.returncode != 0:
+            log.seek(0)
+            raise SystemExit(f"{' '.join(cmd)} failed in {cwd}:\n{log.read()[-4000:]}")
+    if step:
+        PEAK_MB[step] = round(usage.ru_maxrss / 1024, 1)  # Linux: KiB
+    return seconds
 
 
 def place_set(source: Path, target: Path, layout: str, per_tar: int) -> float:
@@ -71,12 +87,14 @@ def place_set(source: Path, target: Path, layout: str, per_tar: int) -> float:
 def pulls(clone: Path, cache: Path, n: int, volumes: int) -> dict:
     """``n`` processes load the version at once into one cache; each verifies every checksum."""
     script = textwrap.dedent(f"""\
+        import resource
         import time
         from synthmri.versions import load_version
         started = time.perf_counter()
         dataset = load_version({TAG!r}, repo={str(clone)!r}, cache_dir={str(cache)!r})
         ok = len(dataset) == {volumes} and dataset.verify() == []
-        print(ok, round(time.perf_counter() - started, 1))
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(ok, round(time.perf_counter() - started, 1), round(peak_mb, 1))
         """)
     started = time.perf_counter()
     procs = [
@@ -89,7 +107,8 @@ def pulls(clone: Path, cache: Path, n: int, volumes: int) -> dict:
     wall = round(time.perf_counter() - started, 1)
     results = [out.strip().split() for out, _ in outputs]
     verified = sum(1 for p, r in zip(procs, results) if p.returncode == 0 and r and r[0] == "True")
-    per_process = sorted(float(r[1]) for r in results if len(r) == 2)
+    per_process = sorted(float(r[1]) for r in results if len(r) == 3)
+    peaks = [float(r[2]) for r in results if len(r) == 3]
     return {
         "processes": n,
         "wall_s": wall,
@@ -97,6 +116,7 @@ def pulls(clone: Path, cache: Path, n: int, volumes: int) -> dict:
         "verified": verified,
         "slowest_process_s": per_process[-1] if per_process else None,
         "fastest_process_s": per_process[0] if per_process else None,
+        "peak_rss_mb_per_process_max": max(peaks) if peaks else None,
         "errors": [err.strip().splitlines()[-1] for p, (_, err) in zip(procs, outputs) if p.returncode != 0][:3],
     }
 
@@ -117,10 +137,10 @@ def measure(source: Path, work: Path, layout: str, per_tar: int, n_pulls: int) -
     out["files"], out["bytes"] = len(files), sum(p.stat().st_size for p in files)
     volumes = len(pd.read_csv(repo / "data" / "synthetic" / "manifest.csv"))
     out["volumes"] = volumes
-    out["dvc_add_s"] = run("dvc", "add", "-q", "data/synthetic", cwd=repo)
-    out["dvc_status_s"] = run("dvc", "status", "-q", cwd=repo)
-    out["dvc_push_s"] = run("dvc", "push", "-q", cwd=repo)
-    out["dvc_status_cloud_s"] = run("dvc", "status", "-c", "-q", cwd=repo)
+    out["dvc_add_s"] = run("dvc", "add", "-q", "data/synthetic", cwd=repo, step="dvc_add")
+    out["dvc_status_s"] = run("dvc", "status", "-q", cwd=repo, step="dvc_status")
+    out["dvc_push_s"] = run("dvc", "push", "-q", cwd=repo, step="dvc_push")
+    out["dvc_status_cloud_s"] = run("dvc", "status", "-c", "-q", cwd=repo, step="dvc_status_cloud")
     (repo / "reports").mkdir()
     (repo / "reports" / "release.json").write_text(json.dumps({"tag": TAG, "dataset": {"volumes": volumes}}))
     run("git", "add", "-A", cwd=repo)
@@ -128,7 +148,9 @@ def measure(source: Path, work: Path, layout: str, per_tar: int, n_pulls: int) -
     run("git", "tag", TAG, cwd=repo)
     clone = work / "clone"
     run("git", "clone", "-q", str(repo), str(clone), cwd=work)
-    out["dvc_get_s"] = run("dvc", "get", str(clone), "data/synthetic", "--rev", TAG, "-o", str(work / "got"), cwd=work)
+    out["dvc_get_s"] = run(
+        "dvc", "get", str(clone), "data/synthetic", "--rev", TAG, "-o", str(work / "got"), cwd=work, step="dvc_get"
+    )
     shutil.rmtree(work / "got")
     started = time.perf_counter()
     dataset = load_version(TAG, repo=clone, cache_dir=work / "cache")
@@ -137,6 +159,9 @@ def measure(source: Path, work: Path, layout: str, per_tar: int, n_pulls: int) -
     dataset = load_version(TAG, repo=clone, cache_dir=work / "cache")
     out["load_version_warm_s"] = round(time.perf_counter() - started, 1)
     out["load_version_intact"] = len(dataset) == volumes
+    out["peak_rss_mb"] = dict(PEAK_MB)
+    out["peak_rss_mb"]["load_version"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    PEAK_MB.clear()
     shutil.rmtree(work / "cache")
     if n_pulls:
         out["concurrent_pulls"] = pulls(clone, work / "cache-crowd", n_pulls, volumes)

@@ -1,18 +1,20 @@
 """Reproducible sampling throughput: the `sample` stage's shards at several micro-batch sizes, side by side.
 
     make demo && .venv/bin/python benchmarks/bench_sample_throughput.py [--volumes 32] \\
-        [--micro-batches 1 4 8] [--workers 2] [--repeats 2] [-S diffusion.sampler.steps=10 ...]
+        [--micro-batches 1 4 8] [--steps 25 10] [--workers 2] [--repeats 2] [-S key=value ...]
 
 Runs the stage's own shard function (``generate_shard``: chains with classifier-free guidance, VQ-GAN
 decoding, NIfTI writing and checksums) with the demo models of ``models/`` on the covariate plan of
 ``--params``: ``--workers`` shards at a time in threads, as the stage's thread task runner runs them (without
 Prefect's server start-up, which is the same for every setting), each shard on ``sample.torch_threads``
 threads. ``micro_batch`` 1 is the per-volume path; every setting keeps each volume's bytes independent of
-its shard and neighbours (``synthmri.diffusion.sampling``). Settings are interleaved over ``--repeats`` so
-that background load falls on all of them alike.
+its shard and neighbours (``synthmri.diffusion.sampling``). ``--steps`` (default: ``diffusion.sampler.steps``)
+adds the number of sampler steps as a second axis, so that an old setting (25 steps, one volume at a time)
+and a new one run side by side. Settings are interleaved over ``--repeats`` so that background load falls on
+all of them alike.
 
 Each row: volumes/min, seconds, and the largest voxel difference of the setting's volumes from the
-micro-batch-1 volumes (the rounding a different micro-batch size costs). Appends to
+micro-batch-1 volumes (the rounding a different micro-batch size costs; compared at equal steps). Appends to
 ``benchmarks/results/sample_throughput.csv`` and prints each row.
 """
 
@@ -62,6 +64,7 @@ def main() -> None:
     parser.add_argument("--volumes", type=int, default=32)
     parser.add_argument("--micro-batches", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--workers", type=int, default=None, help="default: sample.workers")
+    parser.add_argument("--steps", type=int, nargs="+", default=None, help="default: diffusion.sampler.steps")
     parser.add_argument("--repeats", type=int, default=2)
     add_run_args(parser, OUT)
     args = parser.parse_args()
@@ -70,11 +73,12 @@ def main() -> None:
     plan = make_plan(params, LatentSet(LATENT_DIR, "train").manifest)
     space = json.loads((PROCESSED_DIR / SPACE_NAME).read_text())
     sampler = params.diffusion.sampler
+    settings = [(steps, mb) for steps in (args.steps or [sampler.steps]) for mb in args.micro_batches]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
-            for micro_batch in args.micro_batches:
-                out = Path(tmp) / f"mb{micro_batch}-r{repeat}"
+            for steps, micro_batch in settings:
+                out = Path(tmp) / f"s{steps}-mb{micro_batch}-r{repeat}"
                 job = SampleJob(
                     str(LDM_DIR),
                     str(VQGAN_DIR),
@@ -82,7 +86,7 @@ def main() -> None:
                     str(out),
                     space["affine"],
                     sampler.sampler,
-                    sampler.steps,
+                    steps,
                     sampler.guidance_scale,
                     params.sample.seed,
                     "bench",
@@ -90,11 +94,11 @@ def main() -> None:
                     params.sample.torch_threads,
                     micro_batch,
                 )
-                if repeat == 0 and micro_batch == args.micro_batches[0]:  # load the models outside the clock
+                if repeat == 0 and (steps, micro_batch) == settings[0]:  # load the models outside the clock
                     run_setting(job, plan[:1], 1, 1)
                 shard_size = shard_size_for(micro_batch, params.sample.shard_size)
                 seconds = run_setting(job, plan, shard_size, workers)
-                reference = Path(tmp) / f"mb1-r{repeat}"
+                reference = Path(tmp) / f"s{steps}-mb1-r{repeat}"
                 max_diff = (
                     max(
                         float(
@@ -116,7 +120,7 @@ def main() -> None:
                     "torch_threads": params.sample.torch_threads,
                     "shard_size": shard_size,
                     "sampler": sampler.sampler,
-                    "steps": sampler.steps,
+                    "steps": steps,
                     "guidance_scale": sampler.guidance_scale,
                     "seconds": round(seconds, 2),
                     "volumes_per_min": round(60 * len(plan) / seconds, 1),

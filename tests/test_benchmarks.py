@@ -97,6 +97,9 @@ def test_bench_dvc_layouts_on_a_tiny_set(tmp_path):
     for layout in (files, tars):
         assert layout["volumes"] == N and layout["load_version_intact"]
         assert layout["concurrent_pulls"]["all_verified"], layout["concurrent_pulls"]
+        steps = ("dvc_add", "dvc_status", "dvc_push", "dvc_status_cloud", "dvc_get", "load_version")
+        assert set(layout["peak_rss_mb"]) == set(steps) and min(layout["peak_rss_mb"].values()) > 10
+        assert layout["concurrent_pulls"]["peak_rss_mb_per_process_max"] > 10
 
 
 def test_bench_report_scaling_features_only_shows_the_capped_cost(tmp_path):
