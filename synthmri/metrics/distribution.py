@@ -20,7 +20,6 @@ import warnings
 import numpy as np
 from scipy import linalg
 from scipy.spatial.distance import jensenshannon, pdist
-from scipy.stats import wasserstein_distance
 from sklearn.metrics import pairwise_distances
 from sklearn.neighbors import NearestNeighbors
 
@@ -32,7 +31,7 @@ __all__ = [
     "prdc",
     "compare_features",
     "histogram_distance",
-    "head_intensities",
+    "head_histogram",
 ]
 
 
@@ -221,12 +220,21 @@ def compare_features(
     }
 
 
-def head_intensities(volumes, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
-    """All intensities inside the head mask of each volume, pooled into one 1D array."""
+#: Fine bins per display bin for the Wasserstein-1 distance (64 display bins -> 4,096 fine bins on [-1, 1]).
+W1_BINS_PER_BIN = 64
+
+
+def head_histogram(volumes, edges: np.ndarray, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
+    """Voxel counts inside the head mask of each volume, pooled over the volumes, in the bins ``edges``
+    (values outside ``value_range`` are clipped into the outer bins). One volume at a time: the memory is
+    that of the bins, whatever the number of volumes."""
     from synthmri.metrics.features import head_mask_normalized
 
-    values = [np.asarray(v, dtype=np.float32)[head_mask_normalized(v, value_range)] for v in volumes]
-    return np.concatenate(values) if values else np.zeros(0, dtype=np.float32)
+    counts = np.zeros(len(edges) - 1, dtype=np.int64)
+    for volume in volumes:
+        values = np.asarray(volume, dtype=np.float32)[head_mask_normalized(volume, value_range)]
+        counts += np.histogram(np.clip(values, *value_range), bins=edges)[0]
+    return counts
 
 
 def histogram_distance(
@@ -234,30 +242,37 @@ def histogram_distance(
 ) -> dict[str, object]:
     """Distance between the pooled in-head intensity distributions of two sets of volumes.
 
-    Each volume's head mask comes from :func:`synthmri.metrics.features.head_mask_normalized`.
+    Each volume's head mask comes from :func:`synthmri.metrics.features.head_mask_normalized`. Both
+    distances come from pooled histograms (:func:`head_histogram`), so the cost is linear in the number of
+    volumes and the memory constant: pooling the voxels themselves held 300 million values (and scipy's sort
+    of them) for a 10,000-volume demo set, 9.7 GB.
 
     Returns a dict with
-        ``wasserstein``: Wasserstein-1 (earth mover's) distance between the pooled intensities
-        (``scipy.stats.wasserstein_distance``), in intensity units (so on a [-1, 1] scale);
-        ``js_distance``: Jensen-Shannon distance (base 2, in [0, 1]) between the two histograms;
+        ``wasserstein``: Wasserstein-1 (earth mover's) distance between the pooled intensities, in intensity
+        units (so on a [-1, 1] scale): ∫|F_real − F_fake| over ``bins × W1_BINS_PER_BIN`` fine bins, exact
+        up to one fine bin width (0.0005 on [-1, 1]; ``scipy.stats.wasserstein_distance`` on the voxels
+        agrees to that, tested);
+        ``js_distance``: Jensen-Shannon distance (base 2, in [0, 1]) between the two ``bins``-bin histograms;
         ``bin_edges``, ``real_hist``, ``fake_hist``: the histograms (probability densities) for plotting;
         ``n_real_voxels``, ``n_fake_voxels``.
     """
-    real = head_intensities(real_vols, value_range)
-    fake = head_intensities(fake_vols, value_range)
-    if real.size == 0 or fake.size == 0:
+    fine_edges = np.linspace(value_range[0], value_range[1], bins * W1_BINS_PER_BIN + 1)
+    real = head_histogram(real_vols, fine_edges, value_range)
+    fake = head_histogram(fake_vols, fine_edges, value_range)
+    if real.sum() == 0 or fake.sum() == 0:
         raise ValueError("histogram_distance: a set has no voxels inside the head")
-    edges = np.linspace(value_range[0], value_range[1], bins + 1)
-    # clip so values on or just beyond the range edges land in the outer bins instead of being dropped
-    real_hist, _ = np.histogram(np.clip(real, *value_range), bins=edges, density=True)
-    fake_hist, _ = np.histogram(np.clip(fake, *value_range), bins=edges, density=True)
+    cdf_gap = np.cumsum(real / real.sum() - fake / fake.sum())
+    wasserstein = float(np.abs(cdf_gap[:-1]).sum() * (fine_edges[1] - fine_edges[0]))
+    edges = fine_edges[::W1_BINS_PER_BIN]
+    real_counts, fake_counts = (c.reshape(bins, W1_BINS_PER_BIN).sum(1) for c in (real, fake))
+    real_hist, fake_hist = (c / c.sum() / np.diff(edges) for c in (real_counts, fake_counts))
     js = float(jensenshannon(real_hist, fake_hist, base=2))
     return {
-        "wasserstein": float(wasserstein_distance(real, fake)),
+        "wasserstein": wasserstein,
         "js_distance": 0.0 if math.isnan(js) else js,
         "bin_edges": edges,
         "real_hist": real_hist,
         "fake_hist": fake_hist,
-        "n_real_voxels": int(real.size),
-        "n_fake_voxels": int(fake.size),
+        "n_real_voxels": int(real.sum()),
+        "n_fake_voxels": int(fake.sum()),
     }
