@@ -280,6 +280,11 @@ def test_ncc_is_pearson_inside_union_mask_and_shortlist():
     assert privacy.ncc_matrix(vols[:1], np.where(vols[:1] > -1, 0.5 * vols[:1] + 0.1, -1.0))[0, 0] > 0.999
     short = privacy.nearest_neighbours(vols[:2], vols, metric="ssim", shortlist=2)
     assert np.isnan(short.scores).sum() == 2 * 2 and list(short.index) == [0, 1]
+    # a precomputed NCC matrix is used as given: the shortlist follows it, not a recomputation
+    reversed_ncc = -matrix
+    other = privacy.nearest_neighbours(vols[:2], vols, metric="ssim", shortlist=2, ncc=reversed_ncc)
+    assert not np.isnan(other.scores[:, np.argsort(matrix[0])[:2]][0]).any() and list(other.index) != [0, 1]
+    assert np.array_equal(privacy.nearest_neighbours(vols[:2], vols, ncc=matrix).scores, matrix)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -87,7 +87,8 @@ def ncc_matrix(queries, train, value_range: tuple[float, float] = (-1.0, 1.0), c
     bbq = bb * q
     sum_b_q, sum_bb_q, n_q = bq.sum(1), bbq.sum(1), q.sum(1)
     out = []
-    for start in range(0, len(queries), chunk):
+    starts = range(0, len(queries), chunk)
+    for start in progress(starts, f"NCC with training volumes ({chunk} volumes a step)", "step", min_total=16):
         a, p = _flatten_with_masks(queries[start : start + chunk], value_range)
         if a.shape[1] != b.shape[1]:
             raise ValueError(f"query and training volumes differ in shape ({a.shape[1]} vs {b.shape[1]} voxels)")
@@ -124,7 +125,12 @@ def ssim_matrix(queries, train, data_range: float = 2.0, pairs_mask: np.ndarray 
 
 
 def nearest_neighbours(
-    synthetic, train, metric: str = "ncc", value_range: tuple[float, float] = (-1.0, 1.0), shortlist: int | None = None
+    synthetic,
+    train,
+    metric: str = "ncc",
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    shortlist: int | None = None,
+    ncc: np.ndarray | None = None,
 ) -> Neighbours:
     """The most similar training volume of each synthetic (or held-out) volume.
 
@@ -136,6 +142,8 @@ def nearest_neighbours(
         value_range: intensity range (head masks; SSIM data range).
         shortlist: SSIM only: score just the ``shortlist`` training volumes with the highest NCC of
             each query (``None`` = all pairs).
+        ncc: :func:`ncc_matrix` of these volumes when already computed (it is the costly part on a large set,
+            and both metrics need it).
     """
     if metric not in METRICS:
         raise ValueError(f"unknown similarity '{metric}', expected one of {METRICS}")
@@ -143,11 +151,11 @@ def nearest_neighbours(
     if len(train) == 0 or len(synthetic) == 0:
         raise ValueError("nearest_neighbours needs at least one query and one training volume")
     if metric == "ncc":
-        scores = ncc_matrix(synthetic, train, value_range)
+        scores = ncc if ncc is not None else ncc_matrix(synthetic, train, value_range)
     else:
         pairs = None
         if shortlist is not None and shortlist < len(train):
-            ncc = ncc_matrix(synthetic, train, value_range)
+            ncc = ncc if ncc is not None else ncc_matrix(synthetic, train, value_range)
             top = np.argsort(-ncc, axis=1)[:, :shortlist]
             pairs = np.zeros(ncc.shape, dtype=bool)
             np.put_along_axis(pairs, top, True, axis=1)
@@ -223,6 +231,7 @@ def memorization_report(
     n_pairs: int = 5,
     value_range: tuple[float, float] = (-1.0, 1.0),
     shortlist: int | None = None,
+    ncc: np.ndarray | None = None,
 ) -> dict:
     """Memorization summary of a synthetic set against the training set.
 
@@ -231,6 +240,7 @@ def memorization_report(
         holdout: held-out real volumes to calibrate the threshold (:func:`calibrate_threshold`);
             or pass ``calibration`` computed before (its metric wins).
         n_pairs: how many closest synthetic/training pairs to return for the side-by-side figure.
+        ncc: :func:`ncc_matrix` of ``synthetic`` against ``train``, when already computed.
 
     Returns:
         dict with ``metric``, ``threshold``, ``quantile``, ``n_synthetic``, ``n_likely_copies``
@@ -247,7 +257,7 @@ def memorization_report(
             raise ValueError("memorization_report needs held-out real volumes or a calibration")
         calibration = calibrate_threshold(train, holdout, quantile, metric, value_range, shortlist)
     metric = calibration.metric
-    nn = nearest_neighbours(synthetic, train, metric, value_range, shortlist)
+    nn = nearest_neighbours(synthetic, train, metric, value_range, shortlist, ncc)
     copies = np.flatnonzero(nn.score > calibration.threshold)
     chance, chance_bound = chance_copy_fraction(len(nn.score), len(calibration.holdout_scores), calibration.quantile)
     order = np.argsort(-nn.score, kind="stable")[:n_pairs]

@@ -220,10 +220,11 @@ def privacy_metrics(
     reads: :func:`synthmri.metrics.privacy.chance_copy_fraction` has the derivation), and near duplicates: scores above ``(threshold + 1) / 2``, i.e. closer to identical than to the most
     similar pair of different real subjects. The gate reads the ``report.privacy_metric`` numbers,
     repeated without the metric name (``privacy.excess_fraction``...)."""
-    from synthmri.metrics.privacy import memorization_report
+    from synthmri.metrics.privacy import memorization_report, ncc_matrix
 
     flat: dict[str, Any] = {"metric": rp.privacy_metric, "quantile": rp.privacy_quantile}
     details = {}
+    ncc = ncc_matrix(synthetic, train, value_range)  # both metrics need it (SSIM: its shortlist)
     for metric in ("ncc", "ssim"):
         report = memorization_report(
             synthetic,
@@ -234,6 +235,7 @@ def privacy_metrics(
             n_pairs=rp.n_pairs,
             value_range=value_range,
             shortlist=rp.ssim_shortlist if metric == "ssim" else None,
+            ncc=ncc,
         )
         near = (report["threshold"] + 1.0) / 2.0
         scores = np.asarray(report["synthetic_scores"])
