@@ -16,7 +16,8 @@ taken out), it times:
 - ``--pulls`` processes calling ``load_version`` at once on one new cache: wall time, and whether every
   process got the whole set with every checksum verified.
 
-Each step's peak RSS is recorded too (``peak_rss_mb``; ``load_version``'s is this process's peak so far).
+Each step's peak RSS is recorded too (``peak_rss_mb``, with GNU time; ``load_version``'s is this process's peak so
+far, and each concurrent pull reports its own).
 
 Writes ``benchmarks/results/dvc_layouts.json`` (or ``--out``) and prints it. Each layout's folder is
 deleted after its measurements (``--keep`` keeps them).
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -46,24 +46,33 @@ ENV = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{BIN}{os.pathsep}{os.environ
 TAG = "synth-" + time.strftime("%Y%m%d")
 
 
-PEAK_MB: dict[str, float] = {}  # step -> peak RSS of its process (MB), filled by run()
+PEAK_MB: dict[str, float | None] = {}  # step -> peak RSS of its process (MB), filled by run()
+#: GNU time measures a command's own peak RSS: its child is forked from a small process. (``os.wait4`` on a
+#: child forked from this process reports this process's RSS at the fork, about 600 MB, for every command.)
+GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
 
 
 def run(*cmd: str, cwd: Path, step: str | None = None) -> float:
-    """Seconds ``cmd`` took; its peak RSS (``os.wait4``: the process and the children it waited for) goes to
-    ``PEAK_MB[step]``."""
+    """Seconds ``cmd`` took; its peak RSS goes to ``PEAK_MB[step]`` (None without GNU time)."""
     started = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(list(cmd), cwd=cwd, env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    with tempfile.NamedTemporaryFile("w+", suffix=".rss") as rss:
+        prefix = [GNU_TIME, "-f", "%M", "-o", rss.name] if GNU_TIME and step else []
+        done = subprocess.run(prefix + list(cmd), cwd=cwd, env=ENV, capture_output=True, text=True)
         seconds = round(time.perf_counter() - started, 1)
-        if proc.returncode != 0:
-            log.seek(0)
-            raise SystemExit(f"{' '.join(cmd)} failed in {cwd}:\n{log.read()[-4000:]}")
-    if step:
-        PEAK_MB[step] = round(usage.ru_maxrss / 1024, 1)  # Linux: KiB
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed in {cwd}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        if step:
+            text = Path(rss.name).read_text().strip().splitlines()
+            PEAK_MB[step] = round(int(text[-1]) / 1024, 1) if prefix and text else None  # KiB
     return seconds
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (``VmHWM``: the current memory map's high-water mark), MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
 
 
 def place_set(source: Path, target: Path, layout: str, per_tar: int) -> float:
@@ -87,13 +96,14 @@ def place_set(source: Path, target: Path, layout: str, per_tar: int) -> float:
 def pulls(clone: Path, cache: Path, n: int, volumes: int) -> dict:
     """``n`` processes load the version at once into one cache; each verifies every checksum."""
     script = textwrap.dedent(f"""\
-        import resource
         import time
+        from pathlib import Path
         from synthmri.versions import load_version
         started = time.perf_counter()
         dataset = load_version({TAG!r}, repo={str(clone)!r}, cache_dir={str(cache)!r})
         ok = len(dataset) == {volumes} and dataset.verify() == []
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        status = Path("/proc/self/status").read_text().splitlines()
+        peak_mb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
         print(ok, round(time.perf_counter() - started, 1), round(peak_mb, 1))
         """)
     started = time.perf_counter()
@@ -160,7 +170,7 @@ def measure(source: Path, work: Path, layout: str, per_tar: int, n_pulls: int) -
     out["load_version_warm_s"] = round(time.perf_counter() - started, 1)
     out["load_version_intact"] = len(dataset) == volumes
     out["peak_rss_mb"] = dict(PEAK_MB)
-    out["peak_rss_mb"]["load_version"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["peak_rss_mb"]["load_version (this process so far)"] = peak_rss_mb()
     PEAK_MB.clear()
     shutil.rmtree(work / "cache")
     if n_pulls:

@@ -8,6 +8,7 @@ MONAI comes with the ``bench`` extra); the FLOP/s benchmark measures our models 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,8 +98,12 @@ def test_bench_dvc_layouts_on_a_tiny_set(tmp_path):
     for layout in (files, tars):
         assert layout["volumes"] == N and layout["load_version_intact"]
         assert layout["concurrent_pulls"]["all_verified"], layout["concurrent_pulls"]
-        steps = ("dvc_add", "dvc_status", "dvc_push", "dvc_status_cloud", "dvc_get", "load_version")
-        assert set(layout["peak_rss_mb"]) == set(steps) and min(layout["peak_rss_mb"].values()) > 10
+        steps = ("dvc_add", "dvc_status", "dvc_push", "dvc_status_cloud", "dvc_get")
+        assert (
+            set(steps) < set(layout["peak_rss_mb"]) and layout["peak_rss_mb"]["load_version (this process so far)"] > 10
+        )
+        if os.access("/usr/bin/time", os.X_OK):  # the DVC commands' own peaks
+            assert all(10 < layout["peak_rss_mb"][step] for step in steps), layout["peak_rss_mb"]
         assert layout["concurrent_pulls"]["peak_rss_mb_per_process_max"] > 10
 
 
