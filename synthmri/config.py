@@ -35,6 +35,30 @@ class Covariate(_Section):
     range: tuple[float, float] | None = None
     levels: list[str] | None = None
     required: bool = True
+    #: Where the value comes from: a ``participants.tsv`` (or ``ingest.table``) column, a BIDS sidecar key, or
+    #: the raw image header (synthmri.data.acquisition).
+    source: Literal["participants", "sidecar", "header"] = "participants"
+    #: The sidecar key (or keys, first present wins: ``[RepetitionTimePreparation, RepetitionTime]``) or the
+    #: header key (``voxel_size_mm``, ``voxel_volume_mm3``); default: the covariate's name.
+    key: str | list[str] | None = None
+
+    @model_validator(mode="after")
+    def _source_has_a_key(self) -> Covariate:
+        from synthmri.data.acquisition import HEADER_KEYS
+
+        if self.source == "participants" and self.key is not None:
+            raise ValueError(
+                f"covariate '{self.name}': 'key' is for sidecar or header sources (the column is its name)"
+            )
+        if self.source == "header":
+            key = self.key if self.key is not None else self.name
+            if not isinstance(key, str) or key not in HEADER_KEYS:
+                raise ValueError(f"covariate '{self.name}': header key {key!r} is not one of {sorted(HEADER_KEYS)}")
+            if self.kind != "continuous":
+                raise ValueError(f"covariate '{self.name}': a header covariate is continuous")
+        if isinstance(self.key, list) and not self.key:
+            raise ValueError(f"covariate '{self.name}': 'key' lists no sidecar key")
+        return self
 
     @model_validator(mode="after")
     def _kind_matches_constraints(self) -> Covariate:

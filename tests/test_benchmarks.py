@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,3 +125,19 @@ def test_bench_report_scaling_features_only_shows_the_capped_cost(tmp_path):
     assert list(rows["volumes"]) == [64, 256, 64, 256] and (rows["metrics_s"] > 0).all()
     # whole-set comparisons: a wider-than-real generator covers every held-out subject once it is large
     assert rows["coverage"].iloc[3] >= rows["coverage"].iloc[1]
+
+
+def test_bench_sidecars_resolves_inheritance_for_every_image(tmp_path):
+    """Half the subjects override the root's field strength at subject level; every image is queried."""
+    out = tmp_path / "sidecars.csv"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_sidecars.py"), "--subjects", "6", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = pd.read_csv(out)
+    assert list(rows["validate"]) == [False, True] and (rows["images"] == 12).all()
+    assert (rows["field_1p5_images"] == 6).all()  # sessions of odd subjects: 3 subjects x 2 sessions

@@ -107,10 +107,11 @@ def read_table(path, sep: str | None = None) -> pd.DataFrame:
 
 
 def require_columns(table: pd.DataFrame, covariates: list[Covariate], where: str, id_column: str) -> None:
-    """A required covariate with no column at all is a setup error, not a per-subject problem."""
+    """A required covariate with no column at all is a setup error, not a per-subject problem (covariates
+    from sidecars or the header are checked per volume)."""
     if id_column not in table.columns:
         raise StageError(f"{where} has no '{id_column}' column (columns: {', '.join(table.columns)})")
-    missing = [c.name for c in covariates if c.required and c.name not in table.columns]
+    missing = [c.name for c in covariates if c.required and c.source == "participants" and c.name not in table.columns]
     if missing:
         raise StageError(f"{where} has no column for required covariate(s) {missing}")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from synthmri.config import Params
+from synthmri.data.acquisition import SidecarReader, header_value, sidecar_value
 from synthmri.data.covariates import duplicated_ids, parse_covariates, read_table, require_columns
 from synthmri.data.validate import check_path, load_valid_volume
 from synthmri.errors import InvalidInput, StageError
@@ -39,6 +40,7 @@ class Candidate:
     path: str
     row: pd.Series
     extra: dict = field(default_factory=dict)
+    sidecars: SidecarReader | None = None  # set when a covariate comes from a sidecar
 
 
 @dataclass
@@ -90,6 +92,10 @@ def discover_bids(root: Path, params: Params) -> Discovery:
             found.reject(str(rel), subject, f"no row for '{display_path(subject)}' in participants.tsv")
         else:
             found.candidates.append(Candidate(match["stem"], subject, session, str(path), rows[subject]))
+    if any(c.source == "sidecar" for c in params.covariates):
+        sidecars = _bids_sidecars(root)
+        for cand in found.candidates:
+            cand.sidecars = sidecars
     for subject in sorted(set(rows) - seen_subjects):
         found.reject("participants.tsv", subject, "listed in participants.tsv but has no *_T1w.nii[.gz] image")
     return found
@@ -127,7 +133,38 @@ def discover_table(root: Path, params: Params) -> Discovery:
             continue
         item_id = subject + (f"_{session}" if session else "")
         found.candidates.append(Candidate(item_id, subject, session, str(root / row[cfg.path_column].strip()), row))
+    if any(c.source == "sidecar" for c in params.covariates):
+        sidecars = SidecarReader(root, bids=False)
+        for cand in found.candidates:
+            cand.sidecars = sidecars
     return found
+
+
+def _bids_sidecars(root: Path) -> SidecarReader:
+    """pybids' index of the data set's sidecars; a data set it cannot index is a setup error, said in one line."""
+    import time
+
+    started = time.perf_counter()
+    try:
+        sidecars = SidecarReader(root, bids=True)
+    except StageError:
+        raise
+    except Exception as exc:
+        raise StageError(f"pybids cannot index the sidecars under {display_path(root)}: {exc}") from None
+    log.info("Indexed the BIDS sidecars with pybids in %.1f s", time.perf_counter() - started)
+    return sidecars
+
+
+def _acquisition_row(cand: Candidate, params: Params) -> pd.Series:
+    """The candidate's covariate row with each sidecar covariate's value put in (units checked)."""
+    sidecar = [c for c in params.covariates if c.source == "sidecar"]
+    if not sidecar:
+        return cand.row
+    row = cand.row.copy()
+    metadata = cand.sidecars.metadata(cand.path) if cand.sidecars is not None else {}
+    for cov in sidecar:
+        row[cov.name] = sidecar_value(cov, metadata)
+    return row
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,11 +175,17 @@ def ingest_one(cand: Candidate, root_real: str, params: Params, out_dir: Path) -
     for name, value in (("subject id", cand.subject_id), ("item", cand.item_id)):
         if not _SAFE_ID.match(value):
             raise InvalidInput(f"{name} '{value}' has characters that are not allowed in a file name")
-    covariates = parse_covariates(cand.row, params.covariates)
+    from_header = [c for c in params.covariates if c.source == "header"]
+    covariates = parse_covariates(
+        _acquisition_row(cand, params), [c for c in params.covariates if c.source != "header"]
+    )
     if os.path.commonpath([os.path.abspath(cand.path), root_real]) != root_real:
         raise InvalidInput("path escapes the data root")
     check_path(cand.path, root_real)
     volume = load_valid_volume(cand.path, params.ingest)
+    if from_header:  # geometry of the raw image, before any resampling
+        header = pd.Series({c.name: header_value(c, volume.voxel_size) for c in from_header})
+        covariates.update(parse_covariates(header, from_header))
     relative_out = Path("volumes") / f"{cand.item_id}_T1w.nii.gz"
     save_nifti(volume.data, volume.affine, out_dir / relative_out, descrip="SynthMRI ingested volume (RAS)")
     declared = {c.name for c in params.covariates}
