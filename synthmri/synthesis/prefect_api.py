@@ -50,6 +50,17 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def _send_pending_logs() -> None:
+    """Send the flow's queued log records while the temporary server still listens (Prefect sends them from a
+    background worker; at interpreter exit, with the server gone, it printed "Error logging to API")."""
+    try:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)
+    except Exception as exc:  # logs are a convenience: never fail a finished stage on them
+        log.debug("could not send the pending Prefect logs: %s", exc)
+
+
 @contextlib.contextmanager
 def prefect_api() -> Iterator[str]:
     """Yield the URL of the Prefect API to use: the configured one, else a temporary local server
@@ -101,7 +112,10 @@ def prefect_api() -> Iterator[str]:
                 raise StageError(f"the temporary Prefect server did not answer within {STARTUP_TIMEOUT_S:.0f} s")
             time.sleep(0.2)
         with temporary_settings({PREFECT_API_URL: url}):
-            yield url
+            try:
+                yield url
+            finally:
+                _send_pending_logs()
     finally:
         server.terminate()
         try:
