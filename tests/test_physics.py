@@ -87,3 +87,34 @@ def test_demo_images_follow_their_protocol_and_ingest_reads_it(tmp_path: Path):
         subject = demo.simulate_subject(params, index)
         row = manifest.loc[subject.participant_id]
         assert row["field_strength"] == subject.protocol.field_t and row["inversion_time"] == subject.protocol.ti_s
+
+
+def _layered_head(csf: float, gm: float, scale: float = 0.8, seed: int = 0) -> np.ndarray:
+    """WM core, GM shell, CSF shell, background at -1; tissue intensities relative to WM = 1, in [-1, 1]."""
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, 32)] * 3, indexing="ij"))
+    radius = np.sqrt((grid**2).sum(0))
+    relative = np.select([radius < 0.45, radius < 0.65, radius < 0.8], [1.0, gm, csf], default=0.0)
+    noise = np.random.default_rng(seed).normal(0, 0.01, radius.shape) * (radius < 0.8)
+    return (-1.0 + 2.0 * scale * (relative + noise)).astype(np.float32)
+
+
+def test_gm_wm_contrast_measures_the_protocol_and_ignores_the_scale():
+    from synthmri.metrics.conditioning import gm_wm_contrast
+
+    short, long = (Protocol("p", "MPRAGE", 3.0, 2.3, 0.003, 9, ti).contrast() for ti in (0.9, 1.1))
+    measured_short, measured_long = gm_wm_contrast(_layered_head(*short)), gm_wm_contrast(_layered_head(*long))
+    assert measured_short == pytest.approx(short[1], abs=0.02) and measured_long == pytest.approx(long[1], abs=0.02)
+    assert gm_wm_contrast(_layered_head(*long, scale=0.5)) == pytest.approx(measured_long, abs=0.02)
+
+
+def test_the_gate_checks_each_acquisition_effect():
+    from synthmri.config import ReportThresholds
+    from synthmri.report.gate import evaluate_gate
+
+    metrics = {
+        "conditioning.inversion_time.gm_wm_contrast.effect_ratio": 0.9,
+        "conditioning.field_strength.gm_wm_contrast.effect_ratio": 0.2,
+    }
+    checks = {c.name: c.status for c in evaluate_gate(metrics, ReportThresholds())}
+    assert checks["acquisition_effect_inversion_time"] == "pass"
+    assert checks["acquisition_effect_field_strength"] == "fail"
