@@ -28,12 +28,31 @@ def test_spgr_peaks_at_the_ernst_angle():
     assert all(spgr_signal(1.0, t1, 0.05, tr, 0.004, ernst + d) < at_ernst for d in (-3, -1, 1, 3))
 
 
-def test_mprage_against_a_hand_computed_value_and_its_null_point():
+def test_mprage_with_one_90_degree_pulse_is_textbook_inversion_recovery():
     # 1 - 2 exp(-1.1/1.331) + exp(-2.5/1.331) = 1 - 0.875203 + 0.152852 = 0.277648; x 0.8 x exp(-0.00298/0.066)
     # = 0.277648 x 0.8 x 0.955853 = 0.212313
-    assert mprage_signal(0.8, 1.331, 0.066, tr=2.5, te=0.00298, ti=1.1) == pytest.approx(0.212313, abs=2e-6)
+    one_pulse = mprage_signal(0.8, 1.331, 0.066, 2.5, 0.00298, 1.1, 90.0, readout_pulses=1, echo_spacing=1e-9)
+    assert one_pulse == pytest.approx(0.212313, abs=2e-6)
     # full recovery (TR >> T1): the tissue is nulled at TI = T1 ln 2
-    assert mprage_signal(1.0, 0.832, 1.0, tr=100.0, te=0.0, ti=0.832 * math.log(2)) == pytest.approx(0.0, abs=1e-12)
+    nulled = mprage_signal(1.0, 0.832, 1.0, 100.0, 0.0, 0.832 * math.log(2), 90.0, readout_pulses=1, echo_spacing=1e-9)
+    assert nulled == pytest.approx(0.0, abs=1e-9)
+
+
+def test_mprage_readout_train_against_a_hand_iterated_cycle():
+    """Two 10° pulses 0.1 s apart around TI = 1 s, TR = 3 s, T1 = 1 s, iterated cycle by cycle to the steady state."""
+    e = lambda t: math.exp(-t)  # noqa: E731  (T1 = 1 s)
+    cos10 = math.cos(math.radians(10))
+    mz = 1.0
+    for _ in range(200):  # cycles: invert, recover 0.9 s, pulse, 0.1 s, [centre] pulse, 0.1 s, recover 1.9 s
+        mz = -mz * e(0.9) + 1 - e(0.9)
+        mz = mz * cos10 * e(0.1) + 1 - e(0.1)
+        centre = mz
+        mz = mz * cos10 * e(0.1) + 1 - e(0.1)
+        mz = mz * e(1.9) + 1 - e(1.9)
+    expected = abs(centre) * math.sin(math.radians(10))
+    assert mprage_signal(1.0, 1.0, 1e9, 3.0, 0.0, 1.0, 10.0, readout_pulses=2, echo_spacing=0.1) == pytest.approx(
+        expected, rel=1e-9
+    )
 
 
 def test_contrast_moves_with_inversion_time_and_field_in_the_known_direction():
@@ -43,10 +62,9 @@ def test_contrast_moves_with_inversion_time_and_field_in_the_known_direction():
     csf_short, gm_short = protocol(0.8).contrast()
     csf_long, gm_long = protocol(1.1).contrast()
     assert gm_long > gm_short  # WM recovers past its null first: GM/WM rises with TI
-    assert csf_long < csf_short  # CSF approaches its null (T1 ln 2 ≈ 2.9 s) from above in magnitude
-    for p in (protocol(0.9), protocol(0.9, field=1.5)):
+    for p in (protocol(0.8), protocol(0.9), protocol(1.1), protocol(0.9, field=1.5)):
         csf, gm = p.contrast()
-        assert 0 < csf < gm < 1  # T1 weighting: WM > GM > CSF
+        assert 0.05 < csf < 0.35 and 0.55 < gm < 0.8  # the readout train keeps CSF off its null, as on real MPRAGEs
     assert TISSUES[3.0]["wm"]["t1"] > TISSUES[1.5]["wm"]["t1"]  # T1 lengthens with field
 
 
@@ -77,8 +95,9 @@ def test_demo_images_follow_their_protocol_and_ingest_reads_it(tmp_path: Path):
         inside = {label: subject.labels == label for label in (demo.GM, demo.WM)}
         measured.append(subject.image[inside[demo.GM]].mean() / subject.image[inside[demo.WM]].mean())
         expected.append(subject.protocol.contrast()[1])
-    # blur, bias and jitter blur the ratio, but across protocols it follows the equation
-    assert np.corrcoef(measured, expected)[0, 1] > 0.8 and len(set(expected)) >= 3
+    # partial volume, bias and the 3 % per-tissue jitter move the measured ratio a little off the equation's
+    errors = np.abs(np.array(measured) - np.array(expected))
+    assert errors.max() < 0.08 and errors.mean() < 0.03 and len(set(expected)) >= 3, (measured, expected)
 
     ingest = params.model_copy(update={"ingest": params.ingest.model_copy(update={"root": str(cohort)})})
     manifest = run_ingest(Params.model_validate(ingest.model_dump()), out_dir=tmp_path / "ingested")

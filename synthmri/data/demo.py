@@ -73,7 +73,7 @@ LABEL_NAMES = {
 DESCRIP = "SynthMRI demo cohort (simulated)"
 STAMP_KEY = "SynthMRIDemo"
 # Bump when the simulation changes, so that ensure_demo_cohort regenerates existing cohorts.
-GENERATOR_VERSION = 3  # 3: tissue contrast from the protocol's signal equation, BIDS sidecars
+GENERATOR_VERSION = 4  # 3: tissue contrast from the protocol's signal equation, BIDS sidecars; 4: steady-state MPRAGE
 
 # anatomy model (ages in years, distances in mm)
 ATROPHY_START_AGE = 20.0
