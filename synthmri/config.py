@@ -402,6 +402,22 @@ class Params(_Section):
         Covariate(name="age", kind="continuous", range=(18.0, 100.0)),
         Covariate(name="sex", kind="categorical", levels=["F", "M"]),
         Covariate(name="site", kind="categorical", levels=["site1", "site2", "site3"], required=False),
+        Covariate(
+            name="field_strength",
+            kind="continuous",
+            range=(0.5, 7.5),
+            required=False,
+            source="sidecar",
+            key="MagneticFieldStrength",
+        ),
+        Covariate(
+            name="inversion_time",
+            kind="continuous",
+            range=(0.3, 3.0),
+            required=False,
+            source="sidecar",
+            key="InversionTime",
+        ),
     ]
     demo: DemoParams = DemoParams()
     ingest: IngestParams = IngestParams()

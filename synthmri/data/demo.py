@@ -12,9 +12,13 @@ matter, lateral ventricles). Each subject then gets, deterministically from
   atrophy pattern differs between subjects;
 * sex-driven head size: a global scale of about 0.98 (F) or 1.02 (M) (ICV ratio 1.13), plus a small random affine
   and a smooth random elastic deformation of amplitude ``demo.deformation_mm`` (torchio);
-* a label-to-image contrast model in the spirit of SynthSeg: per-site tissue intensities
-  (WM > GM > CSF, fixed by the site name), per-subject jitter, within-tissue noise, partial-volume
-  blur, a smooth multiplicative bias field and Rician noise of std ``demo.noise_std`` x WM intensity.
+* an acquisition: each site is a simulated scanner (field strength, vendor; :data:`synthmri.data.physics.SCANNERS`)
+  and each subject is scanned with one of its protocols (MPRAGEs with different TI/TR), drawn from a random
+  stream of its own so that the anatomy does not depend on it; the image's BIDS sidecar records it;
+* a label-to-image contrast model in the spirit of SynthSeg: tissue intensities from the protocol's signal
+  equation (:mod:`synthmri.data.physics`: literature T1/T2*/PD at that field), per-subject jitter, and the
+  site's vendor-like gain, within-tissue noise, partial-volume blur, a smooth multiplicative bias field and
+  Rician noise of std ``demo.noise_std`` x WM intensity.
 
 The ground truth in ``participants.tsv`` (tissue volumes in ml) is measured on each subject's final,
 deformed label map, so the report can check that a model conditioned on age reproduces the effect.
@@ -46,6 +50,7 @@ from scipy import ndimage as ndi
 from synthmri import __version__
 from synthmri.data.covariates import BIDS_MISSING
 from synthmri.data.mni import VENTRICLE_BOX_MM
+from synthmri.data.physics import Protocol, scanner_of
 from synthmri.io import atomic_path, save_nifti, write_text_atomic
 from synthmri.logs import get_logger, progress
 from synthmri.viz import three_plane_grid
@@ -68,7 +73,7 @@ LABEL_NAMES = {
 DESCRIP = "SynthMRI demo cohort (simulated)"
 STAMP_KEY = "SynthMRIDemo"
 # Bump when the simulation changes, so that ensure_demo_cohort regenerates existing cohorts.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 4  # 3: tissue contrast from the protocol's signal equation, BIDS sidecars; 4: steady-state MPRAGE
 
 # anatomy model (ages in years, distances in mm)
 ATROPHY_START_AGE = 20.0
@@ -96,6 +101,7 @@ BIAS_FIELD_ORDER = 3
 N_BIAS_COEFFICIENTS = (BIAS_FIELD_ORDER + 1) * (BIAS_FIELD_ORDER + 2) * (BIAS_FIELD_ORDER + 3) // 6
 CONTRAST_JITTER = 0.03  # relative per-subject jitter of each tissue intensity
 GAIN_JITTER = 0.05
+PROTOCOL_STREAM = 17  # third seed word of the protocol draw's own random stream
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,10 +194,8 @@ def _find_ventricles(
 
 @dataclass(frozen=True)
 class SiteContrast:
-    """Acquisition characteristics of a simulated site, relative to white matter = 1."""
+    """Vendor-like characteristics of a simulated site's scanner (the tissue contrast comes from the protocol)."""
 
-    csf: float
-    gm: float
     gain: float  # scanner units of white matter
     blur_mm: float  # partial-volume blur (Gaussian std)
     bias_strength: float  # range of the bias-field polynomial coefficients
@@ -202,9 +206,8 @@ class SiteContrast:
 def site_contrast(site: str) -> SiteContrast:
     """Fixed by the site's name (not by the seed), so 'site1' looks the same in every cohort."""
     rng = np.random.default_rng(zlib.crc32(site.encode("utf-8")))
+    rng.uniform(size=2)  # the draws that were the site's CSF and GM levels before the signal equations
     return SiteContrast(
-        csf=float(rng.uniform(0.15, 0.35)),
-        gm=float(rng.uniform(0.55, 0.72)),
         gain=float(rng.uniform(500.0, 1500.0)),
         blur_mm=float(rng.uniform(0.5, 1.0)),
         bias_strength=float(rng.uniform(0.08, 0.2)),
@@ -222,6 +225,8 @@ class DemoSubject:
     age: float
     sex: str
     site: str
+    protocol: Protocol
+    manufacturer: str
     labels: np.ndarray  # final (deformed) tissue labels
     image: np.ndarray  # float32 T1w
     affine: np.ndarray
@@ -237,6 +242,10 @@ class DemoSubject:
             "site": self.site,
             **{key: round(value, 3) for key, value in self.volumes_ml().items()},
         }
+
+    def sidecar(self) -> dict[str, object]:
+        """The image's BIDS sidecar: the acquisition it was simulated with."""
+        return self.protocol.sidecar(self.manufacturer)
 
 
 def tissue_volumes_ml(labels: np.ndarray, affine: np.ndarray) -> dict[str, float]:
@@ -369,10 +378,15 @@ def simulate_subject(params: Params, index: int) -> DemoSubject:
     subject = tio.Compose(spatial, copy=False)(subject)
     labels = np.rint(subject["labels"].data[0].numpy()).astype(np.uint8)
 
+    # the acquisition: a protocol of the site's scanner, from a stream of its own (the anatomy does not move)
+    scanner = scanner_of(site, list(demo.sites))
+    protocol_rng = np.random.default_rng([demo.seed, index, PROTOCOL_STREAM])
+    protocol = scanner.protocols[int(protocol_rng.integers(len(scanner.protocols)))]
+
     # label-to-image contrast model
     contrast = site_contrast(site)
     means = np.zeros(5, dtype=np.float32)
-    means[[CSF, GM, WM]] = np.array([contrast.csf, contrast.gm, 1.0]) * contrast_jitter
+    means[[CSF, GM, WM]] = np.array([*protocol.contrast(), 1.0]) * contrast_jitter
     means[VENTRICLE] = means[CSF]
     image = means[labels]
     tissue = labels != BACKGROUND
@@ -388,7 +402,9 @@ def simulate_subject(params: Params, index: int) -> DemoSubject:
     imaginary = sigma * rng.standard_normal(shape, dtype=np.float32)
     image = np.sqrt(real * real + imaginary * imaginary).astype(np.float32)
 
-    return DemoSubject(participant_id(index), age, sex, site, labels, image, base.affine)
+    return DemoSubject(
+        participant_id(index), age, sex, site, protocol, scanner.manufacturer, labels, image, base.affine
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,8 +422,8 @@ COLUMN_DESCRIPTIONS = {
         "Levels": {"F": "female (simulated)", "M": "male (simulated)"},
     },
     "site": {
-        "Description": "Simulated acquisition site; sets tissue contrast, intensity scale, blur and "
-        "bias field strength."
+        "Description": "Simulated acquisition site: a scanner (field strength, vendor-like intensity scale, "
+        "blur, bias field and noise) whose protocols are in each image's JSON sidecar."
     },
     "ventricle_ml": {
         "Description": "Lateral ventricle volume of the simulated ground-truth label map (after deformation).",
@@ -457,8 +473,9 @@ def _dataset_description(params: Params) -> dict:
                 "Name": "synthmri.data.demo",
                 "Version": __version__,
                 "Description": "Simulated T1w brain MRI for demonstration and tests: MNI152 tissue labels, "
-                "age-driven atrophy, sex-driven head size, random deformation, per-site "
-                "contrast, bias field and Rician noise. No real person was scanned.",
+                "age-driven atrophy, sex-driven head size, random deformation, tissue contrast "
+                "from the protocol's signal equation, per-site gain, bias field and Rician noise. "
+                "No real person was scanned.",
             }
         ],
         STAMP_KEY: demo_stamp(params),
@@ -470,8 +487,9 @@ _README = """SynthMRI demo cohort (simulated)
 
 Simulated T1-weighted brain MRI for demonstration and tests. No real person was scanned.
 Built by synthmri.data.demo from nilearn's MNI152 template: each subject has an age (ventricle
-enlargement, cortical thinning), a sex (head size), a site (contrast, bias field, noise) and a
-random smooth deformation. participants.tsv holds the covariates and the ground-truth tissue
+enlargement, cortical thinning), a sex (head size), a site (a simulated scanner: field strength,
+vendor-like gain, bias field, noise), a protocol of that scanner (MPRAGE timings, in the image's
+JSON sidecar; tissue contrast from its signal equation) and a random smooth deformation. participants.tsv holds the covariates and the ground-truth tissue
 volumes measured on each subject's simulated label map (see participants.json).
 """
 
@@ -482,7 +500,10 @@ def _write_cohort(params: Params, out_dir: Path) -> None:
     rows = []
     for index in progress(range(demo.n_subjects), desc="Simulating demo subjects", unit="subject"):
         subject = simulate_subject(params, index)
-        save_nifti(subject.image, subject.affine, t1w_path(out_dir, index), descrip=DESCRIP)
+        image_path = t1w_path(out_dir, index)
+        save_nifti(subject.image, subject.affine, image_path, descrip=DESCRIP)
+        sidecar = image_path.with_name(image_path.name.replace(".nii.gz", ".json"))
+        write_text_atomic(sidecar, json.dumps(subject.sidecar(), indent=2) + "\n")
         rows.append(subject.row())
     table = pd.DataFrame(rows, columns=COLUMNS)
     with atomic_path(out_dir / "participants.tsv") as tmp:

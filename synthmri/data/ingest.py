@@ -92,7 +92,21 @@ def discover_bids(root: Path, params: Params) -> Discovery:
             found.reject(str(rel), subject, f"no row for '{display_path(subject)}' in participants.tsv")
         else:
             found.candidates.append(Candidate(match["stem"], subject, session, str(path), rows[subject]))
-    if any(c.source == "sidecar" for c in params.covariates):
+    sidecar_covariates = [c for c in params.covariates if c.source == "sidecar"]
+    if sidecar_covariates and not (root / "dataset_description.json").is_file():
+        names = ", ".join(c.name for c in sidecar_covariates)
+        if any(c.required for c in sidecar_covariates):
+            raise StageError(
+                f"{display_path(root)} has no dataset_description.json: it is not a BIDS data set, so its sidecars "
+                f"(covariates {names}) cannot be resolved; add the file (BIDS requires it)"
+            )
+        log.warning(
+            "No dataset_description.json in %s: not a BIDS data set, so the optional sidecar covariates (%s) are "
+            "left unspecified for every volume",
+            display_path(root),
+            names,
+        )
+    elif sidecar_covariates:
         sidecars = _bids_sidecars(root)
         for cand in found.candidates:
             cand.sidecars = sidecars

@@ -30,6 +30,7 @@ __all__ = [
     "slope_and_correlation",
     "csf_fraction",
     "ventricle_volume_ml",
+    "gm_wm_contrast",
 ]
 
 KINDS = ("continuous", "categorical")  # as synthmri.config.Covariate.kind
@@ -141,6 +142,24 @@ def csf_fraction(
     else:
         cut = threshold * float(np.percentile(values, 95))
     return float((values < cut).mean())
+
+
+def gm_wm_contrast(volume: np.ndarray, value_range: tuple[float, float] = (-1.0, 1.0)) -> float:
+    """Grey/white-matter contrast of a T1-weighted volume: the mean intensity of the middle of three Otsu classes
+    of the in-head intensities (≈ GM) over that of the brightest (≈ WM), background shifted to 0.
+
+    The acquisition effect the report checks: on an MPRAGE it rises with the inversion time and moves with the
+    field strength (:mod:`synthmri.data.physics`). A ratio, so an intensity scale change does not move it."""
+    volume = np.asarray(volume, dtype=np.float32)
+    values = volume[head_mask_normalized(volume, value_range)] - np.float32(value_range[0])
+    try:
+        low, high = threshold_multiotsu(values, classes=3)
+    except ValueError:  # fewer than 3 distinct intensities
+        return float("nan")
+    grey, white = values[(values >= low) & (values < high)], values[values >= high]
+    if grey.size == 0 or white.size == 0 or white.mean() <= 0:
+        return float("nan")
+    return float(grey.mean() / white.mean())
 
 
 def ventricle_volume_ml(

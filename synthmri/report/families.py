@@ -319,6 +319,9 @@ def conditioning_metrics(
       manifest) also the ventricle proxy in ml, next to the ground truth's slope;
     * ``sex`` (categorical): mean head volume (ml, head mask) per level, and the difference between the
       last and first level (M − F), synthetic vs real;
+    * every continuous acquisition covariate (``source: sidecar``: inversion time, field strength...): the GM/WM
+      contrast (:func:`synthmri.metrics.conditioning.gm_wm_contrast`) against the covariate, slope and
+      correlation in the synthetic set (requested value) and in the whole real cohort;
     * every covariate: a predictor (ridge / logistic on the extractor's features) fitted on the real
       training split, applied to the held-out real volumes and to the synthetic volumes.
 
@@ -406,6 +409,26 @@ def conditioning_metrics(
             block["contrast"] = f"{last}-{first}"
             put_flat(flat, "sex.head_ml", block)
             details["sex"] = {"levels": list(sex.levels), "groups": groups}
+
+    acquisition = [c for c in covariates if c.source == "sidecar" and c.kind == "continuous"]
+    contrast_real = contrast_syn = None
+    for cov in acquisition:
+        real_v, syn_v = covariate_column(data.real, cov), covariate_column(data.synthetic, cov)
+        if real_v is None or syn_v is None or real_v[1].sum() < 3 or len(set(real_v[0][real_v[1]])) < 2:
+            continue
+        if contrast_real is None:
+            contrast_real = np.array([cond.gm_wm_contrast(v, low_high) for v in data.real_volumes])
+            contrast_syn = np.array(
+                [cond.gm_wm_contrast(v, low_high) for v in _each(data.synthetic_volumes, "GM/WM contrast")]
+            )
+        (rv, rok), (sv, sok) = real_v, syn_v
+        rok, sok = rok & np.isfinite(contrast_real), sok & np.isfinite(contrast_syn)
+        block = _slope_block(rv[rok], contrast_real[rok], sv[sok], contrast_syn[sok])
+        put_flat(flat, f"{cov.name}.gm_wm_contrast", block)
+        details.setdefault("acquisition", {})[cov.name] = {
+            "real": (rv[rok], contrast_real[rok]),
+            "synthetic": (sv[sok], contrast_syn[sok]),
+        }
 
     predictors = {}
     for cov in covariates:

@@ -47,6 +47,12 @@ def gate_rules(metrics: dict, t: ReportThresholds) -> list[tuple[str, str, str, 
         ("age_effect_ventricles", "conditioning.age.ventricle_ml.effect_ratio", ">=", t.min_effect_ratio),
         ("sex_effect_head_size", "conditioning.sex.head_ml.effect_ratio", ">=", t.min_effect_ratio),
     ]
+    acquisition = re.compile(r"^conditioning\.(.+)\.gm_wm_contrast\.effect_ratio$")
+    rules += [
+        (f"acquisition_effect_{m[1]}", key, ">=", t.min_effect_ratio)
+        for key in sorted(metrics)
+        if (m := acquisition.match(key))
+    ]
     pattern = re.compile(rf"^conditioning\.(.+)\.predictor\.{re.escape(ext)}\.(error_ratio|accuracy_drop)$")
     for key in sorted(metrics):
         match = pattern.match(key)

@@ -1,0 +1,139 @@
+"""Signal equations against hand-computed values, and the demo cohort's acquisitions end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from synthmri.config import Params
+from synthmri.data import demo
+from synthmri.data.physics import SCANNERS, TISSUES, Protocol, mprage_signal, scanner_of, spgr_signal
+from synthmri.stages.ingest import run_ingest
+
+
+def test_spgr_against_a_hand_computed_value():
+    # E1 = exp(-0.02/0.832) = 0.976249; sin 25° = 0.422618, cos 25° = 0.906308
+    # 0.69 * 0.422618 * 0.023751 / (1 - 0.906308 * 0.976249) * exp(-0.004/0.053) = 0.055742
+    assert spgr_signal(0.69, 0.832, 0.053, tr=0.02, te=0.004, flip_deg=25) == pytest.approx(0.055742, abs=2e-6)
+
+
+def test_spgr_peaks_at_the_ernst_angle():
+    t1, tr = 0.832, 0.02
+    ernst = math.degrees(math.acos(math.exp(-tr / t1)))
+    at_ernst = spgr_signal(1.0, t1, 0.05, tr, 0.004, ernst)
+    assert all(spgr_signal(1.0, t1, 0.05, tr, 0.004, ernst + d) < at_ernst for d in (-3, -1, 1, 3))
+
+
+def test_mprage_with_one_90_degree_pulse_is_textbook_inversion_recovery():
+    # 1 - 2 exp(-1.1/1.331) + exp(-2.5/1.331) = 1 - 0.875203 + 0.152852 = 0.277648; x 0.8 x exp(-0.00298/0.066)
+    # = 0.277648 x 0.8 x 0.955853 = 0.212313
+    one_pulse = mprage_signal(0.8, 1.331, 0.066, 2.5, 0.00298, 1.1, 90.0, readout_pulses=1, echo_spacing=1e-9)
+    assert one_pulse == pytest.approx(0.212313, abs=2e-6)
+    # full recovery (TR >> T1): the tissue is nulled at TI = T1 ln 2
+    nulled = mprage_signal(1.0, 0.832, 1.0, 100.0, 0.0, 0.832 * math.log(2), 90.0, readout_pulses=1, echo_spacing=1e-9)
+    assert nulled == pytest.approx(0.0, abs=1e-9)
+
+
+def test_mprage_readout_train_against_a_hand_iterated_cycle():
+    """Two 10° pulses 0.1 s apart around TI = 1 s, TR = 3 s, T1 = 1 s, iterated cycle by cycle to the steady state."""
+    e = lambda t: math.exp(-t)  # noqa: E731  (T1 = 1 s)
+    cos10 = math.cos(math.radians(10))
+    mz = 1.0
+    for _ in range(200):  # cycles: invert, recover 0.9 s, pulse, 0.1 s, [centre] pulse, 0.1 s, recover 1.9 s
+        mz = -mz * e(0.9) + 1 - e(0.9)
+        mz = mz * cos10 * e(0.1) + 1 - e(0.1)
+        centre = mz
+        mz = mz * cos10 * e(0.1) + 1 - e(0.1)
+        mz = mz * e(1.9) + 1 - e(1.9)
+    expected = abs(centre) * math.sin(math.radians(10))
+    assert mprage_signal(1.0, 1.0, 1e9, 3.0, 0.0, 1.0, 10.0, readout_pulses=2, echo_spacing=0.1) == pytest.approx(
+        expected, rel=1e-9
+    )
+
+
+def test_contrast_moves_with_inversion_time_and_field_in_the_known_direction():
+    def protocol(ti: float, field: float = 3.0) -> Protocol:
+        return Protocol("p", "MPRAGE", field, tr_s=2.3, te_s=0.003, flip_deg=9, ti_s=ti)
+
+    csf_short, gm_short = protocol(0.8).contrast()
+    csf_long, gm_long = protocol(1.1).contrast()
+    assert gm_long > gm_short  # WM recovers past its null first: GM/WM rises with TI
+    for p in (protocol(0.8), protocol(0.9), protocol(1.1), protocol(0.9, field=1.5)):
+        csf, gm = p.contrast()
+        assert 0.05 < csf < 0.35 and 0.55 < gm < 0.8  # the readout train keeps CSF off its null, as on real MPRAGEs
+    assert TISSUES[3.0]["wm"]["t1"] > TISSUES[1.5]["wm"]["t1"]  # T1 lengthens with field
+
+
+def test_every_demo_protocol_is_t1_weighted_and_its_sidecar_is_bids():
+    for scanner in SCANNERS:
+        for p in scanner.protocols:
+            csf, gm = p.contrast()
+            assert 0 < csf < gm < 1, p.name
+            keys = p.sidecar(scanner.manufacturer)
+            assert keys["MagneticFieldStrength"] == p.field_t and keys["InversionTime"] == p.ti_s
+            assert keys["RepetitionTimePreparation"] == p.tr_s and keys["EchoTime"] < 0.01  # seconds
+    assert scanner_of("site1", ["site1", "site2", "site3"]) is SCANNERS[0]
+    assert scanner_of("site3", ["site1", "site2", "site3"]) is SCANNERS[2]
+    assert scanner_of("hospital-x", ["hospital-x"]) is scanner_of("hospital-x", ["a", "hospital-x"])
+
+
+def test_demo_images_follow_their_protocol_and_ingest_reads_it(tmp_path: Path):
+    """The demo writes a sidecar per image; its GM/WM contrast follows the protocol's signal equation; ingest
+    reads field strength and inversion time from the sidecars into the manifest."""
+    params = Params.model_validate({"demo": {"seed": 7, "n_subjects": 12}})
+    cohort = tmp_path / "cohort"
+    demo.ensure_demo_cohort(params, cohort)
+    measured, expected = [], []
+    for index in range(params.demo.n_subjects):
+        subject = demo.simulate_subject(params, index)
+        sidecar = json.loads(demo.t1w_path(cohort, index).with_name(f"{subject.participant_id}_T1w.json").read_text())
+        assert sidecar == subject.protocol.sidecar(subject.manufacturer)
+        inside = {label: subject.labels == label for label in (demo.GM, demo.WM)}
+        measured.append(subject.image[inside[demo.GM]].mean() / subject.image[inside[demo.WM]].mean())
+        expected.append(subject.protocol.contrast()[1])
+    # partial volume, bias and the 3 % per-tissue jitter move the measured ratio a little off the equation's
+    errors = np.abs(np.array(measured) - np.array(expected))
+    assert errors.max() < 0.08 and errors.mean() < 0.03 and len(set(expected)) >= 3, (measured, expected)
+
+    ingest = params.model_copy(update={"ingest": params.ingest.model_copy(update={"root": str(cohort)})})
+    manifest = run_ingest(Params.model_validate(ingest.model_dump()), out_dir=tmp_path / "ingested")
+    manifest = manifest.set_index("subject_id")
+    for index in range(params.demo.n_subjects):
+        subject = demo.simulate_subject(params, index)
+        row = manifest.loc[subject.participant_id]
+        assert row["field_strength"] == subject.protocol.field_t and row["inversion_time"] == subject.protocol.ti_s
+
+
+def _layered_head(csf: float, gm: float, scale: float = 0.8, seed: int = 0) -> np.ndarray:
+    """WM core, GM shell, CSF shell, background at -1; tissue intensities relative to WM = 1, in [-1, 1]."""
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, 32)] * 3, indexing="ij"))
+    radius = np.sqrt((grid**2).sum(0))
+    relative = np.select([radius < 0.45, radius < 0.65, radius < 0.8], [1.0, gm, csf], default=0.0)
+    noise = np.random.default_rng(seed).normal(0, 0.01, radius.shape) * (radius < 0.8)
+    return (-1.0 + 2.0 * scale * (relative + noise)).astype(np.float32)
+
+
+def test_gm_wm_contrast_measures_the_protocol_and_ignores_the_scale():
+    from synthmri.metrics.conditioning import gm_wm_contrast
+
+    short, long = (Protocol("p", "MPRAGE", 3.0, 2.3, 0.003, 9, ti).contrast() for ti in (0.9, 1.1))
+    measured_short, measured_long = gm_wm_contrast(_layered_head(*short)), gm_wm_contrast(_layered_head(*long))
+    assert measured_short == pytest.approx(short[1], abs=0.02) and measured_long == pytest.approx(long[1], abs=0.02)
+    assert gm_wm_contrast(_layered_head(*long, scale=0.5)) == pytest.approx(measured_long, abs=0.02)
+
+
+def test_the_gate_checks_each_acquisition_effect():
+    from synthmri.config import ReportThresholds
+    from synthmri.report.gate import evaluate_gate
+
+    metrics = {
+        "conditioning.inversion_time.gm_wm_contrast.effect_ratio": 0.9,
+        "conditioning.field_strength.gm_wm_contrast.effect_ratio": 0.2,
+    }
+    checks = {c.name: c.status for c in evaluate_gate(metrics, ReportThresholds())}
+    assert checks["acquisition_effect_inversion_time"] == "pass"
+    assert checks["acquisition_effect_field_strength"] == "fail"
