@@ -304,13 +304,22 @@ def _wait_until(condition, timeout_s: float = 10.0) -> bool:
     return True
 
 
-def _prefect_servers() -> set[int]:
+def _prefect_servers(prefect_home: Path | None = None) -> set[int]:
+    """Temporary Prefect servers on this machine; with ``prefect_home``, only those started under that
+    ``PREFECT_HOME`` (another pipeline running on the same machine starts its own)."""
     import psutil
 
     servers = set()
     for proc in psutil.process_iter(["cmdline"]):
-        if "prefect.server.api.server:create_app" in " ".join(proc.info["cmdline"] or []):
-            servers.add(proc.pid)
+        if "prefect.server.api.server:create_app" not in " ".join(proc.info["cmdline"] or []):
+            continue
+        if prefect_home is not None:
+            try:
+                if proc.environ().get("PREFECT_HOME") != str(prefect_home):
+                    continue
+            except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+                continue
+        servers.add(proc.pid)
     return servers
 
 
@@ -347,22 +356,23 @@ def test_sigkill_during_sample_then_rerun_finishes_consistently(trained, tmp_pat
     )
     env.pop("PREFECT_API_URL", None)
     shards = tmp_path / "data" / "synthetic" / "shards"
-    servers_before = _prefect_servers()
+    home = tmp_path / "prefect"
+    servers_before = _prefect_servers(home)
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and len(list(shards.glob("shard-*.json"))) < 2:
         time.sleep(0.05)
-    assert _prefect_servers() - servers_before, "the stage runs its flow on a temporary Prefect server"
+    assert _prefect_servers(home) - servers_before, "the stage runs its flow on a temporary Prefect server"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # its temporary Prefect server dies with it (parent-death signal), SIGKILL included
-    assert _wait_until(lambda: not _prefect_servers() - servers_before), _prefect_servers() - servers_before
+    assert _wait_until(lambda: not _prefect_servers(home) - servers_before), _prefect_servers(home) - servers_before
     finished = len(list(shards.glob("shard-*.json")))
     assert 1 <= finished < 6, f"kill came too late to test resume ({finished} shards done)"
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"({2 * finished} already done)" in done.stderr, done.stderr[-2000:]
-    assert not _prefect_servers() - servers_before, "a stage that ends normally stops its server too"
+    assert not _prefect_servers(home) - servers_before, "a stage that ends normally stops its server too"
     out = tmp_path / "data" / "synthetic"
     manifest = pd.read_csv(out / "manifest.csv")
     assert list(manifest["sample_index"]) == list(range(12))
