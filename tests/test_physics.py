@@ -136,4 +136,7 @@ def test_the_gate_checks_each_acquisition_effect():
     }
     checks = {c.name: c.status for c in evaluate_gate(metrics, ReportThresholds())}
     assert checks["acquisition_effect_inversion_time"] == "pass"
-    assert checks["acquisition_effect_field_strength"] == "fail"
+    # the field-strength effect is reported, not gated: a real-vs-real baseline passes it in 33 % of draws
+    assert "acquisition_effect_field_strength" not in checks
+    both = ReportThresholds(acquisition_effects=["inversion_time", "field_strength"])
+    assert {c.name: c.status for c in evaluate_gate(metrics, both)}["acquisition_effect_field_strength"] == "fail"

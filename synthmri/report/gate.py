@@ -51,7 +51,7 @@ def gate_rules(metrics: dict, t: ReportThresholds) -> list[tuple[str, str, str, 
     rules += [
         (f"acquisition_effect_{m[1]}", key, ">=", t.min_effect_ratio)
         for key in sorted(metrics)
-        if (m := acquisition.match(key))
+        if (m := acquisition.match(key)) and m[1] in t.acquisition_effects
     ]
     pattern = re.compile(rf"^conditioning\.(.+)\.predictor\.{re.escape(ext)}\.(error_ratio|accuracy_drop)$")
     for key in sorted(metrics):
