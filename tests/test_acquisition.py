@@ -31,7 +31,8 @@ ACQUISITION = [
 
 def params_with(tmp_path: Path, covariates: list[dict], **ingest) -> Params:
     tree = yaml.safe_load((REPO / "params.yaml").read_text())
-    tree["covariates"] += covariates  # after age, sex, site from participants.tsv
+    participants = [c for c in tree["covariates"] if c.get("source", "participants") == "participants"]
+    tree["covariates"] = participants + covariates  # age, sex, site from participants.tsv, then these
     tree["ingest"].update({"min_subjects": 1, **ingest})
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(tree))
