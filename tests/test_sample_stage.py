@@ -122,14 +122,13 @@ def _plan_and_job(params, work: Path, out: Path, **job) -> tuple[list[dict], Sam
 
 
 def test_diffusion_training_outputs(trained):
-    _, work, metrics = trained
+    params, work, metrics = trained
     assert metrics["steps"] == 12 and np.isfinite(metrics["train_loss"]) and np.isfinite(metrics["val_loss"])
     config = json.loads((work / "ldm" / "config.json").read_text())
-    assert config["latent_shape"] == [4, 4, 4, 4] and [c["name"] for c in config["covariates"]] == [
-        "age",
-        "sex",
-        "site",
-    ]
+    assert config["latent_shape"] == [4, 4, 4, 4]
+    # every declared covariate, acquisition ones (field strength, inversion time) included
+    assert [c["name"] for c in config["covariates"]] == [c.name for c in params.covariates]
+    assert {"age", "sex", "site", "field_strength", "inversion_time"} <= {c["name"] for c in config["covariates"]}
     assert not (work / "ckpt-ldm").exists()
     assert (work / "rep-ldm" / "samples.png").stat().st_size > 500
 
@@ -163,7 +162,7 @@ def test_sample_set_is_complete_clean_and_verifiable(trained, prefect_server, tm
     parquet = pd.read_parquet(tmp_path / "syn" / "manifest.parquet")
     assert list(parquet["sha256"]) == list(manifest["sha256"])
     volume, covariates = SyntheticDataset(tmp_path / "syn")[0]
-    assert volume.shape == (1, 16, 16, 16) and set(covariates) == {"age", "sex", "site"}
+    assert volume.shape == (1, 16, 16, 16) and set(covariates) == {c.name for c in params.covariates}
 
 
 def test_same_seed_gives_bitwise_identical_volumes_and_one_index_regenerates_alone(trained, prefect_server, tmp_path):
