@@ -39,6 +39,8 @@ REPORT_METRICS_NAME, REPORT_HTML_NAME, REPORT_FIGURES_NAME = "metrics.json", "re
 REPORT_METRICS_FILE = REPORTS_DIR / REPORT_METRICS_NAME  # the quality report, flat; gate_passed decides publishing
 REPORT_HTML_FILE = REPORTS_DIR / REPORT_HTML_NAME
 REPORT_FIGURES_DIR = REPORTS_DIR / REPORT_FIGURES_NAME
+UTILITY_METRICS_FILE = REPORTS_DIR / "utility.json"  # pre-training gains of a ViT on the set (the gate reads it)
+UTILITY_REPORT_DIR = REPORTS_DIR / "utility"  # errors.csv (every run's per-subject errors), data_efficiency.png
 RELEASE_FILE = REPORTS_DIR / "release.json"  # written by publish: tag, DVC hashes, model versions
 
 
@@ -71,8 +73,20 @@ STAGES: dict[str, StageArtifacts] = {
         plots=tuple(LDM_REPORT_DIR / f for f in ("losses.csv", "validation.csv", "samples.png")),
     ),
     "sample": StageArtifacts(deps=(LATENT_DIR, SPACE_FILE, LDM_DIR, VQGAN_DIR), outs=(SYNTHETIC_DIR,)),
+    "utility": StageArtifacts(
+        deps=(PROCESSED_DIR, SYNTHETIC_DIR),
+        outs=(UTILITY_REPORT_DIR / "errors.csv",),
+        metrics=(UTILITY_METRICS_FILE,),
+        plots=(UTILITY_REPORT_DIR / "data_efficiency.png",),
+    ),
     "report": StageArtifacts(
-        deps=(PROCESSED_DIR, SYNTHETIC_DIR, VQGAN_DIR),
+        deps=(
+            PROCESSED_DIR,
+            SYNTHETIC_DIR,
+            VQGAN_DIR,
+            UTILITY_METRICS_FILE,
+            UTILITY_REPORT_DIR / "data_efficiency.png",
+        ),
         outs=(REPORT_HTML_FILE, REPORT_FIGURES_DIR),
         metrics=(REPORT_METRICS_FILE,),
     ),

@@ -96,6 +96,16 @@ STAGES = [
         "synthmri.stages.sample:run_sample",
     ),
     Stage(
+        "utility",
+        "pre-train a 3D ViT on data/synthetic: does it help on real data?",
+        "Pre-trains MONAI's 3D ViT on the synthetic set (targets: the covariates each volume was generated for), "
+        "fine-tunes it on k real training-split subjects (utility.k) and tests it on the real held-out splits, next "
+        "to the same ViT from scratch, pre-trained on the real training split, and pre-trained on a negative "
+        "control; repeats with 95 % bootstrap intervals. Writes reports/utility.json (read by the report's gate), "
+        "reports/utility/errors.csv and data_efficiency.png, and an MLflow 'utility' run. Params: utility.*",
+        "synthmri.stages.utility:run_utility",
+    ),
+    Stage(
         "report",
         "quality and privacy report of data/synthetic, with the quality gate",
         "Compares the synthetic set with the real held-out volumes (report.reference_splits): VQ-GAN "

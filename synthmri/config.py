@@ -367,6 +367,9 @@ class ReportThresholds(_Section):
     max_predictor_error_ratio: float | None = 2.0
     # ... and accuracy(real held-out) - accuracy(synthetic) for categorical covariates
     max_predictor_accuracy_drop: float | None = 0.2
+    # utility (reports/utility.json, issue 19): lower end of the 95 % interval of the gain in the primary target's
+    # error from pre-training a 3D ViT on the set, fine-tuned on utility.gate_k real subjects: > 0 = the set helps
+    min_utility_gain_ci_low: float | None = 0.0
     # privacy: fraction of likely copies minus the most that a set of new real subjects reaches in 95 draws of
     # 100 (synthmri.metrics.privacy.chance_copy_fraction; re-derived from the real-vs-real baseline, RESULTS.md)
     max_copy_fraction_over_chance: float | None = 0.0
@@ -396,6 +399,63 @@ class ReportParams(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     blas_threads: int | None = Field(1, ge=1)
     thresholds: ReportThresholds = ReportThresholds()
+
+
+class ViTParams(_Section):
+    """Size of the utility stage's 3D ViT (MONAI ``monai.networks.nets.ViT``): a CPU-sized transformer."""
+
+    patch_size: int = Field(8, ge=1)  # 40x48x40 demo volumes -> 5x6x5 = 150 tokens
+    hidden_size: int = Field(96, ge=8)
+    mlp_dim: int = Field(192, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ViTParams:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"vit.hidden_size {self.hidden_size} must be a multiple of vit.num_heads {self.num_heads}")
+        return self
+
+
+class FitParams(_Section):
+    """One training phase of the utility ViT (pre-training or fine-tuning): AdamW with cosine decay."""
+
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+
+
+class UtilityParams(_Section):
+    """Does pre-training a 3D ViT on the synthetic set help on real data? (synthmri.utility, issue 19)
+
+    Pre-train on ``data/synthetic`` (targets: the covariates each volume was generated for), fine-tune on k
+    real training-split subjects, test on the real held-out splits (``report.reference_splits``); compare with
+    the same ViT from scratch, pre-trained on the real training split, and pre-trained on a negative control.
+    """
+
+    #: covariates the ViT predicts (pre-training uses each one present in the set); null = all declared ones
+    targets: list[str] | None = None
+    primary: str = "age"  # the target whose gain the gate reads
+    k: list[int | Literal["all"]] = [4, 8, 16, "all"]  # real training subjects per fine-tuning run
+    repeats: int = Field(2, ge=1)  # seeds x draws of the k subjects (pre-training is repeated with the seed)
+    negative_control: Literal["shuffled", "mean_noise"] = "shuffled"
+    vit: ViTParams = ViTParams()
+    pretrain: FitParams = FitParams(steps=300, batch_size=16, lr=5e-4)
+    finetune: FitParams = FitParams(steps=150, batch_size=8, lr=3e-4)
+    bootstrap: int = Field(1000, ge=100)  # resamples of test subjects and repeats for every interval
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int | None = Field(None, ge=1)  # null: torch's default
+    #: the k whose pre-training gain on ``primary`` the gate reads (report.thresholds.min_utility_gain_ci_low)
+    gate_k: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _gate_k_is_run(self) -> UtilityParams:
+        if self.gate_k not in self.k:
+            raise ValueError(f"utility.gate_k {self.gate_k} is not one of utility.k {self.k}")
+        return self
 
 
 class Params(_Section):
@@ -431,6 +491,7 @@ class Params(_Section):
     diffusion: DiffusionParams = DiffusionParams()
     sample: SampleParams = SampleParams()
     report: ReportParams = ReportParams()
+    utility: UtilityParams = UtilityParams()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
@@ -448,6 +509,12 @@ class Params(_Section):
             foreign = [s for s in self.demo.sites if s not in levels]
             if foreign:
                 raise ValueError(f"demo.sites {foreign} are not levels of the 'site' covariate {levels}")
+        known_targets = self.utility.targets if self.utility.targets is not None else names
+        unknown_targets = [t for t in [*known_targets, self.utility.primary] if t not in names]
+        if unknown_targets:
+            raise ValueError(f"utility.targets/primary name unknown covariates {unknown_targets}")
+        if self.utility.primary not in known_targets:
+            raise ValueError(f"utility.primary '{self.utility.primary}' is not one of utility.targets {known_targets}")
         return self
 
     def covariate(self, name: str) -> Covariate:

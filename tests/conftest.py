@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import ndimage
 
 from synthmri.config import Params, load_params
+from synthmri.io import save_nifti, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -193,3 +196,43 @@ def kill_after_checkpoint(
         state = load_checkpoint(path)  # torch.load(weights_only=True): whatever has a final name is complete
         assert state["step"] == int(path.stem.split("-")[1])
     return newest()
+
+
+def fake_synthetic_set(out: Path, processed: Path, copy_of: int, n_novel: int = 5) -> str:
+    """A synthetic set laid out like the sample stage's: novel blob heads plus one exact copy of a training
+    volume (index ``copy_of`` of the training split); returns the copy's file name."""
+    space = json.loads((processed / "space.json").read_text())
+    manifest = pd.read_csv(processed / "manifest.csv")
+    train = manifest[manifest["split"] == "train"].reset_index(drop=True)
+    rows, copy_name = [], ""
+    for i in range(n_novel + 1):
+        name = f"volumes/sample-{i:06d}.nii.gz"
+        if i == n_novel:  # the exact copy: processed [-1, 1] -> [0, 1] as the sample stage writes volumes
+            source = np.asarray(nib.load(processed / train["processed_path"][copy_of]).dataobj, dtype=np.float32)
+            volume = (source + 1.0) / 2.0
+            covariates = train.iloc[copy_of][["age", "sex", "site"]].to_dict()
+            copy_name = name
+        else:
+            raw = blob_volume(tuple(space["shape"]), seed=100 + i)
+            volume = np.clip(raw / np.percentile(raw[raw > 0], 99.5), 0, 1)
+            covariates = {"age": 25.0 + 10 * i, "sex": "FM"[i % 2], "site": f"site{1 + i % 3}"}
+        save_nifti(volume.astype(np.float32), np.asarray(space["affine"]), out / name)
+        rows.append(
+            {
+                "file": name,
+                "sample_index": i,
+                "seed": 1000 + i,
+                **covariates,
+                "sampler": "ddim",
+                "steps": 5,
+                "guidance_scale": 2.0,
+                "sha256": sha256_file(out / name),
+                "vqgan_version": "3",
+                "vqgan_sha256": "a" * 64,
+                "ldm_version": "2",
+                "ldm_sha256": "b" * 64,
+                "synthmri_version": "0.1",
+            }
+        )
+    pd.DataFrame(rows).to_csv(out / "manifest.csv", index=False)
+    return copy_name

@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, blob_volume, make_params, make_processed
+from conftest import REPO, fake_synthetic_set, make_params, make_processed
 
 from synthmri.config import ReportThresholds
-from synthmri.io import dvc_directory_hash, save_nifti, sha256_file
+from synthmri.io import dvc_directory_hash
 from synthmri.models.loading import save_weights
 from synthmri.models.vqgan import VQGAN
 from synthmri.report.compute import compute_set_metrics
@@ -38,48 +38,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _fake_synthetic(out: Path, processed: Path, copy_of: int, n_novel: int = 5) -> str:
-    """A synthetic set laid out like the sample stage's: novel blob heads plus one exact copy of a training
-    volume (index ``copy_of`` of the training split); returns the copy's file name."""
-    space = json.loads((processed / "space.json").read_text())
-    manifest = pd.read_csv(processed / "manifest.csv")
-    train = manifest[manifest["split"] == "train"].reset_index(drop=True)
-    rows, copy_name = [], ""
-    for i in range(n_novel + 1):
-        name = f"volumes/sample-{i:06d}.nii.gz"
-        if i == n_novel:  # the exact copy: processed [-1, 1] -> [0, 1] as the sample stage writes volumes
-            import nibabel as nib
-
-            source = np.asarray(nib.load(processed / train["processed_path"][copy_of]).dataobj, dtype=np.float32)
-            volume = (source + 1.0) / 2.0
-            covariates = train.iloc[copy_of][["age", "sex", "site"]].to_dict()
-            copy_name = name
-        else:
-            raw = blob_volume(SHAPE, seed=100 + i)
-            volume = np.clip(raw / np.percentile(raw[raw > 0], 99.5), 0, 1)
-            covariates = {"age": 25.0 + 10 * i, "sex": "FM"[i % 2], "site": f"site{1 + i % 3}"}
-        save_nifti(volume.astype(np.float32), np.asarray(space["affine"]), out / name)
-        rows.append(
-            {
-                "file": name,
-                "sample_index": i,
-                "seed": 1000 + i,
-                **covariates,
-                "sampler": "ddim",
-                "steps": 5,
-                "guidance_scale": 2.0,
-                "sha256": sha256_file(out / name),
-                "vqgan_version": "3",
-                "vqgan_sha256": "a" * 64,
-                "ldm_version": "2",
-                "ldm_sha256": "b" * 64,
-                "synthmri_version": "0.1",
-            }
-        )
-    pd.DataFrame(rows).to_csv(out / "manifest.csv", index=False)
-    return copy_name
-
-
 def _tiny_vqgan(params, directory: Path) -> None:
     """An untrained VQ-GAN saved like train_vqgan's _write_outputs."""
     torch.manual_seed(0)
@@ -100,7 +58,7 @@ def setup(tmp_path_factory):
     params, processed = make_processed(work / "build", 10, SHAPE)
     shutil.move(processed, work / "data" / "processed")
     processed = work / "data" / "processed"
-    copy_name = _fake_synthetic(work / "data" / "synthetic", processed, copy_of=2)
+    copy_name = fake_synthetic_set(work / "data" / "synthetic", processed, copy_of=2)
     _tiny_vqgan(params, work / "models" / "vqgan")
     (work / "reports" / "vqgan").mkdir(parents=True)
     pd.DataFrame({"step": [1, 2, 3], "l1": [0.3, 0.2, 0.1], "vq": [0.1, 0.05, 0.02]}).to_csv(

@@ -59,6 +59,7 @@ def gate_rules(metrics: dict, t: ReportThresholds) -> list[tuple[str, str, str, 
         if match:
             threshold = t.max_predictor_error_ratio if match[2] == "error_ratio" else t.max_predictor_accuracy_drop
             rules.append((f"predictor_{match[1]}", key, "<=", threshold))
+    rules.append(("utility_pretrain_gain", "utility.primary_gain_ci_low", ">=", t.min_utility_gain_ci_low))
     rules += [
         ("privacy_copies", "privacy.excess_over_chance_bound", "<=", t.max_copy_fraction_over_chance),
         ("privacy_near_duplicates", "privacy.n_near_duplicates", "<=", t.max_near_duplicates),

@@ -18,6 +18,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from synthmri.catalog import UTILITY_REPORT_DIR
 from synthmri.io import atomic_path, write_text_atomic
 from synthmri.logs import get_logger
 from synthmri.report.compute import ReportResult
@@ -291,6 +292,9 @@ def render_figures(
             details["recon_example"], details.get("recon_id", ""), data.spacing, figures_dir / "reconstruction.png"
         )
     out["training_curves"] = training_curves_figure(reports_dir, figures_dir / "training_curves.png")
+    utility = reports_dir / UTILITY_REPORT_DIR.name / "data_efficiency.png"  # drawn by the utility stage
+    if result.metrics.get("utility.primary_gain") is not None and utility.is_file():
+        out["utility"] = utility
     return {name: path for name, path in out.items() if path is not None}
 
 
@@ -329,6 +333,10 @@ CAPTIONS = {
     "look like) vs synthetic volumes. Synthetic volumes right of the threshold are likely copies.",
     "reconstruction": "A test volume and its VQ-GAN reconstruction.",
     "training_curves": "Training curves from reports/vqgan/losses.csv and reports/ldm/losses.csv.",
+    "utility": "Utility (the utility stage): error of a 3D ViT on the real held-out subjects against the number of "
+    "real subjects it was fine-tuned on, from scratch and pre-trained on the synthetic set, on the real training "
+    "split and on a negative control; dashed: trained on synthetic only (TSTR) or on all real training subjects "
+    "(TRTR) without fine-tuning. Bars and bands: 95 % bootstrap intervals over test subjects and repeats.",
 }
 
 FAMILIES = [
@@ -340,6 +348,7 @@ FAMILIES = [
     ("privacy.", "Memorization / privacy"),
     ("intensity.", "Intensity"),
     ("compare.", "VQ-GAN vs VQ-VAE (validation)"),
+    ("utility.", "Utility: pre-training a 3D ViT on the set (reports/utility.json)"),
 ]
 
 

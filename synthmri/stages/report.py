@@ -28,6 +28,7 @@ from synthmri.catalog import (
     REPORT_METRICS_NAME,
     REPORTS_DIR,
     SYNTHETIC_DIR,
+    UTILITY_METRICS_FILE,
     VQGAN_DIR,
 )
 from synthmri.config import Params
@@ -86,6 +87,16 @@ def model_comparison(reports_dir: Path, vqvae_metrics: str | None) -> tuple[pd.D
     }
     log.info("VQ-VAE metrics from %s shown next to the VQ-GAN's", vqvae_metrics)
     return table, flat
+
+
+def utility_metrics(reports_dir: Path) -> dict[str, Any]:
+    """The utility stage's numbers (``reports/utility.json``) as ``utility.<key>``, for the gate and the page;
+    empty when the stage did not run (the gate's utility check is then skipped as not applicable)."""
+    utility = _read_json(Path(reports_dir) / UTILITY_METRICS_FILE.name)
+    if utility is None:
+        log.info("No %s: the gate's utility check does not apply", UTILITY_METRICS_FILE)
+        return {}
+    return {f"utility.{k}": v for k, v in utility.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
 def _log_to_mlflow(
@@ -156,6 +167,7 @@ def run_report(
         metrics = result.metrics
         comparison, compared = model_comparison(reports_dir, params.report.vqvae_metrics)
         metrics.update(compared)
+        metrics.update(utility_metrics(reports_dir))
         checks = evaluate_gate(metrics, params.report.thresholds)
         metrics.update(gate_summary(checks))
 

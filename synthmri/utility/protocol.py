@@ -1,0 +1,181 @@
+"""The utility protocol: pre-train a 3D ViT on a set, fine-tune it on k real subjects, test on held-out ones.
+
+Arms (each fine-tuned on the same k real training-split subjects, with the same batches, and tested on the
+same real held-out subjects):
+
+* ``scratch``: no pre-training;
+* ``synthetic``: pre-trained on the synthetic set (targets: the covariates each volume was generated for);
+* ``real``: pre-trained on the whole real training split (the reference a synthetic set should approach);
+* ``control``: pre-trained on a negative control of the synthetic set's size (:func:`negative_control`),
+  which must not show the gain;
+* ``tstr`` / ``trtr``: the synthetic / real pre-trained models tested without fine-tuning (train on
+  synthetic, test on real; train on real, test on real), with the same training budget.
+
+Held-out subjects never enter pre-training or fine-tuning (:func:`check_no_leakage` runs before every fit).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from synthmri.config import UtilityParams
+from synthmri.errors import StageError
+from synthmri.logs import get_logger, progress
+from synthmri.utility.fit import fit, predict
+from synthmri.utility.targets import TargetCodec
+from synthmri.utility.vit import ViTRegressor
+
+log = get_logger(__name__)
+
+PRETRAINED_ARMS = ("synthetic", "real", "control")
+FINETUNED_ARMS = ("scratch", *PRETRAINED_ARMS)
+
+
+@dataclass
+class UtilitySets:
+    """The volumes of the protocol, ``(N, 1, D, H, W)`` float32 tensors, with their covariate tables. The real
+    tables carry ``subject_id`` (one subject may have several volumes)."""
+
+    train: pd.DataFrame
+    train_volumes: torch.Tensor
+    test: pd.DataFrame
+    test_volumes: torch.Tensor
+    synthetic: pd.DataFrame
+    synthetic_volumes: torch.Tensor
+
+
+def derived_seed(*parts: int | str) -> int:
+    """A 63-bit seed from the protocol's seed and the run's coordinates (stable across Python processes)."""
+    words = [p if isinstance(p, int) else int.from_bytes(p.encode(), "little") % (2**32) for p in parts]
+    return int(np.random.SeedSequence(words).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+
+
+def check_no_leakage(test_subjects, **used) -> None:
+    """Raise :class:`StageError` if a held-out subject is in any set a model trains on (``name=subject ids``)."""
+    held_out = {str(s) for s in test_subjects}
+    for name, subjects in used.items():
+        leaked = sorted(held_out & {str(s) for s in subjects})
+        if leaked:
+            raise StageError(
+                f"utility: held-out subject(s) {', '.join(leaked[:5])} would be used for {name}: the test would "
+                "measure memory, not utility"
+            )
+
+
+def negative_control(sets: UtilitySets, kind: str, seed: int) -> tuple[torch.Tensor, pd.DataFrame]:
+    """A pre-training set of the synthetic set's size that carries no usable covariate signal.
+
+    ``shuffled``: the synthetic volumes with their covariate rows permuted (same images, same label
+    distribution, no link between them); ``mean_noise``: the real training mean volume plus Gaussian noise with
+    the training set's voxel-wise standard deviation (no anatomy), labelled with the synthetic covariates."""
+    rng = np.random.default_rng(seed)
+    table = sets.synthetic.reset_index(drop=True)
+    if kind == "shuffled":
+        order = rng.permutation(len(table))
+        return sets.synthetic_volumes, table.iloc[order].reset_index(drop=True)
+    if kind == "mean_noise":
+        mean = sets.train_volumes.mean(dim=0, keepdim=True)
+        std = sets.train_volumes.std(dim=0, keepdim=True) if len(sets.train_volumes) > 1 else torch.zeros_like(mean)
+        noise = torch.from_numpy(rng.standard_normal((len(table), *mean.shape[1:]), dtype=np.float32))
+        return mean + noise * std, table
+    raise ValueError(f"unknown negative control {kind!r}")
+
+
+def draw_subjects(train: pd.DataFrame, k: int | str, seed: int) -> np.ndarray:
+    """Row indices of every volume of ``k`` subjects drawn from the training table (``all``: every subject)."""
+    subjects = np.array(sorted(train["subject_id"].astype(str).unique()))
+    if k != "all":
+        if int(k) > len(subjects):
+            raise StageError(f"utility.k={k} asks for more subjects than the training split has ({len(subjects)})")
+        subjects = np.random.default_rng(seed).choice(subjects, size=int(k), replace=False)
+    return np.flatnonzero(train["subject_id"].astype(str).isin(subjects).to_numpy())
+
+
+class Protocol:
+    """Runs every arm and returns one row per (arm, k, repeat, test volume, target) with its error."""
+
+    def __init__(
+        self,
+        up: UtilityParams,
+        codec: TargetCodec,
+        sets: UtilitySets,
+        device: torch.device,
+        on_curve: Callable[[str, int, float], None] | None = None,
+    ) -> None:
+        self.up, self.codec, self.sets, self.device = up, codec, sets, device
+        self.on_curve = on_curve  # (curve name, step, loss), e.g. to MLflow
+        self.shape = tuple(sets.train_volumes.shape[2:])
+        self.test_subjects = sets.test["subject_id"].astype(str).unique()
+        check_no_leakage(self.test_subjects, real_pretraining=sets.train["subject_id"])
+
+    def new_model(self, seed: int) -> ViTRegressor:
+        torch.manual_seed(seed)
+        return ViTRegressor(self.up.vit, self.shape, self.codec.n_outputs).to(self.device)
+
+    def _fit(self, model, volumes, table, phase, seed, curve: str) -> None:
+        values, known = self.codec.encode(table)
+        if not known.any():
+            raise StageError(f"utility: no target covariate ({', '.join(t.name for t in self.codec.targets)}) "
+                             f"is known for any volume of {curve.split('.')[0]}")  # fmt: skip
+        on_step = None
+        if self.on_curve is not None:
+            on_step = lambda step, loss: self.on_curve(curve, step, loss) if step % 10 == 0 else None  # noqa: E731
+        fit(model, volumes, values, known, self.codec, phase, seed, on_step)
+
+    def _score(self, model, arm: str, k_label: str, repeat: int) -> list[dict]:
+        errors = self.codec.errors(predict(model, self.sets.test_volumes), self.sets.test)
+        ids = self.sets.test["item_id"].astype(str) if "item_id" in self.sets.test else self.sets.test.index.astype(str)
+        return [
+            {"arm": arm, "k": k_label, "repeat": repeat, "item": item, "target": target, "error": float(e)}
+            for target, values in errors.items()
+            for item, e in zip(ids, values)
+        ]
+
+    def sources(self, repeat: int) -> dict[str, tuple[torch.Tensor, pd.DataFrame]]:
+        s = self.sets
+        control = negative_control(s, self.up.negative_control, derived_seed(self.up.seed, repeat, "control-set"))
+        return {"synthetic": (s.synthetic_volumes, s.synthetic), "real": (s.train_volumes, s.train), "control": control}
+
+    def run(self) -> pd.DataFrame:
+        """Every pre-training and fine-tuning run, in order, under one progress bar."""
+        rows: list[dict] = []
+        pretrained: dict[str, dict] = {}
+        runs: list[Callable[[], None]] = []
+        for repeat in range(self.up.repeats):
+            for name, (volumes, table) in self.sources(repeat).items():
+                runs.append(lambda r=repeat, n=name, v=volumes, t=table: self._pretrain(r, n, v, t, pretrained, rows))
+            for k in self.up.k:
+                for arm in FINETUNED_ARMS:
+                    runs.append(lambda r=repeat, k=k, a=arm: self._finetune(r, k, a, pretrained, rows))
+        for run in progress(runs, "Utility: pre-training and fine-tuning ViTs", "run"):
+            run()
+        return pd.DataFrame(rows)
+
+    def _pretrain(self, repeat: int, name: str, volumes, table, pretrained: dict, rows: list) -> None:
+        up = self.up
+        log.info("Repeat %d: pre-training the ViT on the %s set (%d volumes)", repeat + 1, name, len(volumes))
+        model = self.new_model(derived_seed(up.seed, repeat, "init", name))
+        self._fit(model, volumes, table, up.pretrain, derived_seed(up.seed, repeat, "pretrain", name),
+                  f"pretrain.{name}.r{repeat}")  # fmt: skip
+        pretrained[name] = copy.deepcopy(model.state_dict())
+        if name in ("synthetic", "real"):  # trained on synthetic / on real, tested on real, same budget
+            rows += self._score(model, "tstr" if name == "synthetic" else "trtr", "-", repeat)
+
+    def _finetune(self, repeat: int, k, arm: str, pretrained: dict, rows: list) -> None:
+        up = self.up
+        subset = draw_subjects(self.sets.train, k, derived_seed(up.seed, repeat, "draw", str(k)))
+        chosen = self.sets.train.iloc[subset]
+        check_no_leakage(self.test_subjects, fine_tuning=chosen["subject_id"])
+        model = self.new_model(derived_seed(up.seed, repeat, "init", "scratch"))
+        if arm != "scratch":
+            model.load_state_dict(pretrained[arm])
+        # the same k subjects and the same batches for every arm: the comparisons are paired
+        self._fit(model, self.sets.train_volumes[subset], chosen, up.finetune,
+                  derived_seed(up.seed, repeat, "finetune", str(k)), f"finetune.{arm}.k{k}.r{repeat}")  # fmt: skip
+        rows += self._score(model, arm, str(k), repeat)
