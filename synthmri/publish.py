@@ -43,7 +43,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from synthmri.catalog import MODEL_REGISTRY_FILES, RELEASE_FILE, REPORT_METRICS_FILE, SOFTWARE_NAME, SYNTHETIC_DIR
+from synthmri.catalog import (
+    MODEL_REGISTRY_FILES,
+    RELEASE_FILE,
+    REPORT_METRICS_FILE,
+    SOFTWARE_NAME,
+    SYNTHETIC_DIR,
+    UTILITY_METRICS_FILE,
+)
 from synthmri.errors import StageError
 from synthmri.io import sha256_file
 from synthmri.versions import TAG_PATTERN
@@ -304,6 +311,42 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def utility_summary(repo: Path) -> dict[str, Any] | None:
+    """The headline of ``reports/utility.json`` (the utility stage): the gated pre-training gain with its
+    interval, the same for real pre-training and the negative control, and the TSTR / TRTR error ratio."""
+    utility = _read_json(repo / UTILITY_METRICS_FILE)
+    if not isinstance(utility, dict) or "primary" not in utility:
+        return None
+    at = f"{utility['primary']}.k{utility.get('gate_k')}"
+    return {
+        "target": utility["primary"],
+        "k": utility.get("gate_k"),
+        **{
+            f"{name}{part}": utility.get(f"{name}{part}.{at}")
+            for name in ("pretrain_gain", "real_pretrain_gain", "negative_control_gain")
+            for part in ("", "_ci_low", "_ci_high")
+        },
+        "tstr_ratio": utility.get(f"tstr_ratio.{utility['primary']}"),
+        "n_synthetic": utility.get("n_synthetic"),
+    }
+
+
+def _utility_line(utility: dict[str, Any] | None) -> str | None:
+    if not utility or utility.get("pretrain_gain") is None:
+        return None
+    low, high, ratio = (
+        utility.get("pretrain_gain_ci_low"),
+        utility.get("pretrain_gain_ci_high"),
+        utility.get("tstr_ratio"),
+    )
+    return (
+        f"utility: pre-training on this set changes the {utility['target']} error at k={utility['k']} by "
+        f"{utility['pretrain_gain']:+.0%}"
+        + (f" [{low:+.0%}, {high:+.0%}]" if low is not None and high is not None else "")
+        + (f"; TSTR/TRTR error ratio {ratio:.2f}" if ratio is not None else "")
+    )
+
+
 def release_record(
     repo: Path, tag: str, gate: Gate, code_commit: str, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -325,6 +368,7 @@ def release_record(
         "gate": {"passed": gate.passed, "failures": gate.failures},
         "metrics": {k: v for k, v in gate.metrics.items() if isinstance(v, (int, float, str, bool)) or v is None},
         "card": card_summary(repo / SYNTHETIC_DIR.as_posix() / "README.md"),
+        "utility": utility_summary(repo),
         "software": _read_json(repo / SYNTHETIC_DIR / SOFTWARE_NAME),
         "fetch": f"dvc get <this repository> {SYNTHETIC_DIR.as_posix()} --rev {tag}",
         **(extra or {}),
@@ -430,6 +474,8 @@ def publish(
         "models: " + ", ".join(f"{k} v{v}" for k, v in record["models"].items()),
         f"dvc.lock sha256: {record['dvc_lock_sha256']}",
     ]
+    if line := _utility_line(record.get("utility")):
+        summary.append(line)
     git(repo, "tag", "-a", tag, "-m", "\n".join(summary), commit)
     logger.info("Tagged %s as %s", commit[:10], tag)
     if git_remote:

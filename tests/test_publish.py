@@ -376,3 +376,25 @@ def test_a_version_on_an_s3_object_store_publishes_pulls_and_names_a_lost_object
             versions.load_version(tag, repo=tmp_path / "clone", cache_dir=tmp_path / "cache-2")
     finally:
         server.stop()
+
+
+def test_the_release_record_and_tag_carry_the_utility_headline(tmp_path):
+    (tmp_path / "reports").mkdir()
+    assert pub.utility_summary(tmp_path) is None  # no utility stage: nothing claimed
+    numbers = {
+        "primary": "age",
+        "gate_k": 8,
+        "pretrain_gain.age.k8": 0.31,
+        "pretrain_gain_ci_low.age.k8": 0.12,
+        "pretrain_gain_ci_high.age.k8": 0.45,
+        "negative_control_gain.age.k8": -0.02,
+        "tstr_ratio.age": 1.27,
+        "n_synthetic": 256,
+    }
+    (tmp_path / "reports" / "utility.json").write_text(json.dumps(numbers))
+    summary = pub.utility_summary(tmp_path)
+    assert summary["pretrain_gain"] == 0.31 and summary["pretrain_gain_ci_low"] == 0.12 and summary["k"] == 8
+    assert summary["negative_control_gain"] == -0.02 and summary["real_pretrain_gain"] is None
+    assert pub._utility_line(summary) == (
+        "utility: pre-training on this set changes the age error at k=8 by +31% [+12%, +45%]; TSTR/TRTR error ratio 1.27"
+    )
