@@ -72,7 +72,7 @@ STAGES: dict[str, StageArtifacts] = {
     ),
     "sample": StageArtifacts(deps=(LATENT_DIR, SPACE_FILE, LDM_DIR, VQGAN_DIR), outs=(SYNTHETIC_DIR,)),
     "report": StageArtifacts(
-        deps=(PROCESSED_DIR, SYNTHETIC_DIR, VQGAN_DIR),
+        deps=(PROCESSED_DIR, SYNTHETIC_DIR, LATENT_DIR, VQGAN_DIR, LDM_DIR),  # latents + ldm: the protocol sweep
         outs=(REPORT_HTML_FILE, REPORT_FIGURES_DIR),
         metrics=(REPORT_METRICS_FILE,),
     ),
