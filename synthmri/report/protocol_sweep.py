@@ -160,8 +160,10 @@ def generate_sweep(
 ) -> np.ndarray:
     """``(subjects, protocols, *shape)`` volumes in ``value_range``: subject ``s`` is sample ``s`` of a set seeded
     with ``report.seed`` (the same noise under every protocol), generated and decoded by the sample stage's
-    shard function with ``diffusion.sampler`` and ``sample.torch_threads`` / ``micro_batch``, one shard per
-    protocol, written to a temporary folder and read back as the report reads a synthetic set."""
+    shard function with ``diffusion.sampler``, one shard per protocol, written to a temporary folder and read
+    back as the report reads a synthetic set. One thread and one chain per volume (``SampleJob``'s defaults,
+    not ``sample.torch_threads`` / ``micro_batch``): the report's bytes then depend on the models, the sampler
+    and ``report.*`` only, and the stage needs no ``sample`` parameter (a params.yaml may leave those out)."""
     import nibabel as nib
 
     from synthmri.stages.sample import SampleJob, generate_shard, sample_volume_name
@@ -183,8 +185,6 @@ def generate_sweep(
                 seed=params.report.seed,
                 release="report protocol sweep",
                 provenance={},
-                torch_threads=params.sample.torch_threads,
-                micro_batch=params.sample.micro_batch,
             )
             generate_shard(job, 0, [(s, {**row, **protocol}) for s, row in enumerate(subjects)])
             for s in range(len(subjects)):
