@@ -80,10 +80,12 @@ STAGES: dict[str, StageArtifacts] = {
         plots=(UTILITY_REPORT_DIR / "data_efficiency.png",),
     ),
     "report": StageArtifacts(
-        deps=(
+        deps=(  # latents + ldm: the protocol sweep; utility: the gate's utility check and figure
             PROCESSED_DIR,
             SYNTHETIC_DIR,
+            LATENT_DIR,
             VQGAN_DIR,
+            LDM_DIR,
             UTILITY_METRICS_FILE,
             UTILITY_REPORT_DIR / "data_efficiency.png",
         ),

@@ -377,6 +377,18 @@ class ReportThresholds(_Section):
     max_near_duplicates: int | None = Field(0, ge=0)
 
 
+class ProtocolSweepParams(_Section):
+    """One subject under each protocol (synthmri.report.protocol_sweep): a few subjects generated with the same
+    seeds under every acquisition combination of the real training set, so that the acquisition is the only
+    thing that changes between a row's volumes."""
+
+    subjects: int = Field(2, ge=0)  # 0 switches the sweep off
+    max_protocols: int = Field(8, ge=2)  # the most frequent combinations, when the training set has more
+    # covariates left unspecified: on the demo the site decides the scanner, so a fixed site would fight the
+    # requested protocol. Names that are not declared covariates are ignored (with a log line).
+    unspecified: list[str] = ["site"]
+
+
 class ReportParams(_Section):
     """The quality and privacy report of a synthetic set against the real held-out data (synthmri.report)."""
 
@@ -398,6 +410,7 @@ class ReportParams(_Section):
     vqvae_metrics: str | None = "reports/vqvae.json"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     blas_threads: int | None = Field(1, ge=1)
+    protocol_sweep: ProtocolSweepParams = ProtocolSweepParams()
     thresholds: ReportThresholds = ReportThresholds()
 
 

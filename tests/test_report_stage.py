@@ -86,6 +86,8 @@ def report(setup):
         vqgan_dir=work / "models" / "vqgan",
         reports_dir=work / "reports",
         track=False,
+        ldm_dir=work / "models" / "ldm",  # absent: no diffusion model, the protocol sweep is skipped
+        latent_dir=work / "data" / "latents",
     )
     return work, metrics
 
@@ -123,6 +125,9 @@ def test_metrics_json_is_flat_and_has_every_family(report):
     assert 0 < on_disk["diversity.ms_ssim_real"] <= 1 and on_disk["diversity.ratio"] > 0
     assert on_disk["intensity.wasserstein"] > 0
     assert on_disk["compare.vqvae.val_psnr"] == 21.0  # the optional VQ-VAE metrics are picked up
+    # no diffusion model here: "one subject under each protocol" is skipped, the rest of the report is not
+    assert not any(k.startswith("conditioning.protocol_sweep.") for k in on_disk)
+    assert not (work / "reports" / "figures" / "one_subject_each_protocol.png").exists()
 
 
 def test_exact_copy_of_a_training_volume_is_flagged(report, setup):

@@ -17,6 +17,7 @@ Key names: ``<family>.<...>``; feature-space numbers carry the extractor's name 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from synthmri.report.families import (
 from synthmri.report.gate import Check, evaluate_gate
 from synthmri.report.inputs import ReportData
 from synthmri.report.intervals import BOOTSTRAP_DRAWS, gate_intervals
+from synthmri.report.protocol_sweep import protocol_sweep
 
 log = get_logger(__name__)
 
@@ -179,10 +181,18 @@ def ceiling_checks(params: Params, data: ReportData, decoded_train, extractor) -
     ]
 
 
-def compute_report(params: Params, data: ReportData, vqgan_dir: Path | None) -> ReportResult:
+def compute_report(
+    params: Params,
+    data: ReportData,
+    vqgan_dir: Path | None,
+    ldm_dir: Path | None = None,
+    latent_dir: Path | None = None,
+) -> ReportResult:
     """All metrics of the report: the set metrics, and when ``vqgan_dir`` holds a model the VQ-GAN's
     reconstruction scores and the autoencoder's ceiling (fidelity of decoded real volumes, and the gate's
-    checks on decoded training volumes: :func:`ceiling_checks`)."""
+    checks on decoded training volumes: :func:`ceiling_checks`); when ``ldm_dir`` holds the diffusion model too
+    and acquisition covariates are declared, one subject under each protocol
+    (:mod:`synthmri.report.protocol_sweep`, ``conditioning.protocol_sweep.*``)."""
     import torch
 
     from synthmri.training.runtime import pick_device
@@ -243,4 +253,10 @@ def compute_report(params: Params, data: ReportData, vqgan_dir: Path | None) -> 
         result.details["recon_id"] = str(data.real["item_id"].iloc[recon_index[0]]) if "item_id" in data.real else ""
     else:
         log.warning("No VQ-GAN model in %s (or no %s volumes): reconstruction metrics skipped", vqgan_dir, split)
+    started = time.perf_counter()
+    sweep = protocol_sweep(params, data, ldm_dir, vqgan_dir, latent_dir)
+    if sweep is not None:
+        flat, result.details["protocol_sweep"] = sweep
+        put_flat(result.metrics, "conditioning.protocol_sweep", flat)
+        log.info("One subject under each protocol: done in %.1f s", time.perf_counter() - started)
     return result

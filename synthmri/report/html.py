@@ -24,6 +24,7 @@ from synthmri.logs import get_logger
 from synthmri.report.compute import ReportResult
 from synthmri.report.gate import Check
 from synthmri.report.inputs import ReportData
+from synthmri.report.protocol_sweep import value_text
 from synthmri.viz import mid_slices, three_plane_grid
 
 log = get_logger(__name__)
@@ -212,6 +213,57 @@ def conditioning_figure(conditioning: dict, path: Path) -> Path | None:
     return _save(figure, path)
 
 
+def _protocol_text(row: dict, between: str = ", ") -> str:
+    """``{name: value}`` as ``name value`` pairs, unspecified (None) values left out."""
+    return between.join(f"{name} {value_text(v)}" for name, v in row.items() if v is not None)
+
+
+def protocol_sweep_figure(sweep: dict, spacing, path: Path) -> Path:
+    """One subject under each protocol (:mod:`synthmri.report.protocol_sweep`): rows are subjects, each generated
+    with one seed; columns are the training set's acquisition protocols (middle axial slices, one grey scale),
+    each volume with its GM/WM contrast. The last panel sets the per-protocol contrasts beside the real cohort's
+    means: a model that follows the acquisition draws the real profile."""
+    protocols, subjects, volumes = sweep["protocols"], sweep["subjects"], sweep["volumes"]
+    contrast, real_means, n_real = sweep["contrast"], sweep["real_means"], sweep["n_real"]
+    n_sub, n_prot = len(subjects), len(protocols)
+    sx, sy, _ = spacing
+    vmin, vmax = _grey_window(volumes)
+    figure = _new_figure(1.45 * n_prot + 4.2, 1.75 * n_sub + 1.3)
+    grid = figure.add_gridspec(n_sub, n_prot + 1, width_ratios=[1.0] * n_prot + [2.6], wspace=0.06, hspace=0.32)
+    for p, protocol in enumerate(protocols):
+        for s in range(n_sub):
+            ax = figure.add_subplot(grid[s, p])
+            _panel(ax, mid_slices(volumes[s, p])[0], vmin, vmax, sy / sx)
+            ax.set_xlabel(f"GM/WM {contrast[s, p]:.3f}", fontsize=8, labelpad=2)
+            if s == 0:
+                title = _protocol_text(protocol, between="\n")
+                ax.set_title(f"{title}\nreal {real_means[p]:.3f} (n={n_real[p]})", fontsize=7.5)
+            if p == 0:
+                ax.set_ylabel(f"subject {s + 1}\n{_protocol_text(subjects[s]) or 'unspecified'}", fontsize=8)
+    ax = figure.add_subplot(grid[:, n_prot])
+    x = np.arange(n_prot)
+    for s in range(n_sub):
+        ax.plot(x, contrast[s], "o-", color=SYNTHETIC_COLOUR, alpha=0.35, linewidth=1, markersize=3)
+    ax.plot(x, np.nanmean(contrast, axis=0), "o-", color=SYNTHETIC_COLOUR, linewidth=2, label="synthetic (same seeds)")
+    ax.plot(x, real_means, "s-", color=REAL_COLOUR, linewidth=2, label="real cohort mean")
+    ax.set_xticks(x, ["/".join(value_text(v) for v in protocol.values()) for protocol in protocols])
+    ax.tick_params(axis="x", labelsize=7, rotation=30)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_xlabel("/".join(protocols[0]), fontsize=8)
+    ax.set_ylabel("GM/WM contrast", fontsize=8)
+    ax.yaxis.set_label_position("right")
+    ax.yaxis.tick_right()
+    ax.legend(fontsize=7)
+    metrics = sweep["metrics"]
+    figure.suptitle(
+        "one subject under each protocol (same seed along a row): Spearman "
+        f"{_fmt(metrics.get('spearman'))}, sign agreement {_fmt(metrics.get('sign_agreement'))} "
+        f"of {metrics.get('n_pairs')} same-seed pairs",
+        fontsize=9,
+    )
+    return _save(figure, path)
+
+
 def training_curves_figure(reports_dir: Path, path: Path) -> Path | None:
     """Loss curves of reports/vqgan/losses.csv and reports/ldm/losses.csv (+ validation.csv), when present."""
     sources = []
@@ -284,6 +336,10 @@ def render_figures(
             figures_dir / "synthetic_by_age.png",
         )
     out["conditioning"] = conditioning_figure(details.get("conditioning", {}), figures_dir / "conditioning.png")
+    if details.get("protocol_sweep"):
+        out["one_subject_each_protocol"] = protocol_sweep_figure(
+            details["protocol_sweep"], data.spacing, figures_dir / "one_subject_each_protocol.png"
+        )
     out["intensity_histograms"] = histogram_figure(details["intensity"], figures_dir / "intensity_histograms.png")
     out["nearest_neighbours"] = nearest_pairs_figure(data, privacy, figures_dir / "nearest_neighbours.png")
     out["privacy_scores"] = privacy_scores_figure(privacy, figures_dir / "privacy_scores.png")
@@ -326,6 +382,12 @@ CAPTIONS = {
     "should widen with age.",
     "conditioning": "Known covariate effects: the measure against age (real: recorded age; synthetic: requested "
     "age) with least-squares lines, and head volume by sex.",
+    "one_subject_each_protocol": "One subject under each protocol: a few subjects (covariates of training rows, "
+    "those in report.protocol_sweep.unspecified, the site by default, left unspecified), each generated with one "
+    "seed under every acquisition protocol of the training set, so the protocol is the only difference along a "
+    "row (middle axial slices, one grey scale). Under each volume its GM/WM contrast; above each column the real "
+    "cohort's mean contrast under that protocol (all splits). Right: the same numbers as profiles across the "
+    "protocols; a model that follows the acquisition draws the real profile (conditioning.protocol_sweep.*).",
     "intensity_histograms": "Pooled intensity histograms inside the head masks.",
     "nearest_neighbours": "The synthetic volumes most similar to a training volume, each above its nearest "
     "training volume.",

@@ -22,6 +22,8 @@ from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 
 from synthmri import tracking
 from synthmri.catalog import (
+    LATENT_DIR,
+    LDM_DIR,
     PROCESSED_DIR,
     REPORT_FIGURES_NAME,
     REPORT_HTML_NAME,
@@ -139,8 +141,13 @@ def run_report(
     vqgan_dir: Path = VQGAN_DIR,
     reports_dir: Path = REPORTS_DIR,
     track: bool = True,
+    ldm_dir: Path | None = LDM_DIR,
+    latent_dir: Path | None = LATENT_DIR,
 ) -> dict:
     """Compute the report, write metrics.json, report.html and figures, evaluate the gate, log to MLflow.
+
+    ``ldm_dir`` and ``latent_dir`` (the diffusion model and the latents it was trained on) are read only for
+    "one subject under each protocol" (:mod:`synthmri.report.protocol_sweep`); without them it is skipped.
 
     Returns the flat metrics (as written to ``reports/metrics.json``). Never raises because the gate
     fails; raises :class:`~synthmri.errors.StageError` when an input is missing or unusable.
@@ -163,7 +170,13 @@ def run_report(
     )
     with run_ctx:
         with blas:
-            result = compute_report(params, data, Path(vqgan_dir) if vqgan_dir is not None else None)
+            result = compute_report(
+                params,
+                data,
+                Path(vqgan_dir) if vqgan_dir is not None else None,
+                Path(ldm_dir) if ldm_dir is not None else None,
+                Path(latent_dir) if latent_dir is not None else None,
+            )
         metrics = result.metrics
         comparison, compared = model_comparison(reports_dir, params.report.vqvae_metrics)
         metrics.update(compared)
