@@ -305,7 +305,7 @@ class SampleParams(_Section):
     """Which synthetic subjects to make (the covariate plan) and how to fan the work out."""
 
     plan: Literal["match_training", "grid", "csv"] = "match_training"
-    n_samples: int = Field(32, ge=1)
+    n_samples: int = Field(256, ge=1)
     grid: dict[str, list[float | str]] = {}
     per_cell: int = Field(1, ge=1)
     csv: str | None = None
@@ -456,7 +456,10 @@ class UtilityParams(_Section):
     negative_control: Literal["shuffled", "mean_noise"] = "shuffled"
     vit: ViTParams = ViTParams()
     pretrain: FitParams = FitParams(steps=300, batch_size=16, lr=5e-4)
-    finetune: FitParams = FitParams(steps=150, batch_size=8, lr=3e-4)
+    #: fine-tuning of a pre-trained ViT: gentle (a high learning rate on k subjects erases what pre-training learnt)
+    finetune: FitParams = FitParams(steps=100, batch_size=8, lr=3e-5)
+    #: the scratch arm's training on the same k subjects: the learning rate a random ViT needs to learn at all
+    scratch: FitParams = FitParams(steps=150, batch_size=8, lr=3e-4)
     bootstrap: int = Field(1000, ge=100)  # resamples of test subjects and repeats for every interval
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -152,6 +152,7 @@ TINY = UtilityParams(
     vit=ViTParams(patch_size=4, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=2),
     pretrain=FitParams(steps=200, batch_size=16, lr=1e-3),
     finetune=FitParams(steps=15, batch_size=4, lr=3e-4),
+    scratch=FitParams(steps=15, batch_size=4, lr=3e-4),
     bootstrap=300,
 )
 
@@ -246,6 +247,7 @@ def test_stage_writes_utility_json_and_the_report_gates_on_it(tmp_path):
         "utility.vit={patch_size: 8, hidden_size: 16, mlp_dim: 32, num_layers: 1, num_heads: 2, dropout: 0.0}",
         "utility.pretrain={steps: 4, batch_size: 2, lr: 0.001}",
         "utility.finetune={steps: 2, batch_size: 2, lr: 0.001}",
+        "utility.scratch={steps: 2, batch_size: 2, lr: 0.001}",
     ]
     params, processed = make_processed(tmp_path / "build", 10, SHAPE, *tiny)
     fake_synthetic_set(tmp_path / "synthetic", processed, copy_of=0, n_novel=7)

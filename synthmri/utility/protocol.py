@@ -1,7 +1,8 @@
 """The utility protocol: pre-train a 3D ViT on a set, fine-tune it on k real subjects, test on held-out ones.
 
-Arms (each fine-tuned on the same k real training-split subjects, with the same batches, and tested on the
-same real held-out subjects):
+Arms (each fine-tuned on the same k real training-split subjects and tested on the same real held-out
+subjects; the pre-trained arms with the same recipe and batches, scratch with the learning rate a random ViT
+needs):
 
 * ``scratch``: no pre-training;
 * ``synthetic``: pre-trained on the synthetic set (targets: the covariates each volume was generated for);
@@ -175,7 +176,10 @@ class Protocol:
         model = self.new_model(derived_seed(up.seed, repeat, "init", "scratch"))
         if arm != "scratch":
             model.load_state_dict(pretrained[arm])
-        # the same k subjects and the same batches for every arm: the comparisons are paired
-        self._fit(model, self.sets.train_volumes[subset], chosen, up.finetune,
+        # the same k subjects for every arm, and the same batches for every pre-trained arm: paired comparisons.
+        # A pre-trained ViT is fine-tuned gently (utility.finetune); one from scratch gets the learning rate it
+        # needs to learn at all (utility.scratch): one recipe for both would handicap one side (RESULTS.md)
+        phase = up.scratch if arm == "scratch" else up.finetune
+        self._fit(model, self.sets.train_volumes[subset], chosen, phase,
                   derived_seed(up.seed, repeat, "finetune", str(k)), f"finetune.{arm}.k{k}.r{repeat}")  # fmt: skip
         rows += self._score(model, arm, str(k), repeat)
