@@ -269,4 +269,5 @@ def test_stage_writes_utility_json_and_the_report_gates_on_it(tmp_path):
     passed = summary["primary_gain_ci_low"] >= 0.0
     assert metrics["check.utility_pretrain_gain"] is passed
     assert ("utility_pretrain_gain" in metrics["gate_failed_checks"].split(",")) is not passed
-    assert "Utility (the utility stage)" in (reports / "report.html").read_text()
+    page = (reports / "report.html").read_text()
+    assert "Utility (the utility stage)" in page and "real pre-training" in page  # the check's note
