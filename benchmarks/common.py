@@ -242,6 +242,9 @@ def top_ops(fn: Callable[[], object], device: torch.device, steps: int = 2, k: i
 # -- the workloads -----------------------------------------------------------------------------------
 
 
+CONDITIONING_MODULES = ("covariate_encoder",)  # counted, but not matched against MONAI's unconditional U-Net
+
+
 @dataclass
 class Workload:
     """One unit of benchmarked work: ``run()`` does one training step (or samples one batch);
@@ -483,11 +486,14 @@ def build(
             module = _monai_unet(params)
             (model,) = _prepare({"unet": module}, device, variant).values()
             predict = lambda x, t: model(x, timesteps=t)  # noqa: E731
+        # ours: the denoiser and the covariate encoder (MONAI's U-Net is unconditional, so it has no encoder and
+        # sizes are matched on the denoiser: CONDITIONING_MODULES are left out of params_ratio)
+        counted = {"unet": module.unet, "covariate_encoder": module.encoder} if side == "ours" else {"unet": module}
         return Workload(
             name,
             _diffusion_step(predict, module, params, device, variant),
             params.diffusion.train.batch_size,
-            {"unet": module},
+            counted,
         )
     if kind == "sample":
         return _sampling(side, params, device, variant, sample_volumes, ddim_steps)
