@@ -17,7 +17,6 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -45,17 +44,7 @@ def main() -> None:
     params = load_params(args.params, [f"utility.k={k}", f"utility.repeats={args.repeats}"])
     data = load_report_data(params, PROCESSED_DIR, SYNTHETIC_DIR)
 
-    def tensor(a):
-        return torch.from_numpy(np.ascontiguousarray(a[:, None]))
-
-    sets = UtilitySets(
-        data.real.iloc[data.train_index].reset_index(drop=True),
-        tensor(data.train),
-        data.real.iloc[data.reference_index].reset_index(drop=True),
-        tensor(data.reference),
-        data.synthetic,
-        tensor(data.synthetic_volumes),
-    )
+    sets = UtilitySets.from_report_data(data)
     names = params.utility.targets or [c.name for c in params.covariates]
     codec = TargetCodec([params.covariate(n) for n in names])
     batch = params.utility.finetune.batch_size

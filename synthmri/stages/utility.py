@@ -16,9 +16,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from synthmri import tracking
 from synthmri.catalog import PROCESSED_DIR, SYNTHETIC_DIR, UTILITY_METRICS_FILE, UTILITY_REPORT_DIR
 from synthmri.config import Params
@@ -35,10 +32,6 @@ from synthmri.utility.targets import TargetCodec
 log = get_logger(__name__)
 
 
-def _tensor(volumes: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(volumes[:, None], dtype=np.float32))
-
-
 def run_utility(
     params: Params,
     processed_dir: Path = PROCESSED_DIR,
@@ -53,14 +46,7 @@ def run_utility(
     start = time.perf_counter()
     up = params.utility
     data = load_report_data(params, Path(processed_dir), Path(synthetic_dir))
-    sets = UtilitySets(
-        train=data.real.iloc[data.train_index].reset_index(drop=True),
-        train_volumes=_tensor(data.train),
-        test=data.real.iloc[data.reference_index].reset_index(drop=True),
-        test_volumes=_tensor(data.reference),
-        synthetic=data.synthetic.reset_index(drop=True),
-        synthetic_volumes=_tensor(data.synthetic_volumes),
-    )
+    sets = UtilitySets.from_report_data(data)
     del data  # the tensors above are copies; the report's arrays are not needed any more
     names = up.targets if up.targets is not None else [c.name for c in params.covariates]
     codec = TargetCodec([params.covariate(n) for n in names])

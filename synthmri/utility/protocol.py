@@ -50,6 +50,23 @@ class UtilitySets:
     synthetic: pd.DataFrame
     synthetic_volumes: torch.Tensor
 
+    @classmethod
+    def from_report_data(cls, data) -> UtilitySets:
+        """The report's inputs (:class:`~synthmri.report.inputs.ReportData`): its training split, its held-out
+        reference splits and the synthetic set, as ``(N, 1, D, H, W)`` tensors."""
+
+        def tensor(volumes: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(volumes[:, None], dtype=np.float32))
+
+        return cls(
+            train=data.real.iloc[data.train_index].reset_index(drop=True),
+            train_volumes=tensor(data.train),
+            test=data.real.iloc[data.reference_index].reset_index(drop=True),
+            test_volumes=tensor(data.reference),
+            synthetic=data.synthetic.reset_index(drop=True),
+            synthetic_volumes=tensor(data.synthetic_volumes),
+        )
+
 
 def derived_seed(*parts: int | str) -> int:
     """A 63-bit seed from the protocol's seed and the run's coordinates (stable across Python processes)."""
