@@ -500,6 +500,17 @@ class Params(_Section):
             source="sidecar",
             key="InversionTime",
         ),
+        Covariate(
+            name="sequence",
+            kind="categorical",
+            levels=["MPRAGE", "SPGR"],
+            required=False,
+            source="sidecar",
+            key="PulseSequenceType",
+        ),
+        Covariate(
+            name="voxel_size", kind="continuous", range=(0.5, 8.0), required=False, source="header", key="voxel_size_mm"
+        ),
     ]
     demo: DemoParams = DemoParams()
     ingest: IngestParams = IngestParams()

@@ -96,15 +96,31 @@ def test_bids_layout_and_table(cohort, table):
     assert description[demo.STAMP_KEY] == demo.demo_stamp(make_params())
 
 
-def test_nifti_files_are_clean_float32_on_the_template_grid(cohort, table):
+def _world_centre(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    return affine[:3, :3] @ ((np.asarray(shape[:3]) - 1) / 2.0) + affine[:3, 3]
+
+
+def test_nifti_files_are_clean_float32_at_their_protocols_voxel_size(cohort, table):
+    """Each image is on its protocol's voxel grid (template spacing x voxel_scale), over the template's field of
+    view, so the raw voxel size differs between protocols as between real scanners."""
+    from synthmri.data.physics import SCANNERS
+
+    scales = {p.name: p.voxel_scale for scanner in SCANNERS for p in scanner.protocols}
     base = demo.base_anatomy(2)
-    for participant_id in table.participant_id[:4]:
+    seen = set()
+    for participant_id in table.participant_id:
         image = load_t1w(cohort, participant_id)
+        sidecar = json.loads((cohort / participant_id / "anat" / f"{participant_id}_T1w.json").read_text())
+        voxel = 2.0 * scales[sidecar["ProtocolName"]]
+        seen.add(voxel)
         assert image.get_data_dtype() == np.float32
-        assert image.shape == base.labels.shape
-        assert np.allclose(image.affine, base.affine)
+        assert image.header.get_zooms() == pytest.approx((voxel,) * 3)
         assert nib.aff2axcodes(image.affine) == ("R", "A", "S")
-        assert image.header.get_zooms() == (2.0, 2.0, 2.0)
+        extent = np.asarray(image.shape) * voxel
+        assert np.all(np.abs(extent - np.asarray(base.labels.shape) * 2.0) <= voxel)
+        assert np.allclose(
+            _world_centre(image.affine, image.shape), _world_centre(base.affine, base.labels.shape), atol=voxel / 2
+        )
         assert image.header["descrip"].tobytes().rstrip(b"\0") == b"SynthMRI demo cohort (simulated)"
         assert int(image.header["sform_code"]) > 0 and int(image.header["qform_code"]) > 0
         data = np.asarray(image.dataobj)
@@ -124,10 +140,8 @@ def test_ventricles_grow_with_age_in_the_table_and_in_the_images(cohort, table):
     young, old = table.age < table.age.quantile(0.3), table.age > table.age.quantile(0.7)
     assert from_images[old.to_numpy()].mean() > 1.5 * from_images[young.to_numpy()].mean()
     # the package's own image-only proxy agrees with this independent measurement
-    proxy = [
-        ventricle_proxy_ml(np.asarray(load_t1w(cohort, sub).dataobj), demo.base_anatomy(2).affine)
-        for sub in table.participant_id[:3]
-    ]
+    images = [load_t1w(cohort, sub) for sub in table.participant_id[:3]]
+    proxy = [ventricle_proxy_ml(np.asarray(image.dataobj), image.affine) for image in images]
     assert np.corrcoef(proxy, from_images[:3])[0, 1] > 0.9
 
 
@@ -147,8 +161,9 @@ def test_men_have_larger_heads_by_a_realistic_margin(table):
 
 def test_tissue_intensities_follow_t1_contrast(simulated):
     for subject in simulated.values():
+        labels = subject.labels_on_image_grid()
         means = {
-            label: subject.image[subject.labels == label].mean()
+            label: subject.image[labels == label].mean()
             for label in (demo.BACKGROUND, demo.CSF, demo.GM, demo.WM, demo.VENTRICLE)
         }
         assert means[demo.WM] > means[demo.GM] > means[demo.CSF] > means[demo.BACKGROUND]

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from synthmri.config import Params
@@ -74,8 +75,16 @@ def test_every_demo_protocol_is_t1_weighted_and_its_sidecar_is_bids():
             csf, gm = p.contrast()
             assert 0 < csf < gm < 1, p.name
             keys = p.sidecar(scanner.manufacturer)
-            assert keys["MagneticFieldStrength"] == p.field_t and keys["InversionTime"] == p.ti_s
-            assert keys["RepetitionTimePreparation"] == p.tr_s and keys["EchoTime"] < 0.01  # seconds
+            assert keys["MagneticFieldStrength"] == p.field_t and keys["PulseSequenceType"] == p.sequence
+            assert keys["EchoTime"] < 0.01  # seconds
+            if p.sequence == "MPRAGE":
+                assert keys["InversionTime"] == p.ti_s and keys["RepetitionTimePreparation"] == p.tr_s
+            else:  # an SPGR has no inversion: the inversion-time covariate is unspecified for it
+                assert "InversionTime" not in keys and keys["RepetitionTimeExcitation"] == p.tr_s < 0.1
+                assert gm > 0.72  # FLASH: less GM/WM contrast than an MPRAGE
+    sequences = {p.sequence for scanner in SCANNERS for p in scanner.protocols}
+    voxel_scales = {p.voxel_scale for scanner in SCANNERS for p in scanner.protocols}
+    assert sequences == {"MPRAGE", "SPGR"} and len(voxel_scales) >= 3
     assert scanner_of("site1", ["site1", "site2", "site3"]) is SCANNERS[0]
     assert scanner_of("site3", ["site1", "site2", "site3"]) is SCANNERS[2]
     assert scanner_of("hospital-x", ["hospital-x"]) is scanner_of("hospital-x", ["a", "hospital-x"])
@@ -92,7 +101,8 @@ def test_demo_images_follow_their_protocol_and_ingest_reads_it(tmp_path: Path):
         subject = demo.simulate_subject(params, index)
         sidecar = json.loads(demo.t1w_path(cohort, index).with_name(f"{subject.participant_id}_T1w.json").read_text())
         assert sidecar == subject.protocol.sidecar(subject.manufacturer)
-        inside = {label: subject.labels == label for label in (demo.GM, demo.WM)}
+        labels = subject.labels_on_image_grid()
+        inside = {label: labels == label for label in (demo.GM, demo.WM)}
         measured.append(subject.image[inside[demo.GM]].mean() / subject.image[inside[demo.WM]].mean())
         expected.append(subject.protocol.contrast()[1])
     # partial volume, bias and the 3 % per-tissue jitter move the measured ratio a little off the equation's
@@ -105,7 +115,13 @@ def test_demo_images_follow_their_protocol_and_ingest_reads_it(tmp_path: Path):
     for index in range(params.demo.n_subjects):
         subject = demo.simulate_subject(params, index)
         row = manifest.loc[subject.participant_id]
-        assert row["field_strength"] == subject.protocol.field_t and row["inversion_time"] == subject.protocol.ti_s
+        assert row["field_strength"] == subject.protocol.field_t and row["sequence"] == subject.protocol.sequence
+        if subject.protocol.ti_s is None:
+            assert pd.isna(row["inversion_time"])
+        else:
+            assert row["inversion_time"] == subject.protocol.ti_s
+        # the header covariate is the raw voxel size, read before normalize resamples the image
+        assert row["voxel_size"] == pytest.approx(2.0 * subject.protocol.voxel_scale)
 
 
 def _layered_head(csf: float, gm: float, scale: float = 0.8, seed: int = 0) -> np.ndarray:

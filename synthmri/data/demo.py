@@ -73,7 +73,8 @@ LABEL_NAMES = {
 DESCRIP = "SynthMRI demo cohort (simulated)"
 STAMP_KEY = "SynthMRIDemo"
 # Bump when the simulation changes, so that ensure_demo_cohort regenerates existing cohorts.
-GENERATOR_VERSION = 4  # 3: tissue contrast from the protocol's signal equation, BIDS sidecars; 4: steady-state MPRAGE
+GENERATOR_VERSION = 5  # 3: tissue contrast from the protocol's signal equation, BIDS sidecars; 4: steady-state MPRAGE;
+# 5: SPGR protocols and per-protocol voxel sizes
 
 # anatomy model (ages in years, distances in mm)
 ATROPHY_START_AGE = 20.0
@@ -227,12 +228,22 @@ class DemoSubject:
     site: str
     protocol: Protocol
     manufacturer: str
-    labels: np.ndarray  # final (deformed) tissue labels
-    image: np.ndarray  # float32 T1w
-    affine: np.ndarray
+    labels: np.ndarray  # final (deformed) tissue labels, on the template grid
+    image: np.ndarray  # float32 T1w, on the protocol's voxel grid
+    affine: np.ndarray  # of the labels (the template grid)
+    image_affine: np.ndarray  # of the image: the template's, scaled to the protocol's voxel size
 
     def volumes_ml(self) -> dict[str, float]:
         return tissue_volumes_ml(self.labels, self.affine)
+
+    def labels_on_image_grid(self) -> np.ndarray:
+        """The ground-truth labels resampled (nearest neighbour) to the image's voxel grid, to measure the image
+        tissue by tissue; the volumes in ml stay measured on the finer template grid."""
+        if self.image.shape == self.labels.shape and np.allclose(self.image_affine, self.affine):
+            return self.labels
+        labels = tio.LabelMap(tensor=torch.from_numpy(self.labels[None].astype(np.int16)), affine=self.affine)
+        reference = tio.ScalarImage(tensor=torch.zeros((1, *self.image.shape)), affine=self.image_affine)
+        return tio.Resample(reference, copy=False)(labels).data[0].numpy().astype(np.uint8)
 
     def row(self) -> dict[str, object]:
         return {
@@ -397,14 +408,28 @@ def simulate_subject(params: Params, index: int) -> DemoSubject:
     image = image * _bias_field(bias_unit * contrast.bias_strength, shape)
     wm_level = float(means[WM]) * contrast.gain * gain_jitter
     image = image * (contrast.gain * gain_jitter)
+    image, image_affine = _acquire_at_voxel_size(image, base, protocol.voxel_scale)
     sigma = demo.noise_std * wm_level
-    real = image + sigma * rng.standard_normal(shape, dtype=np.float32)
-    imaginary = sigma * rng.standard_normal(shape, dtype=np.float32)
+    real = image + sigma * rng.standard_normal(image.shape, dtype=np.float32)
+    imaginary = sigma * rng.standard_normal(image.shape, dtype=np.float32)
     image = np.sqrt(real * real + imaginary * imaginary).astype(np.float32)
 
     return DemoSubject(
-        participant_id(index), age, sex, site, protocol, scanner.manufacturer, labels, image, base.affine
+        participant_id(index), age, sex, site, protocol, scanner.manufacturer, labels, image, base.affine, image_affine
     )
+
+
+def _acquire_at_voxel_size(image: np.ndarray, base: BaseAnatomy, voxel_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The noiseless image sampled on the protocol's voxel grid (``voxel_scale`` x the template spacing, same
+    field of view); torchio's anti-aliasing low-passes it first, the partial-volume averaging of a larger voxel.
+    The receiver noise is added afterwards, on that grid."""
+    if voxel_scale == 1.0:
+        return image, base.affine
+    spacing = tuple(float(s) * voxel_scale for s in base.spacing)
+    scan = tio.Resample(spacing, antialias=True, copy=False)(
+        tio.ScalarImage(tensor=torch.from_numpy(np.ascontiguousarray(image)[None]), affine=base.affine)
+    )
+    return np.clip(scan.data[0].numpy(), 0, None).astype(np.float32), np.asarray(scan.affine, dtype=np.float64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,7 +526,7 @@ def _write_cohort(params: Params, out_dir: Path) -> None:
     for index in progress(range(demo.n_subjects), desc="Simulating demo subjects", unit="subject"):
         subject = simulate_subject(params, index)
         image_path = t1w_path(out_dir, index)
-        save_nifti(subject.image, subject.affine, image_path, descrip=DESCRIP)
+        save_nifti(subject.image, subject.image_affine, image_path, descrip=DESCRIP)
         sidecar = image_path.with_name(image_path.name.replace(".nii.gz", ".json"))
         write_text_atomic(sidecar, json.dumps(subject.sidecar(), indent=2) + "\n")
         rows.append(subject.row())
