@@ -88,22 +88,20 @@ def test_sweep_metrics_skip_tied_real_means_and_unmeasured_volumes():
 # ------------------------------------------------------------------------------------------------
 # which protocols, which subjects
 
-ACQUISITION = (
-    "field_strength",
-    "inversion_time",
-)
+ACQUISITION = ("field_strength", "inversion_time", "sequence", "voxel_size")  # params.yaml's, in its order
 
 
-def test_protocols_are_the_distinct_complete_training_combinations_most_frequent_first_kept():
+def test_protocols_are_the_distinct_training_combinations_most_frequent_first_kept():
     params = make_params()
     acquisition = acquisition_covariates(params.covariates)
     assert [c.name for c in acquisition] == list(ACQUISITION)
+    acquisition = acquisition[:2]  # field strength and inversion time: the manifest below has those two
     voxel = Covariate(name="voxel_volume", kind="continuous", source="header", key="voxel_volume_mm3")
     assert acquisition_covariates([*params.covariates, voxel])[-1] == voxel  # header values are acquisition too
     manifest = pd.DataFrame(
         {
-            "field_strength": [3.0, 1.5, 3.0, 3.0, 1.5, None, 3.0],
-            "inversion_time": [1.1, 0.8, 1.1, 0.9, 0.8, 1.0, "n/a"],
+            "field_strength": [3.0, 1.5, 3.0, 3.0, 1.5, None, 3.0, None],
+            "inversion_time": [1.1, 0.8, 1.1, 0.9, 0.8, 1.0, "n/a", None],
         }
     )
     protocols = training_protocols(manifest, acquisition, max_protocols=8)
@@ -111,10 +109,14 @@ def test_protocols_are_the_distinct_complete_training_combinations_most_frequent
         {"field_strength": 1.5, "inversion_time": 0.8},
         {"field_strength": 3.0, "inversion_time": 0.9},
         {"field_strength": 3.0, "inversion_time": 1.1},
-    ]  # rows with a missing value make no protocol
+        {"field_strength": 3.0, "inversion_time": None},  # e.g. an SPGR: no inversion time, asked unspecified
+        {"field_strength": None, "inversion_time": 1.0},
+    ]  # a row with no acquisition value at all makes no protocol
     assert training_protocols(manifest, acquisition, max_protocols=2) == [protocols[0], protocols[2]]  # 2 rows each
-    assert protocol_members(manifest, protocols[2], acquisition).tolist() == [1, 0, 1, 0, 0, 0, 0]
+    assert protocol_members(manifest, protocols[2], acquisition).tolist() == [1, 0, 1, 0, 0, 0, 0, 0]
+    assert protocol_members(manifest, protocols[3], acquisition).tolist() == [0, 0, 0, 0, 0, 0, 1, 0]
     assert protocol_label(protocols[0]) == "field_strength_1p5_inversion_time_0p8"
+    assert protocol_label(protocols[3]) == "field_strength_3p0_inversion_time_na"
     assert protocol_label({"field_strength": 3.0, "vendor": "GE Signa"}) == "field_strength_3p0_vendor_GE-Signa"
 
 
@@ -155,6 +157,8 @@ def swept(tmp_path_factory):
     manifest = pd.read_csv(processed / "manifest.csv")
     manifest["field_strength"] = [1.5, 3.0] * 5
     manifest["inversion_time"] = [0.8, 1.1] * 5
+    manifest["sequence"] = "MPRAGE"
+    manifest["voxel_size"] = 2.0
     manifest.to_csv(processed / "manifest.csv", index=False)
     fake_synthetic_set(work / "data" / "synthetic", processed, copy_of=2)
     _tiny_vqgan(params, work / "models" / "vqgan")
@@ -192,8 +196,8 @@ def test_report_sweeps_the_training_protocols_and_shows_the_figure_near_the_cond
     assert metrics[key + "n_protocols"] == 2 and metrics[key + "n_subjects"] == params.report.protocol_sweep.subjects
     train = pd.read_csv(work / "data" / "processed" / "manifest.csv")
     for label, field, ti in (
-        ("field_strength_1p5_inversion_time_0p8", 1.5, 0.8),
-        ("field_strength_3p0_inversion_time_1p1", 3.0, 1.1),
+        ("field_strength_1p5_inversion_time_0p8_sequence_MPRAGE_voxel_size_2p0", 1.5, 0.8),
+        ("field_strength_3p0_inversion_time_1p1_sequence_MPRAGE_voxel_size_2p0", 3.0, 1.1),
     ):
         assert metrics[f"{key}{label}.n_real"] == int(
             ((train["field_strength"] == field) & (train["inversion_time"] == ti)).sum()

@@ -43,9 +43,11 @@ def acquisition_covariates(covariates: Sequence[Covariate]) -> list[Covariate]:
 
 
 def training_protocols(manifest: pd.DataFrame, acquisition: Sequence[Covariate], max_protocols: int) -> list[dict]:
-    """The distinct acquisition combinations of ``manifest`` (rows with every acquisition value present), the
-    ``max_protocols`` most frequent ones, sorted by their values: one dict ``{name: value}`` per protocol."""
-    rows = [row for row in covariate_rows(manifest, acquisition) if all(v is not None for v in row.values())]
+    """The distinct acquisition combinations of ``manifest``, the ``max_protocols`` most frequent ones, sorted by
+    their values: one dict ``{name: value}`` per protocol. A value missing beside present ones is part of the
+    protocol (an SPGR has no inversion time: the model is asked for it unspecified, as it was trained); rows with
+    no acquisition value at all are left out (their acquisition is unknown)."""
+    rows = [row for row in covariate_rows(manifest, acquisition) if any(v is not None for v in row.values())]
     counts: dict[tuple, int] = {}
     for row in rows:
         key = tuple(row[c.name] for c in acquisition)
@@ -57,7 +59,10 @@ def training_protocols(manifest: pd.DataFrame, acquisition: Sequence[Covariate],
             len(counts),
             max_protocols,
         )
-    return [dict(zip((c.name for c in acquisition), key)) for key in sorted(frequent)]
+    def order(key: tuple) -> tuple:  # None (not applicable) after the values, which may mix numbers and text
+        return tuple((value is None, str(type(value)), value if value is not None else 0) for value in key)
+
+    return [dict(zip((c.name for c in acquisition), key)) for key in sorted(frequent, key=order)]
 
 
 def protocol_members(manifest: pd.DataFrame, protocol: dict, acquisition: Sequence[Covariate]) -> np.ndarray:
@@ -67,7 +72,9 @@ def protocol_members(manifest: pd.DataFrame, protocol: dict, acquisition: Sequen
 
 
 def value_text(value: object) -> str:
-    """A covariate value as figures and keys show it: ``1.5``, ``3.0``, ``0.8``, ``M``."""
+    """A covariate value as figures and keys show it: ``1.5``, ``3.0``, ``0.8``, ``M``; ``na`` when unspecified."""
+    if value is None:
+        return "na"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return f"{value:.1f}" if float(value).is_integer() else f"{value:g}"
     return str(value)
