@@ -156,3 +156,59 @@ def test_the_gate_checks_each_acquisition_effect():
     assert "acquisition_effect_field_strength" not in checks
     both = ReportThresholds(acquisition_effects=["inversion_time", "field_strength"])
     assert {c.name: c.status for c in evaluate_gate(metrics, both)}["acquisition_effect_field_strength"] == "fail"
+
+
+def _sequence_report_data(synthetic_follows: bool) -> tuple:
+    """20 real layered heads (10 MPRAGE, 10 SPGR, contrasts from the demo's protocols) and 8 synthetic ones asking
+    for both sequences, which either carry the requested sequence's contrast or all look like an MPRAGE."""
+    from synthmri.report.inputs import ReportData
+
+    mprage, spgr = (p.contrast() for p in (SCANNERS[2].protocols[0], SCANNERS[2].protocols[1]))
+    sequences = ["MPRAGE", "SPGR"] * 10
+    real = np.stack([_layered_head(*(spgr if s == "SPGR" else mprage), seed=i) for i, s in enumerate(sequences)])
+    asked = ["MPRAGE", "SPGR"] * 4
+    looks = asked if synthetic_follows else ["MPRAGE"] * 8
+    synthetic = np.stack([_layered_head(*(spgr if s == "SPGR" else mprage), seed=50 + i) for i, s in enumerate(looks)])
+    data = ReportData(
+        real=pd.DataFrame({"sequence": sequences, "split": ["train"] * 14 + ["val"] * 6}),
+        real_volumes=real,
+        synthetic=pd.DataFrame({"sequence": asked}),
+        synthetic_volumes=synthetic,
+        space={"affine": np.eye(4).tolist(), "spacing_mm": [1, 1, 1], "intensity_range": [-1.0, 1.0]},
+        reference_splits=["val"],
+    )
+    return data, np.asarray(sequences), np.asarray(asked)
+
+
+@pytest.mark.parametrize("follows", [True, False])
+def test_the_sequence_effect_on_contrast_is_measured_and_gated_when_declared(follows):
+    """A categorical acquisition covariate (the sequence) gets the GM/WM difference between its levels, its effect
+    ratio and a bootstrap interval; a set that ignores the requested sequence scores about 0 and fails the gate
+    check that ``acquisition_effects: [sequence]`` turns on."""
+    from synthmri.config import Covariate, ReportThresholds
+    from synthmri.report.families import conditioning_metrics
+    from synthmri.report.gate import evaluate_gate
+    from synthmri.report.intervals import gate_intervals
+
+    sequence = Covariate(
+        name="sequence", kind="categorical", levels=["MPRAGE", "SPGR"], source="sidecar", key="PulseSequenceType"
+    )
+    data, real_seq, syn_seq = _sequence_report_data(follows)
+    # features that carry the sequence, so the predictor part runs as in the report
+    features = np.stack([(real_seq == "SPGR").astype(float), np.arange(20) % 3], axis=1)
+    f_syn = np.stack([(syn_seq == "SPGR").astype(float), np.arange(8) % 3], axis=1)
+    flat, details = conditioning_metrics(
+        data, [sequence], features[data.train_index], features[data.reference_index], f_syn, "stats"
+    )
+    key = "sequence.gm_wm_contrast."
+    assert flat[key + "contrast"] == "SPGR-MPRAGE" and flat[key + "p_real"] < 1e-6
+    assert flat[key + "diff_real"] == pytest.approx(0.794 - 0.680, abs=0.02)  # the signal equations' difference
+    ratio = flat[key + "effect_ratio"]
+    low, high = gate_intervals(details, features[:14], features[14:], f_syn, k=3)["acquisition_effect_sequence"]
+    assert low <= ratio <= high
+    gated = ReportThresholds(acquisition_effects=["sequence"])
+    status = {c.name: c.status for c in evaluate_gate({"conditioning." + k: v for k, v in flat.items()}, gated)}
+    if follows:
+        assert ratio == pytest.approx(1.0, abs=0.1) and status["acquisition_effect_sequence"] == "pass"
+    else:
+        assert abs(ratio) < 0.1 and high < 0.5 and status["acquisition_effect_sequence"] == "fail"

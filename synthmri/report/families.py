@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +296,38 @@ def _slope_block(x_real, y_real, x_syn, y_syn) -> dict[str, float]:
     return out
 
 
+def _level_difference(
+    levels: Sequence[str],
+    real: tuple[np.ndarray, np.ndarray],
+    synthetic: tuple[np.ndarray, np.ndarray],
+    y_real: np.ndarray,
+    y_synthetic: np.ndarray,
+) -> tuple[dict[str, Any], dict]:
+    """A categorical covariate's effect on a measure: the mean per level, ``diff`` = last level − first level in
+    each set, and ``effect_ratio`` = synthetic diff / real diff when the real difference is significant (Welch
+    t-test, p < :data:`EFFECT_P_VALUE`). ``real`` / ``synthetic``: ``(values, present)`` of the covariate. Also
+    returns the per-level groups, which the bootstrap intervals resample."""
+    from scipy import stats
+
+    first, last = levels[0], levels[-1]
+    block: dict[str, Any] = {}
+    groups = {}
+    for name, (values, ok), y in (("real", real, y_real), ("synthetic", synthetic, y_synthetic)):
+        for level in levels:
+            member = ok & (values == level)
+            groups[(name, level)] = y[member]
+            block[f"{level}_{name}"] = float(y[member].mean()) if member.any() else float("nan")
+        block[f"diff_{name}"] = block[f"{last}_{name}"] - block[f"{first}_{name}"]
+    a, b = groups[("real", last)], groups[("real", first)]
+    if len(a) >= 2 and len(b) >= 2:
+        p_value = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+        block["p_real"] = p_value
+        if p_value < EFFECT_P_VALUE and block["diff_real"] != 0:
+            block["effect_ratio"] = block["diff_synthetic"] / block["diff_real"]
+    block["contrast"] = f"{last}-{first}"
+    return block, groups
+
+
 def _subject_errors(model, features: np.ndarray, values: np.ndarray, kind: str) -> np.ndarray:
     """Absolute error per subject (continuous) or 1.0 where the predicted level is right (categorical)."""
     predicted = model.predict(np.asarray(features, dtype=np.float64))
@@ -319,16 +352,16 @@ def conditioning_metrics(
       manifest) also the ventricle proxy in ml, next to the ground truth's slope;
     * ``sex`` (categorical): mean head volume (ml, head mask) per level, and the difference between the
       last and first level (M − F), synthetic vs real;
-    * every continuous acquisition covariate (``source: sidecar``: inversion time, field strength...): the GM/WM
+    * every acquisition covariate from a sidecar (inversion time, field strength, sequence...): the GM/WM
       contrast (:func:`synthmri.metrics.conditioning.gm_wm_contrast`) against the covariate, slope and
-      correlation in the synthetic set (requested value) and in the whole real cohort;
+      correlation in the synthetic set (requested value) and in the whole real cohort; for a categorical one
+      (the sequence), the difference of its mean between the last and the first level;
     * every covariate: a predictor (ridge / logistic on the extractor's features) fitted on the real
       training split, applied to the held-out real volumes and to the synthetic volumes.
 
     ``effect_ratio`` = synthetic effect / real effect, only when the real effect is significant
     (p < :data:`EFFECT_P_VALUE`).
     """
-    from scipy import stats
 
     from synthmri.metrics import conditioning as cond
     from synthmri.metrics.features import head_mask_normalized
@@ -391,26 +424,11 @@ def conditioning_metrics(
                 return np.array([head_mask_normalized(v, low_high).sum() for v in volumes]) * data.voxel_ml
 
             head_real, head_syn = head_ml(data.real_volumes), head_ml(_each(data.synthetic_volumes, "Head size"))
-            first, last = sex.levels[0], sex.levels[-1]
-            block: dict[str, Any] = {}
-            groups = {}
-            for name, (values, ok), head in (("real", real_sex, head_real), ("synthetic", syn_sex, head_syn)):
-                for level in sex.levels:
-                    member = ok & (values == level)
-                    groups[(name, level)] = head[member]
-                    block[f"{level}_{name}"] = float(head[member].mean()) if member.any() else float("nan")
-                block[f"diff_{name}"] = block[f"{last}_{name}"] - block[f"{first}_{name}"]
-            a, b = groups[("real", last)], groups[("real", first)]
-            if len(a) >= 2 and len(b) >= 2:
-                p_value = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-                block["p_real"] = p_value
-                if p_value < EFFECT_P_VALUE and block["diff_real"] != 0:
-                    block["effect_ratio"] = block["diff_synthetic"] / block["diff_real"]
-            block["contrast"] = f"{last}-{first}"
+            block, groups = _level_difference(sex.levels, real_sex, syn_sex, head_real, head_syn)
             put_flat(flat, "sex.head_ml", block)
             details["sex"] = {"levels": list(sex.levels), "groups": groups}
 
-    acquisition = [c for c in covariates if c.source == "sidecar" and c.kind == "continuous"]
+    acquisition = [c for c in covariates if c.source == "sidecar"]
     contrast_real = contrast_syn = None
     for cov in acquisition:
         real_v, syn_v = covariate_column(data.real, cov), covariate_column(data.synthetic, cov)
@@ -423,12 +441,16 @@ def conditioning_metrics(
             )
         (rv, rok), (sv, sok) = real_v, syn_v
         rok, sok = rok & np.isfinite(contrast_real), sok & np.isfinite(contrast_syn)
-        block = _slope_block(rv[rok], contrast_real[rok], sv[sok], contrast_syn[sok])
+        if cov.kind == "categorical":  # e.g. the sequence: last level's mean contrast minus the first's
+            block, groups = _level_difference(cov.levels, (rv, rok), (sv, sok), contrast_real, contrast_syn)
+            details.setdefault("acquisition", {})[cov.name] = {"levels": list(cov.levels), "groups": groups}
+        else:
+            block = _slope_block(rv[rok], contrast_real[rok], sv[sok], contrast_syn[sok])
+            details.setdefault("acquisition", {})[cov.name] = {
+                "real": (rv[rok], contrast_real[rok]),
+                "synthetic": (sv[sok], contrast_syn[sok]),
+            }
         put_flat(flat, f"{cov.name}.gm_wm_contrast", block)
-        details.setdefault("acquisition", {})[cov.name] = {
-            "real": (rv[rok], contrast_real[rok]),
-            "synthetic": (sv[sok], contrast_syn[sok]),
-        }
 
     predictors = {}
     for cov in covariates:

@@ -150,6 +150,14 @@ def gate_intervals(
     sex = conditioning.get("sex")
     if sex is not None:
         out["sex_effect_head_size"] = _difference_ratio(rng, sex["groups"], sex["levels"])
+    for name, effect in conditioning.get("acquisition", {}).items():
+        if "groups" in effect:  # categorical: GM/WM contrast difference between levels
+            out[f"acquisition_effect_{name}"] = _difference_ratio(rng, effect["groups"], effect["levels"])
+        else:
+            (x_real, y_real), (x_syn, y_syn) = effect["real"], effect["synthetic"]
+            out[f"acquisition_effect_{name}"] = _effect_ratio(
+                rng, *(np.asarray(a, dtype=np.float64) for a in (x_real, y_real, x_syn, y_syn))
+            )
     for name, block in conditioning.get("predictors", {}).items():
         out[f"predictor_{name}"] = _predictor(rng, block)
     return {name: interval for name, interval in out.items() if interval is not None}
