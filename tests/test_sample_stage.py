@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -19,9 +20,12 @@ import pytest
 import torch
 from conftest import REPO, make_processed
 
-from synthmri.config import QuantizerParams, VQGANModelParams
+from synthmri.config import Covariate, QuantizerParams, VQGANModelParams
+from synthmri.data.spacing import resample
 from synthmri.data.synthetic import SyntheticDataset
+from synthmri.io import sha256_file
 from synthmri.models.vqgan import VQGAN
+from synthmri.report.inputs import load_report_data
 from synthmri.stages.encode import run_encode
 from synthmri.stages.sample import SampleJob, decode_on_grid, generate_shard, run_sample
 from synthmri.stages.train_diffusion import run_train_diffusion
@@ -258,6 +262,115 @@ def test_rerun_skips_finished_shards_and_cleans_partial_ones(trained, prefect_se
     assert sorted(p.name for p in (out / "volumes").iterdir()) == [f"sample-{i:06d}.nii.gz" for i in range(5)]
     assert SyntheticDataset(out).verify() == []
     assert len(manifest) == 5 and manifest["file"].is_unique
+
+
+VOXEL_SIZE = Covariate(
+    name="voxel_size", kind="continuous", range=(0.5, 8.0), required=False, source="header", key="voxel_size_mm"
+)
+
+
+def _fov(affine: np.ndarray, shape) -> np.ndarray:
+    """World coordinates of the field of view's 8 outer corners (voxel edges) and of its centre."""
+    points = [*itertools.product(*[(-0.5, n - 0.5) for n in shape]), [(n - 1) / 2 for n in shape]]
+    return nib.affines.apply_affine(np.asarray(affine, dtype=np.float64), np.array(points, dtype=np.float64))
+
+
+def test_a_requested_voxel_size_is_written_at_it_over_the_training_field_of_view(trained, tmp_path):
+    """Sample 0 asking for 2 mm or 4.5 mm (the fixture's training space: 16^3 at 3 mm) is written with exactly
+    those zooms over the same field of view and, resampled back, is the training-space sample 0; a row without a
+    value keeps the training space bit for bit, and the same seed gives the same bytes. (The fixture's model is
+    not conditioned on voxel_size, so the generated content is the same for every value: only the grid differs.)"""
+    params, work, _ = trained
+    space = json.loads((work / "processed" / "space.json").read_text())
+    plan, plain = _plan_and_job(params, work, tmp_path / "plain")
+    generate_shard(plain, 0, [(0, plan[0])])
+    training = nib.load(tmp_path / "plain" / "volumes" / "sample-000000.nii.gz")
+    reference = np.asarray(training.dataobj, dtype=np.float32)
+    digests = {}
+    for run, value in enumerate((None, 2.0, 4.5, 2.0)):
+        out = tmp_path / f"run{run}"
+        _, job = _plan_and_job(params, work, out, voxel_size_covariate="voxel_size")
+        generate_shard(job, 0, [(0, {**plan[0], "voxel_size": value})])
+        (record,) = json.loads((out / "shards" / "shard-00000.json").read_text())
+        assert record["voxel_size"] == value, "the manifest records the request like any covariate"
+        digests.setdefault(value, set()).add(record["sha256"])
+        image = nib.load(out / record["file"])
+        if value is None:
+            assert record["sha256"] == sha256_file(tmp_path / "plain" / "volumes" / "sample-000000.nii.gz")
+            continue
+        assert image.header.get_zooms()[:3] == (value, value, value)
+        assert image.shape == (round(48 / value),) * 3  # 16 x 3 mm = 48 mm: 24 voxels at 2 mm, 11 at 4.5 mm
+        assert np.abs(_fov(image.affine, image.shape) - _fov(space["affine"], (16, 16, 16))).max() <= value / 2
+        np.testing.assert_allclose(
+            _fov(image.affine, image.shape)[-1], _fov(space["affine"], (16, 16, 16))[-1], atol=1e-3
+        )
+        data = np.asarray(image.dataobj, dtype=np.float32)
+        assert data.min() >= 0 and data.max() <= 1
+        back = resample(data, image.affine, np.asarray(space["affine"]), (16, 16, 16))
+        # back on the training grid it is the training-space volume; a grid coarser than the training one is a
+        # low-pass of this fixture's noisy volumes, so 4.5 mm keeps less of it (a flipped or misplaced field of
+        # view would correlate near 0)
+        error, correlation = np.abs(back - reference).mean(), np.corrcoef(back.ravel(), reference.ravel())[0, 1]
+        assert back.shape == (16, 16, 16) and correlation > (0.95 if value < 3 else 0.85), correlation
+        assert error < (0.25 if value < 3 else 0.4) * reference.std(), error
+    assert all(len(d) == 1 for d in digests.values()), "same seed, same voxel size: same bytes"
+
+
+def test_sample_stage_writes_requested_voxel_sizes_and_the_report_reads_them_on_the_training_grid(
+    trained, prefect_server, tmp_path
+):
+    """A declared voxel-size covariate end to end: the stage writes each volume at its requested voxel size (the
+    one without stays in the training space), the manifest and the card record them, and the report's inputs
+    bring the mixed set back onto the training grid."""
+    params, work, _ = trained
+    plan_csv = tmp_path / "plan.csv"
+    pd.DataFrame({"age": [30, 50, 70], "sex": ["F", "M", "F"], "voxel_size": [2.0, None, 4.5]}).to_csv(
+        plan_csv, index=False
+    )
+    sample = params.sample.model_copy(update={"plan": "csv", "csv": str(plan_csv)})
+    declared = params.model_copy(update={"covariates": [*params.covariates, VOXEL_SIZE], "sample": sample})
+    out = tmp_path / "syn"
+    manifest = _sample(declared, work, out)
+    images = [nib.load(out / f) for f in manifest["file"]]
+    assert [i.header.get_zooms()[:3] for i in images][::2] == [(2.0, 2.0, 2.0), (4.5, 4.5, 4.5)]
+    space = json.loads((work / "processed" / "space.json").read_text())
+    np.testing.assert_allclose(images[1].affine, space["affine"], atol=1e-5)
+    assert images[1].shape == (16, 16, 16)
+    saved = pd.read_csv(out / "manifest.csv")
+    assert saved["voxel_size"].tolist()[::2] == [2.0, 4.5] and pd.isna(saved["voxel_size"][1])
+    card = (out / "README.md").read_text()
+    assert "unless a voxel size was requested" in card
+    assert "voxel sizes present: 2 mm (1 volume), 4.5 mm (1 volume); 1 volume(s) without one" in card
+    assert SyntheticDataset(out).verify() == []
+    data = load_report_data(declared, work / "processed", out)
+    assert data.synthetic_volumes.shape == (3, 16, 16, 16) and np.isfinite(data.synthetic_volumes).all()
+    low, high = data.value_range
+    unit = np.asarray(images[1].dataobj, dtype=np.float32)
+    assert np.array_equal(data.synthetic_volumes[1], unit * np.float32(high - low) + np.float32(low))
+
+
+def test_protocol_sweep_reads_a_voxel_size_protocol_back_on_the_training_grid(trained, tmp_path):
+    """The report's same-seed sweep writes a voxel-size protocol at it (the sample stage's shard function) and
+    reads it back onto the training grid: 3 mm (the fixture's training spacing) is the training space itself."""
+    from synthmri.report.protocol_sweep import generate_sweep
+
+    params, work, _ = trained
+    declared = params.model_copy(update={"covariates": [*params.covariates, VOXEL_SIZE]})
+    space = json.loads((work / "processed" / "space.json").read_text())
+    protocols = [{"voxel_size": 3.0}, {"voxel_size": 2.0}]
+    volumes = generate_sweep(
+        declared,
+        work / "ldm",
+        work / "vqgan",
+        work / "latents",
+        space["affine"],
+        space["shape"],
+        [{"age": 40.0, "sex": "F"}],
+        protocols,
+        (-1.0, 1.0),
+    )
+    assert volumes.shape == (1, 2, 16, 16, 16)
+    assert np.corrcoef(volumes[0, 0].ravel(), volumes[0, 1].ravel())[0, 1] > 0.95
 
 
 def test_webdataset_layout_holds_the_same_volumes_in_tar_shards(trained_8cubed_latents, prefect_server, tmp_path):

@@ -63,6 +63,20 @@ def _voxel_volume(voxel_size: Sequence[float]) -> float:
 HEADER_KEYS = {"voxel_size_mm": _largest_spacing, "voxel_volume_mm3": _voxel_volume}
 
 
+#: The header key whose value a sample can ask for: such a sample is written at that voxel size (sample stage).
+VOXEL_SIZE_KEY = "voxel_size_mm"
+
+
+def voxel_size_covariate(covariates: Sequence[Covariate]) -> str | None:
+    """The name of the declared covariate that is the raw voxel size (``source: header``, key or name
+    ``voxel_size_mm``), or None: a sample whose row gives it a value is written at that isotropic voxel size
+    (:mod:`synthmri.data.spacing`), not in the training space."""
+    for cov in covariates:
+        if cov.source == "header" and (cov.key if isinstance(cov.key, str) else cov.name) == VOXEL_SIZE_KEY:
+            return cov.name
+    return None
+
+
 def sidecar_keys(cov: Covariate) -> list[str]:
     """The metadata keys of a sidecar covariate, in order of preference (the first one present wins)."""
     key = cov.key if cov.key is not None else cov.name

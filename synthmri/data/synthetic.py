@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from synthmri.data.shards import TarMembers, nifti_from_bytes
+from synthmri.data.spacing import is_voxel_size_of, resample
 from synthmri.io import sha256_file
 
 _NOT_COVARIATES = {
@@ -42,14 +43,23 @@ class SyntheticDataset(Dataset):
         transform: optional torchio transform (or any callable on a ``torchio.Subject``); the volume is
             the subject's ``"image"``.
         covariates: which covariates to return (default: all in the manifest).
+        space: optional ``(shape, affine)`` grid, the training space of ``space.json``: a volume written at a
+            requested voxel size (same field of view, another grid) is resampled back onto it
+            (:func:`synthmri.data.spacing.resample`); a volume on any other grid raises ``ValueError``.
+            Default: every volume as written.
 
     Each item is ``(volume, {covariate: value})``; missing covariates are ``None``.
     """
 
     def __init__(
-        self, root: str | Path, transform: Callable | None = None, covariates: list[str] | None = None
+        self,
+        root: str | Path,
+        transform: Callable | None = None,
+        covariates: list[str] | None = None,
+        space: tuple[Sequence[int], np.ndarray] | None = None,
     ) -> None:
         self.root = Path(root)
+        self.space = None if space is None else (tuple(int(s) for s in space[0]), np.asarray(space[1], np.float64))
         self.manifest = pd.read_csv(self.root / "manifest.csv")
         self.covariates = covariates or [c for c in self.manifest.columns if c not in _NOT_COVARIATES]
         self.transform = transform
@@ -64,11 +74,20 @@ class SyntheticDataset(Dataset):
             image = nifti_from_bytes(self._tars.read_bytes(row["tar"], row["file"]))
         else:
             image = nib.load(self.root / row["file"])
-        volume = torch.from_numpy(np.asarray(image.dataobj, dtype=np.float32)[None].copy())
+        array, affine = np.asarray(image.dataobj, dtype=np.float32), image.affine
+        if self.space is not None:
+            shape, space_affine = self.space
+            if not is_voxel_size_of(affine, array.shape, space_affine, shape):
+                raise ValueError(
+                    f"{row['file']}: grid {array.shape} at {np.round(image.header.get_zooms()[:3], 3).tolist()} mm is "
+                    f"neither the given space {shape} nor that space's field of view at another voxel size"
+                )
+            array, affine = resample(array, affine, space_affine, shape), space_affine
+        volume = torch.from_numpy(array[None].copy())
         if self.transform is not None:
             import torchio as tio
 
-            subject = self.transform(tio.Subject(image=tio.ScalarImage(tensor=volume, affine=image.affine)))
+            subject = self.transform(tio.Subject(image=tio.ScalarImage(tensor=volume, affine=affine)))
             volume = subject["image"].data
         values = {
             c: (None if pd.isna(row[c]) else row[c].item() if hasattr(row[c], "item") else row[c])

@@ -1,5 +1,6 @@
 """What the report reads: the real volumes (training split and held-out reference splits) and the synthetic
-set, on one grid, with their covariates and the demo's ground truth when present.
+set, on one grid (the training space: a synthetic volume written at a requested voxel size is resampled back),
+with their covariates and the demo's ground truth when present.
 """
 
 from __future__ import annotations
@@ -95,14 +96,16 @@ def load_report_data(params: Params, processed_dir: Path, synthetic_dir: Path) -
     shape = tuple(int(s) for s in space["shape"])
     # filled in place: a list then np.stack would hold every volume twice (2 x 2.9 GB at 10,000 demo volumes)
     volumes = np.empty((len(synthetic), *shape), np.float32)
-    reader = SyntheticDataset(synthetic_dir)  # loose files or tar shards (sample.layout)
+    # loose files or tar shards (sample.layout); a volume written at a requested voxel size is resampled back
+    # onto the training grid, the one every comparison with the real volumes is made on
+    reader = SyntheticDataset(synthetic_dir, space=(shape, np.asarray(space["affine"], dtype=np.float64)))
     for i, rel in enumerate(progress(synthetic["file"], "Reading the synthetic set", "vol")):
         try:
             array = reader[i][0][0].numpy()
         except FileNotFoundError:
             raise StageError(f"synthetic volume {rel} listed in {manifest_path} does not exist") from None
-        if array.shape != shape:
-            raise StageError(f"{synthetic_dir / rel}: shape {array.shape} differs from the processed space {shape}")
+        except ValueError as exc:  # another grid than the processed space (or a voxel size of it)
+            raise StageError(f"synthetic set {synthetic_dir}: {exc}") from None
         np.multiply(array, np.float32(high - low), out=volumes[i])
         volumes[i] += np.float32(low)  # [0, 1] -> processed range
     data = ReportData(

@@ -161,6 +161,7 @@ def generate_sweep(
     vqgan_dir: Path,
     latent_dir: Path,
     affine: list,
+    shape: Sequence[int],
     subjects: list[dict],
     protocols: list[dict],
     value_range: tuple[float, float],
@@ -168,11 +169,15 @@ def generate_sweep(
     """``(subjects, protocols, *shape)`` volumes in ``value_range``: subject ``s`` is sample ``s`` of a set seeded
     with ``report.seed`` (the same noise under every protocol), generated and decoded by the sample stage's
     shard function with ``diffusion.sampler``, one shard per protocol, written to a temporary folder and read
-    back as the report reads a synthetic set. One thread and one chain per volume (``SampleJob``'s defaults,
-    not ``sample.torch_threads`` / ``micro_batch``): the report's bytes then depend on the models, the sampler
-    and ``report.*`` only, and the stage needs no ``sample`` parameter (a params.yaml may leave those out)."""
+    back as the report reads a synthetic set (a protocol with a voxel size is written at it, then resampled back
+    onto the training grid ``(affine, shape)``: :mod:`synthmri.data.spacing`). One thread and one chain per
+    volume (``SampleJob``'s defaults, not ``sample.torch_threads`` / ``micro_batch``): the report's bytes then
+    depend on the models, the sampler and ``report.*`` only, and the stage needs no ``sample`` parameter (a
+    params.yaml may leave those out)."""
     import nibabel as nib
 
+    from synthmri.data.acquisition import voxel_size_covariate
+    from synthmri.data.spacing import resample
     from synthmri.stages.sample import SampleJob, generate_shard, sample_volume_name
 
     sampler, low, high = params.diffusion.sampler, *value_range
@@ -192,10 +197,12 @@ def generate_sweep(
                 seed=params.report.seed,
                 release="report protocol sweep",
                 provenance={},
+                voxel_size_covariate=voxel_size_covariate(params.covariates),
             )
             generate_shard(job, 0, [(s, {**row, **protocol}) for s, row in enumerate(subjects)])
             for s in range(len(subjects)):
-                unit = np.asarray(nib.load(folder / "volumes" / sample_volume_name(s)).dataobj, dtype=np.float32)
+                image = nib.load(folder / "volumes" / sample_volume_name(s))
+                unit = resample(np.asarray(image.dataobj, dtype=np.float32), image.affine, np.asarray(affine), shape)
                 out[s].append(unit * np.float32(high - low) + np.float32(low))  # [0, 1] -> processed range
     return np.stack([np.stack(row) for row in out])
 
@@ -250,7 +257,15 @@ def protocol_sweep(
         ", ".join(c.name for c in acquisition),
     )
     volumes = generate_sweep(
-        params, ldm_dir, vqgan_dir, latent_dir, data.space["affine"], subjects, protocols, data.value_range
+        params,
+        ldm_dir,
+        vqgan_dir,
+        latent_dir,
+        data.space["affine"],
+        data.space["shape"],
+        subjects,
+        protocols,
+        data.value_range,
     )
     contrast = np.array([[gm_wm_contrast(v, data.value_range) for v in row] for row in volumes])
     real_means, n_real = [], []

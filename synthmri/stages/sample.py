@@ -25,8 +25,11 @@ from tqdm.auto import tqdm
 from synthmri import __version__
 from synthmri.catalog import LATENT_DIR, LDM_DIR, PROCESSED_DIR, SOFTWARE_NAME, SPACE_NAME, SYNTHETIC_DIR, VQGAN_DIR
 from synthmri.config import Params
+from synthmri.data.acquisition import voxel_size_covariate
+from synthmri.data.covariates import is_missing
 from synthmri.data.latents import LatentSet
 from synthmri.data.shards import TAR_DIR, pack_tar_shards
+from synthmri.data.spacing import isotropic_grid, resample
 from synthmri.diffusion.sampling import micro_batch_grid, sample_latents, sample_seed
 from synthmri.diffusion.schedulers import make_sampler
 from synthmri.environment import software_versions
@@ -62,6 +65,9 @@ class SampleJob:
     provenance: dict
     torch_threads: int = 1
     micro_batch: int = 1
+    #: The covariate that is the raw voxel size (:func:`synthmri.data.acquisition.voxel_size_covariate`): a
+    #: row that gives it a value is written at that isotropic voxel size, not in the training space.
+    voxel_size_covariate: str | None = None
 
 
 @functools.lru_cache(maxsize=2)
@@ -126,10 +132,11 @@ def _generate_shard(job: SampleJob, shard: int, items: list[tuple[int, dict]]) -
     records = []
     for (index, row), seed, volume in zip(items, seeds, volumes):
         data = ((volume.clamp(-1, 1)[0].float().cpu().numpy() + 1.0) / 2.0).astype(np.float32)
+        data, affine = written_grid(job, row, data)
         name = Path("volumes") / sample_volume_name(index)
         save_nifti(
             data,
-            np.asarray(job.affine),
+            affine,
             out_dir / name,
             descrip=f"SynthMRI synthetic T1w, not a real subject; release {job.release}",
         )
@@ -149,6 +156,26 @@ def _generate_shard(job: SampleJob, shard: int, items: list[tuple[int, dict]]) -
         )
     write_text_atomic(out_dir / "shards" / f"shard-{shard:05d}.json", json.dumps(records, indent=1))
     return {"shard": shard, "n": len(records)}
+
+
+def requested_voxel_size(job: SampleJob, row: dict) -> float | None:
+    """The voxel size (mm) a plan row asks for, None when no voxel-size covariate is declared or the row leaves
+    it unspecified."""
+    value = row.get(job.voxel_size_covariate) if job.voxel_size_covariate else None
+    return None if is_missing(value) else float(value)
+
+
+def written_grid(job: SampleJob, row: dict, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(data, affine)`` as the file holds them: the training space, or, when the row asks for a voxel size, the
+    volume resampled to that isotropic grid over the same field of view (the model generates at the training
+    resolution: a finer grid gets more voxels, not more detail). Clipped to [0, 1] again: the anti-aliasing
+    filter can overshoot by a rounding error."""
+    affine = np.asarray(job.affine, dtype=np.float64)
+    spacing = requested_voxel_size(job, row)
+    if spacing is None:
+        return data, affine
+    target, shape = isotropic_grid(affine, data.shape, spacing)
+    return np.clip(resample(data, affine, target, shape), 0.0, 1.0), target
 
 
 @torch.inference_mode()
@@ -233,11 +260,14 @@ def _run_shard_flow(
 
 
 def _fingerprint(params: Params, provenance: dict) -> str:
+    voxel_size = voxel_size_covariate(params.covariates)
     blob = json.dumps(
         {
             "sample": params.sample.model_dump(mode="json", exclude={"task_runner", "workers", "dask_address"}),
             "sampler": params.diffusion.sampler.model_dump(mode="json"),
             **provenance,
+            # the grid a volume is written on (only when declared: the fingerprints of other sets are unchanged)
+            **({"voxel_size_covariate": voxel_size} if voxel_size else {}),
         },
         sort_keys=True,
     )
@@ -258,6 +288,23 @@ def _provenance(ldm_dir: Path, vqgan_dir: Path) -> dict:
     }
 
 
+def voxel_size_lines(params: Params, manifest: pd.DataFrame) -> list[str]:
+    """The card's voxel-size bullet when a voxel-size covariate is declared: which voxel sizes the set holds."""
+    name = voxel_size_covariate(params.covariates)
+    if name is None:
+        return []
+    values = manifest[name] if name in manifest.columns else pd.Series([], dtype=float)
+    requested = pd.to_numeric(values[~values.map(is_missing)], errors="coerce")
+    counts = requested.value_counts().sort_index()
+    present = ", ".join(f"{v:g} mm ({n} volume{'s' if n != 1 else ''})" for v, n in counts.items()) or "none"
+    return [
+        f"- voxel size: a volume whose `{name}` was requested is written at it, isotropic, over the training "
+        "space's field of view (generated at the training resolution, then resampled: a finer voxel size adds "
+        f"voxels, not detail); voxel sizes present: {present}; {len(manifest) - int(counts.sum())} volume(s) "
+        "without one are in the training space"
+    ]
+
+
 def write_card(out_dir: Path, params: Params, manifest: pd.DataFrame, provenance: dict, space: dict) -> None:
     """The data-set card (README.md) and the software versions (software.json) beside the volumes."""
     sampler = params.diffusion.sampler
@@ -276,7 +323,9 @@ def write_card(out_dir: Path, params: Params, manifest: pd.DataFrame, provenance
             if params.sample.layout == "webdataset"
             else "in `volumes/`"
         )
-        + f", shape {space['shape']} at {space['spacing_mm']} mm, orientation RAS, affine of the training space",
+        + f", shape {space['shape']} at {space['spacing_mm']} mm, orientation RAS, affine of the training space"
+        + (" unless a voxel size was requested (below)" if voxel_size_covariate(params.covariates) else ""),
+        *voxel_size_lines(params, manifest),
         f"- intensities: {INTENSITY_NOTE}",
         f"- covariate plan: `{params.sample.plan}`; covariates: "
         + ", ".join(f"{c.name} ({c.kind})" for c in params.covariates),
@@ -403,6 +452,7 @@ def _generate(
         provenance,
         params.sample.torch_threads,
         params.sample.micro_batch,
+        voxel_size_covariate(params.covariates),
     )
     log.info(
         "Sampling %d volumes in %d shards (%d already done) with %s, %d steps, guidance %.1f, on %s x%d",
