@@ -28,7 +28,7 @@ from synthmri.diffusion.ema import ema_decay
 from synthmri.models.unet import DiffusionUNet
 
 EMB = 32
-COVS = Params().covariates  # age (18-100), sex (F/M), site (3 levels), field strength, TI, sequence, voxel size
+COVS = Params().covariates[:3]  # age (continuous 18-100), sex (F/M), site (3 levels, optional)
 
 
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
@@ -64,8 +64,7 @@ def test_encode_values_normalises_and_marks_missing():
     )
     assert torch.allclose(batch.continuous[:, 0], torch.tensor([-1.0, 1.0, 0.0, 0.0]))
     assert batch.present[:, 0].tolist() == [True, True, True, False]
-    # columns: sex, site, sequence (never given here); NULL = 0, level i -> i + 1
-    assert batch.categorical.tolist() == [[1, 3, 0], [2, 0, 0], [0, 0, 0], [0, 0, 0]]
+    assert batch.categorical.tolist() == [[1, 3], [2, 0], [0, 0], [0, 0]]  # NULL = 0, level i -> i + 1
     with pytest.raises(ValueError, match="age"):
         enc.encode_values([{"age": 120}])
     with pytest.raises(ValueError, match="sex"):
