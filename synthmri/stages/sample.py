@@ -346,6 +346,17 @@ def write_card(out_dir: Path, params: Params, manifest: pd.DataFrame, provenance
         *(
             [
                 "",
+                "Volumes asked for at different voxel sizes have different shapes; to batch them, bring them onto one "
+                "grid with a torchio transform, e.g. "
+                f"`SyntheticDataset(path, transform=tio.Compose([tio.Resample({space['spacing_mm'][0]:g}), "
+                f"tio.CropOrPad({tuple(space['shape'])})]))`.",
+            ]
+            if voxel_size_covariate(params.covariates)
+            else []
+        ),
+        *(
+            [
+                "",
                 "or stream the tar shards (any number of DataLoader workers):",
                 "",
                 "```python",
