@@ -147,15 +147,17 @@ def test_the_gate_checks_each_acquisition_effect():
     from synthmri.report.gate import evaluate_gate
 
     metrics = {
-        "conditioning.inversion_time.gm_wm_contrast.effect_ratio": 0.9,
+        "conditioning.sequence.gm_wm_contrast.effect_ratio": 0.9,
+        "conditioning.inversion_time.gm_wm_contrast.effect_ratio": 0.2,
         "conditioning.field_strength.gm_wm_contrast.effect_ratio": 0.2,
     }
     checks = {c.name: c.status for c in evaluate_gate(metrics, ReportThresholds())}
-    assert checks["acquisition_effect_inversion_time"] == "pass"
-    # the field-strength effect is reported, not gated: a real-vs-real baseline passes it in 33 % of draws
-    assert "acquisition_effect_field_strength" not in checks
-    both = ReportThresholds(acquisition_effects=["inversion_time", "field_strength"])
-    assert {c.name: c.status for c in evaluate_gate(metrics, both)}["acquisition_effect_field_strength"] == "fail"
+    assert checks["acquisition_effect_sequence"] == "pass"
+    # inversion time and field strength are reported, not gated: a real-vs-real baseline of the demo cohort
+    # passes them in 54-77 % and 0 % of draws
+    assert "acquisition_effect_field_strength" not in checks and "acquisition_effect_inversion_time" not in checks
+    both = ReportThresholds(acquisition_effects=["sequence", "inversion_time"])
+    assert {c.name: c.status for c in evaluate_gate(metrics, both)}["acquisition_effect_inversion_time"] == "fail"
 
 
 def _sequence_report_data(synthetic_follows: bool) -> tuple:
