@@ -69,14 +69,24 @@ def is_voxel_size_of(
 
 
 def resample(
-    volume: np.ndarray, affine: np.ndarray, target_affine: np.ndarray, target_shape: Sequence[int]
+    volume: np.ndarray,
+    affine: np.ndarray,
+    target_affine: np.ndarray,
+    target_shape: Sequence[int],
+    *,
+    antialias: bool,
 ) -> np.ndarray:
     """``volume`` (on ``affine``) resampled onto ``(target_affine, target_shape)``, float32; the volume itself
     when the grids are the same (:func:`same_grid`), so the training space stays bit for bit.
 
-    torchio's ``Resample`` (SimpleITK, deterministic), linear interpolation; where the target is coarser along
-    an axis, a Gaussian low-pass first (``antialias``, as ``normalize`` does), so a fine grid brought back to
-    the training space does not alias its edges. Going finer adds voxels, not detail.
+    torchio's ``Resample`` (SimpleITK, deterministic) with cubic B-spline interpolation: a volume written at a
+    requested voxel size and read back onto the training grid is then almost exactly what the model generated
+    (round trip 4 -> 2 / 2.4 / 3 -> 4 mm on demo volumes: 46-56 dB PSNR, gradient magnitude 0.994-0.997 of the
+    original), where linear interpolation with a Gaussian low-pass lost 26-31 dB and 11-18 % of the edge
+    strength, as much as the autoencoder itself (RESULTS.md). ``antialias``: low-pass first along axes where the
+    target is coarser, what a larger voxel physically averages; right when writing a coarser voxel size, wrong
+    when reading back a file that was interpolated from the training grid (it holds nothing to alias). Going
+    finer adds voxels, not detail.
     """
     if same_grid(affine, volume.shape, target_affine, target_shape):
         return volume
@@ -88,5 +98,5 @@ def resample(
         affine=np.asarray(affine, dtype=np.float64),
     )
     target = (tuple(int(s) for s in target_shape), np.asarray(target_affine, dtype=np.float64))
-    out = tio.Resample(target, image_interpolation="linear", antialias=True)(image)
+    out = tio.Resample(target, image_interpolation="bspline", antialias=antialias)(image)
     return out.data[0].numpy().astype(np.float32, copy=False)

@@ -82,7 +82,7 @@ class SyntheticDataset(Dataset):
                     f"{row['file']}: grid {array.shape} at {np.round(image.header.get_zooms()[:3], 3).tolist()} mm is "
                     f"neither the given space {shape} nor that space's field of view at another voxel size"
                 )
-            array, affine = resample(array, affine, space_affine, shape), space_affine
+            array, affine = resample(array, affine, space_affine, shape, antialias=False), space_affine
         volume = torch.from_numpy(array[None].copy())
         if self.transform is not None:
             import torchio as tio

@@ -59,6 +59,7 @@ def training_protocols(manifest: pd.DataFrame, acquisition: Sequence[Covariate],
             len(counts),
             max_protocols,
         )
+
     def order(key: tuple) -> tuple:  # None (not applicable) after the values, which may mix numbers and text
         return tuple((value is None, str(type(value)), value if value is not None else 0) for value in key)
 
@@ -202,7 +203,13 @@ def generate_sweep(
             generate_shard(job, 0, [(s, {**row, **protocol}) for s, row in enumerate(subjects)])
             for s in range(len(subjects)):
                 image = nib.load(folder / "volumes" / sample_volume_name(s))
-                unit = resample(np.asarray(image.dataobj, dtype=np.float32), image.affine, np.asarray(affine), shape)
+                unit = resample(
+                    np.asarray(image.dataobj, dtype=np.float32),
+                    image.affine,
+                    np.asarray(affine),
+                    shape,
+                    antialias=False,
+                )
                 out[s].append(unit * np.float32(high - low) + np.float32(low))  # [0, 1] -> processed range
     return np.stack([np.stack(row) for row in out])
 

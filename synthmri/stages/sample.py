@@ -169,13 +169,13 @@ def written_grid(job: SampleJob, row: dict, data: np.ndarray) -> tuple[np.ndarra
     """``(data, affine)`` as the file holds them: the training space, or, when the row asks for a voxel size, the
     volume resampled to that isotropic grid over the same field of view (the model generates at the training
     resolution: a finer grid gets more voxels, not more detail). Clipped to [0, 1] again: the anti-aliasing
-    filter can overshoot by a rounding error."""
+    filter and the B-spline overshoot a little at edges."""
     affine = np.asarray(job.affine, dtype=np.float64)
     spacing = requested_voxel_size(job, row)
     if spacing is None:
         return data, affine
     target, shape = isotropic_grid(affine, data.shape, spacing)
-    return np.clip(resample(data, affine, target, shape), 0.0, 1.0), target
+    return np.clip(resample(data, affine, target, shape, antialias=True), 0.0, 1.0), target
 
 
 @torch.inference_mode()
