@@ -228,8 +228,17 @@ def protocol_sweep_figure(sweep: dict, spacing, path: Path) -> Path:
     n_sub, n_prot = len(subjects), len(protocols)
     sx, sy, _ = spacing
     vmin, vmax = _grey_window(volumes)
-    figure = _new_figure(1.45 * n_prot + 4.2, 1.75 * n_sub + 1.3)
-    grid = figure.add_gridspec(n_sub, n_prot + 1, width_ratios=[1.0] * n_prot + [2.6], wspace=0.06, hspace=0.32)
+    title_inches = 0.14 * (len(protocols[0]) + 1) + 0.45  # one line per acquisition covariate, the real mean, suptitle
+    height = 1.75 * n_sub + 0.8 + title_inches
+    figure = _new_figure(1.45 * n_prot + 4.2, height)
+    grid = figure.add_gridspec(
+        n_sub,
+        n_prot + 1,
+        width_ratios=[1.0] * n_prot + [2.6],
+        wspace=0.06,
+        hspace=0.32,
+        top=1.0 - title_inches / height,
+    )
     for p, protocol in enumerate(protocols):
         for s in range(n_sub):
             ax = figure.add_subplot(grid[s, p])
@@ -260,6 +269,7 @@ def protocol_sweep_figure(sweep: dict, spacing, path: Path) -> Path:
         f"{_fmt(metrics.get('spearman'))}, sign agreement {_fmt(metrics.get('sign_agreement'))} "
         f"of {metrics.get('n_pairs')} same-seed pairs",
         fontsize=9,
+        y=0.995,
     )
     return _save(figure, path)
 
