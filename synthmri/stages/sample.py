@@ -309,6 +309,7 @@ def write_card(out_dir: Path, params: Params, manifest: pd.DataFrame, provenance
     """The data-set card (README.md) and the software versions (software.json) beside the volumes."""
     sampler = params.diffusion.sampler
     software = software_versions()
+    asks_voxel_size = voxel_size_covariate(params.covariates) is not None
     write_text_atomic(out_dir / SOFTWARE_NAME, json.dumps(software, indent=2))
     lines = [
         f"# SynthMRI synthetic data set (release `{params.sample.release}`)",
@@ -324,7 +325,7 @@ def write_card(out_dir: Path, params: Params, manifest: pd.DataFrame, provenance
             else "in `volumes/`"
         )
         + f", shape {space['shape']} at {space['spacing_mm']} mm, orientation RAS, affine of the training space"
-        + (" unless a voxel size was requested (below)" if voxel_size_covariate(params.covariates) else ""),
+        + (" unless a voxel size was requested (below)" if asks_voxel_size else ""),
         *voxel_size_lines(params, manifest),
         f"- intensities: {INTENSITY_NOTE}",
         f"- covariate plan: `{params.sample.plan}`; covariates: "
@@ -351,7 +352,7 @@ def write_card(out_dir: Path, params: Params, manifest: pd.DataFrame, provenance
                 f"`SyntheticDataset(path, transform=tio.Compose([tio.Resample({space['spacing_mm'][0]:g}), "
                 f"tio.CropOrPad({tuple(space['shape'])})]))`.",
             ]
-            if voxel_size_covariate(params.covariates)
+            if asks_voxel_size
             else []
         ),
         *(
