@@ -287,6 +287,9 @@ class DiffusionTrainParams(TrainParams):
     # dominating the gradient)
     loss_weighting: Literal["none", "min_snr"] = "none"
     min_snr_gamma: float = Field(5.0, gt=0)
+    # density of the training timesteps: uniform, or logit_normal = SD3's (Esser et al. 2024) t / T =
+    # sigmoid(N(0, 1)), which trains the middle noise levels most
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
 
 
 class SamplerParams(_Section):

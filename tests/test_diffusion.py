@@ -274,6 +274,25 @@ def test_sample_timesteps_uniform_and_reproducible():
     assert b.dtype == torch.int64 and b.min() == 1 and b.max() == 10
 
 
+def test_logit_normal_timesteps_follow_sd3_density_and_are_reproducible():
+    """SD3's logit-normal density: t / T = sigmoid(z), z ~ N(0, 1), from the CPU generator; fractional for flow,
+    the integer floor(t) in [0, T) for DDPM. P(1/4 < t/T < 3/4) = P(|z| < ln 3) = 0.7275 (uniform: 0.5)."""
+    for prediction in ("flow", "v_prediction"):
+        sched = make_training_scheduler(ScheduleParams(prediction=prediction))
+        draw = [sample_timesteps(sched, 20_000, torch.Generator().manual_seed(3), density="logit_normal") for _ in "ab"]
+        assert torch.equal(draw[0], draw[1])
+        t = draw[0]
+        if prediction == "flow":
+            assert t.is_floating_point() and 0 < t.min() and t.max() < 1000
+        else:
+            assert t.dtype == torch.int64 and 0 <= t.min() and t.max() <= 999
+        z = torch.logit((t.double() + (0 if prediction == "flow" else 0.5)) / 1000)
+        assert abs(z.mean()) < 0.03 and abs(z.std() - 1) < 0.03
+        assert abs(((t > 250) & (t < 750)).double().mean() - 0.7275) < 0.015
+    with pytest.raises(ValueError, match="timestep density"):
+        sample_timesteps(sched, 4, density="beta")
+
+
 class _ExactDenoiser(torch.nn.Module):
     """The exact prediction for latents whose elements are i.i.d. N(mean, std²): the posterior mean
     ``E[x0 | x_t]`` (the Wiener filter) under the training scheduler's forward process, turned into the
@@ -698,6 +717,41 @@ def test_trainer_weights_each_sample_by_min_snr(tmp_path, prediction):
     assert torch.allclose(losses["none"], single.mean(), rtol=1e-5)
     assert torch.allclose(losses["min_snr"], (weights * single).mean(), rtol=1e-5)
     assert not torch.allclose(losses["min_snr"], losses["none"], rtol=1e-2)
+
+
+def test_trainer_trains_flow_on_the_flow_target_at_the_configured_timesteps(tmp_path):
+    """``prediction: flow`` in the diffusion stage's trainer: its loss is the MSE between the network's output
+    on (1 - t/T)·x0 + (t/T)·noise at t and noise - x0, and ``timestep_sampling: logit_normal`` draws fractional
+    t in (0, T) from the step's generator (uniform: integers 1 .. T)."""
+    from synthmri.config import load_params
+    from synthmri.data.covariates import covariate_rows
+    from synthmri.data.latents import LatentSet
+    from synthmri.training.train_diffusion import DiffusionTrainer
+
+    g = torch.Generator().manual_seed(0)
+    _write_latent_dir(tmp_path, torch.randn(4, 4, 4, 4, 4, generator=g), age=[30, 40, 50, 60], sex=["F", "M"] * 2)
+    latents = LatentSet(tmp_path, "train")
+    base = ["diffusion.unet.channels=[16,32]", "diffusion.unet.patch_size=1", "diffusion.train.device=cpu"]
+    drawn = {}
+    for density in ("uniform", "logit_normal"):
+        params = load_params(
+            REPO / "params.yaml",
+            [*base, "diffusion.schedule.prediction=flow", f"diffusion.train.timestep_sampling={density}"],
+        )
+        trainer = DiffusionTrainer(params, latents, None, tmp_path / "ckpt", "test")
+        model = trainer.model.eval()
+        rows = model.encoder.encode_values(covariate_rows(latents.manifest, params.covariates))
+        draws = [trainer.draw((256, 1), rows.select([0] * 256), torch.Generator().manual_seed(5), 0.0) for _ in "ab"]
+        drawn[density] = t = draws[0][1]
+        assert torch.equal(t, draws[1][1])
+    assert drawn["uniform"].dtype == torch.int64 and 1 <= drawn["uniform"].min() and drawn["uniform"].max() <= 1000
+    t = drawn["logit_normal"]
+    assert t.is_floating_point() and 0 < t.min() and t.max() < 1000 and t.frac().abs().max() > 0
+    x0, noise, t = latents.latents, torch.randn(latents.latents.shape, generator=g), t[:4]
+    sigma = (t / 1000).view(-1, 1, 1, 1, 1)
+    with torch.no_grad():
+        expected = (model(x0 * (1 - sigma) + sigma * noise, t, rows) - (noise - x0)).square().mean()
+        assert torch.allclose(trainer.loss(model, x0, rows, noise, t), expected, rtol=1e-5)
 
 
 def test_input_scale_lowers_the_signal_of_standardized_latents_and_sampling_undoes_it(tmp_path):

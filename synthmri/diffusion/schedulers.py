@@ -44,6 +44,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from synthmri.config import ScheduleParams
 
 SamplerName = Literal["ddpm", "ddim", "dpm_solver"]
+TimestepDensity = Literal["uniform", "logit_normal"]
 _BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 _SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler}
 FLOW_SAMPLERS = ("ddim", "dpm_solver")
@@ -223,11 +224,22 @@ def sample_timesteps(
     batch_size: int,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    density: TimestepDensity = "uniform",
 ) -> torch.Tensor:
-    """Uniform training timesteps, drawn on the CPU generator (reproducible on any device): integers in
-    ``[0, T)`` (DDPM) or ``[1, T]`` (flow, ``σ = t/T``: see the module docstring)."""
+    """Training timesteps, drawn on the CPU generator (reproducible on any device).
+
+    ``uniform``: integers in ``[0, T)`` (DDPM) or ``[1, T]`` (flow, ``σ = t/T``: see the module docstring).
+    ``logit_normal`` (Esser et al. 2024, SD3's "lognorm(0, 1)"): ``u = sigmoid(z)``, ``z ~ N(0, 1)``, which
+    favours the middle noise levels; flow trains at ``t = u·T`` itself (fractional timesteps, ``σ = u``),
+    DDPM at the integer ``floor(u·T)``.
+    """
     n = scheduler.config.num_train_timesteps
-    if is_flow(scheduler):
+    if density == "logit_normal":
+        u = torch.sigmoid(torch.randn(batch_size, generator=generator))
+        t = u * n if is_flow(scheduler) else (u * n).long().clamp(0, n - 1)
+    elif density != "uniform":
+        raise ValueError(f"unknown timestep density '{density}'; choose uniform or logit_normal")
+    elif is_flow(scheduler):
         t = torch.randint(1, n + 1, (batch_size,), generator=generator)
     else:
         t = torch.randint(0, n, (batch_size,), generator=generator)

@@ -84,7 +84,7 @@ class DiffusionTrainer(ResumableTrainer):
         """Noise, timesteps and condition dropout of a whole (global) batch, from one CPU generator:
         every rank draws the same and takes its rows, so N processes train exactly like one."""
         noise = torch.randn(shape, generator=generator)
-        t = sample_timesteps(self.scheduler, shape[0], generator)
+        t = sample_timesteps(self.scheduler, shape[0], generator, density=self.cfg.train.timestep_sampling)
         return noise, t, CovariateEncoder.drop(covariates, dropout, generator)
 
     def loss(
