@@ -45,7 +45,7 @@ from synthmri.data.covariates import covariate_rows
 from synthmri.data.datasets import ProcessedVolumes
 from synthmri.data.latents import LatentSet
 from synthmri.diffusion.sampling import sample_latents, sample_seed
-from synthmri.diffusion.schedulers import add_noise, make_sampler, predicted_x0
+from synthmri.diffusion.schedulers import add_noise, make_sampler, noise_levels, predicted_x0
 from synthmri.models.loading import load_vqgan
 from synthmri.report.compute import compute_set_metrics
 from synthmri.report.gate import evaluate_gate
@@ -142,8 +142,8 @@ def denoising_errors(denoiser, trainer: DiffusionTrainer, train: LatentSet, val:
         noise, steps = torch.randn(x0.shape, generator=generator), torch.full((len(x0),), t)
         x_t = add_noise(trainer.scheduler, x0, noise, steps)
         implied = predicted_x0(trainer.scheduler, x_t, denoiser.eval()(x_t, steps, rows), steps)
-        a2 = trainer.scheduler.alphas_cumprod[t]
-        a, s2 = a2.sqrt(), 1 - a2
+        a, s = (level[0] for level in noise_levels(trainer.scheduler, steps))  # x_t = a·x0 + s·noise
+        a2, s2 = a.square(), s.square()
         wiener = mu + a * var / (a2 * var + s2) * (x_t - a * mu)
         out[f"x0_mse_t{t}"] = round(float((implied - x0).square().mean()), 4)
         out[f"wiener_t{t}"] = round(float((wiener - x0).square().mean()), 4)

@@ -263,7 +263,9 @@ class ScheduleParams(_Section):
     beta_schedule: Literal["linear", "cosine"] = "linear"
     beta_start: float = Field(1e-4, gt=0)
     beta_end: float = Field(0.02, gt=0, lt=1)
-    prediction: Literal["epsilon", "v_prediction"] = "v_prediction"
+    # what the network predicts: epsilon (the noise) or v on the DDPM process above; flow = rectified flow
+    # (x_t = (1 - s)·x0 + s·noise at s = t / num_train_timesteps, target noise - x0; the beta_* keys are unused)
+    prediction: Literal["epsilon", "v_prediction", "flow"] = "v_prediction"
     # standardized latents x input_scale are what gets noised (Chen 2023): < 1 = lower SNR at every timestep
     input_scale: float = Field(1.0, gt=0)
     # how latents are standardized before noising: channel = per-channel mean/std (scale.json); position =
@@ -285,6 +287,9 @@ class DiffusionTrainParams(TrainParams):
     # dominating the gradient)
     loss_weighting: Literal["none", "min_snr"] = "none"
     min_snr_gamma: float = Field(5.0, gt=0)
+    # density of the training timesteps: uniform, or logit_normal = SD3's (Esser et al. 2024) t / T =
+    # sigmoid(N(0, 1)), which trains the middle noise levels most
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
 
 
 class SamplerParams(_Section):
@@ -299,6 +304,12 @@ class DiffusionParams(_Section):
     schedule: ScheduleParams = ScheduleParams()
     train: DiffusionTrainParams = DiffusionTrainParams()
     sampler: SamplerParams = SamplerParams()
+
+    @model_validator(mode="after")
+    def _sampler_fits_prediction(self) -> DiffusionParams:
+        if self.schedule.prediction == "flow" and self.sampler.sampler == "ddpm":
+            raise ValueError("a flow model samples with sampler: ddim (Euler) or dpm_solver, not ddpm")
+        return self
 
 
 class SampleParams(_Section):

@@ -139,7 +139,7 @@ def _train(
             "latents of shape %s for %d steps on %s, %d process(es) x %d x %d latents per step",
             n_params,
             trainer.cfg.schedule.prediction,
-            trainer.cfg.schedule.beta_schedule,
+            "straight-path" if trainer.cfg.schedule.prediction == "flow" else trainer.cfg.schedule.beta_schedule,
             len(train),
             tuple(train.latents.shape[1:]),
             t.steps,

@@ -1,9 +1,10 @@
 """Training conditional latent diffusion on the VQ-GAN's standardized latents; the stage that runs it is
 :mod:`synthmri.stages.train_diffusion`.
 
-DDPM training with the L2 loss on the predicted noise (or on v, ``diffusion.schedule.prediction``),
-condition dropout for classifier-free guidance, EMA weights for sampling. Uses the same training
-loop, checkpoints, resume rules and MLflow run as the VQ-GAN stage.
+DDPM training with the L2 loss on the predicted noise (or on v, ``diffusion.schedule.prediction``), or
+rectified flow (``prediction: flow``: the L2 loss on the velocity ``noise - x0``); condition dropout for
+classifier-free guidance, EMA weights for sampling. Uses the same training loop, checkpoints, resume rules
+and MLflow run as the VQ-GAN stage.
 """
 
 from __future__ import annotations
@@ -83,14 +84,15 @@ class DiffusionTrainer(ResumableTrainer):
         """Noise, timesteps and condition dropout of a whole (global) batch, from one CPU generator:
         every rank draws the same and takes its rows, so N processes train exactly like one."""
         noise = torch.randn(shape, generator=generator)
-        t = sample_timesteps(self.scheduler, shape[0], generator)
+        t = sample_timesteps(self.scheduler, shape[0], generator, density=self.cfg.train.timestep_sampling)
         return noise, t, CovariateEncoder.drop(covariates, dropout, generator)
 
     def loss(
         self, model: torch.nn.Module, x0: torch.Tensor, covariates: CovariateBatch, noise: torch.Tensor, t: torch.Tensor
     ) -> torch.Tensor:
-        """L2 between the network's prediction and the target (noise or v) at timesteps ``t``, each sample
-        weighted by ``diffusion.train.loss_weighting`` (:func:`~synthmri.diffusion.schedulers.loss_weights`)."""
+        """L2 between the network's prediction and the target (noise, v or the flow velocity) at timesteps
+        ``t``, each sample weighted by ``diffusion.train.loss_weighting``
+        (:func:`~synthmri.diffusion.schedulers.loss_weights`)."""
         cfg = self.cfg.train
         x0, noise = (to_device(v, self.device, cfg.pin_memory, cfg.channels_last) for v in (x0, noise))
         t, covariates = t.to(self.device), covariates.to(self.device)
