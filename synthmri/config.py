@@ -274,14 +274,14 @@ class ScheduleParams(_Section):
 
 
 class DiffusionTrainParams(TrainParams):
-    steps: int = Field(800, ge=1)
+    steps: int = Field(1600, ge=1)
     batch_size: int = Field(8, ge=1)
     checkpoint_every: int = Field(200, ge=1)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
     condition_dropout: float = Field(0.1, ge=0, le=1)
     ema_decay: float = Field(0.999, ge=0, lt=1)
-    sample_every: int = Field(400, ge=1)
+    sample_every: int = Field(800, ge=1)
     # how the per-timestep losses are weighted: none = plain MSE on the target; min_snr = Hang et al. 2023's
     # min-SNR-gamma (each timestep's weight on the x0 error capped at gamma, so easy low-noise steps stop
     # dominating the gradient)
