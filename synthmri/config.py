@@ -209,7 +209,9 @@ class TrainParams(_Section):
     processes: int = Field(1, ge=1)  # DDP processes on this machine (>1: relaunched under torchrun)
     grad_accumulation: int = Field(1, ge=1)  # micro-batches accumulated per optimizer step
     # GPU path (execution only: none of these changes what is learned, so a run may resume with them toggled)
-    precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on CUDA; the CPU always trains in fp32
+    precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on CUDA; on the CPU only with cpu_bf16
+    # bf16 autocast on a CPU with native bf16 (AVX512-BF16 / AMX; emulated bf16 would be slower, so fp32 there)
+    cpu_bf16: bool = False
     activation_checkpointing: bool = False  # recompute activations in backward: memory for compute
     channels_last: bool = False  # channels-last-3d memory format (benchmarks/RESULTS.md: where it helps)
     compile: bool = False  # torch.compile the model (long first step; pays off on long GPU runs)

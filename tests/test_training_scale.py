@@ -206,6 +206,51 @@ def test_execution_options_do_not_change_what_is_learned(cohort, tmp_path, stage
     assert_same_trajectory(plain, with_option, ["loss"], rtol=1e-3 if stage == "vqgan" else 1e-4)
 
 
+def test_cpu_bf16_autocasts_only_where_asked_and_where_the_cpu_has_native_bf16(monkeypatch):
+    from synthmri.training import runtime
+
+    conv, x = torch.nn.Conv3d(2, 2, 3), torch.randn(1, 2, 5, 5, 5)
+    cpu = torch.device("cpu")
+
+    def output_dtype(precision: str, cpu_bf16: bool) -> torch.dtype:
+        with runtime.autocast(cpu, precision, cpu_bf16):
+            return conv(x).dtype
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert output_dtype("bf16", True) == torch.bfloat16 and runtime.precision_text(cpu, "bf16", True) == "bf16"
+    assert output_dtype("bf16", False) == torch.float32 and runtime.precision_text(cpu, "bf16", False) == "fp32"
+    assert output_dtype("fp32", True) == torch.float32
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)  # emulated bf16 would be slower: fp32
+    assert output_dtype("bf16", True) == torch.float32 and runtime.precision_text(cpu, "bf16", True) == "fp32"
+
+
+@pytest.mark.parametrize("cpu_bf16", [False, True])
+def test_the_diffusion_trainer_runs_its_model_in_bf16_only_with_cpu_bf16(cohort, monkeypatch, cpu_bf16):
+    """The trainer passes ``train.cpu_bf16`` to autocast: the U-Net's convolutions compute in bf16 with it
+    (forward only: on the 2³ feature maps of this tiny cohort oneDNN's bf16 conv3d weight gradient is
+    non-finite at random, benchmarks/RESULTS.md, one reason the option is off by default)."""
+    from conftest import make_params
+
+    from synthmri.data.covariates import covariate_rows
+    from synthmri.data.latents import LatentSet
+    from synthmri.training import runtime
+    from synthmri.training.train_diffusion import DiffusionTrainer
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    work, _ = cohort
+    params = make_params(*_base_overrides(work), *DIFFUSION, f"diffusion.train.cpu_bf16={str(cpu_bf16).lower()}")
+    latents = LatentSet(work / "latents", "train", params.diffusion.schedule)
+    trainer = DiffusionTrainer(params, latents, None, work / "bf16-ckpt", "test")
+    dtypes = []
+    for module in trainer.model.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            module.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+    rows = trainer.model.encoder.encode_values(covariate_rows(latents.manifest, params.covariates))
+    x0 = latents.latents
+    trainer.loss(trainer.model, x0, rows, torch.randn_like(x0), torch.full((len(x0),), 500))
+    assert dtypes and set(dtypes) == {torch.bfloat16 if cpu_bf16 else torch.float32}
+
+
 @pytest.mark.slow
 def test_cli_relaunches_itself_under_torchrun_when_processes_is_above_one(cohort, tmp_path):
     """What `dvc repro` runs: `synthmri train_diffusion` with diffusion.train.processes=2."""
@@ -248,6 +293,7 @@ def test_extending_or_resampling_a_run_keeps_its_identity_but_changing_what_it_l
         "diffusion.train.checkpoint_every=7",
         "diffusion.sampler.steps=5",
         "diffusion.train.activation_checkpointing=true",
+        "diffusion.train.cpu_bf16=true",
     ):
         assert run_fingerprint(make_params(*DIFFUSION, same), work / "latents") == base, same
     for other in (

@@ -29,6 +29,7 @@ from synthmri.models.loading import load_vqgan, save_weights
 from synthmri.training import distributed
 from synthmri.training.checkpoint import config_fingerprint
 from synthmri.training.loop import train_loop
+from synthmri.training.runtime import precision_text
 from synthmri.training.train_diffusion import DiffusionTrainer
 from synthmri.viz import three_plane_grid
 
@@ -136,7 +137,7 @@ def _train(
         n_params = sum(p.numel() for p in trainer.model.parameters()) / 1e6
         log.info(
             "Training the latent diffusion model (%.2f M parameters, %s prediction, %s schedule) on %d "
-            "latents of shape %s for %d steps on %s, %d process(es) x %d x %d latents per step",
+            "latents of shape %s for %d steps on %s (%s), %d process(es) x %d x %d latents per step",
             n_params,
             trainer.cfg.schedule.prediction,
             "straight-path" if trainer.cfg.schedule.prediction == "flow" else trainer.cfg.schedule.beta_schedule,
@@ -144,6 +145,7 @@ def _train(
             tuple(train.latents.shape[1:]),
             t.steps,
             trainer.device,
+            precision_text(trainer.device, t.precision, t.cpu_bf16),
             ctx.world_size,
             t.grad_accumulation,
             t.batch_size,

@@ -76,6 +76,7 @@ SCHEDULE_ONLY = {
     "num_workers",
     "device",
     "precision",
+    "cpu_bf16",
     "activation_checkpointing",
     "channels_last",
     "compile",

@@ -96,7 +96,7 @@ class DiffusionTrainer(ResumableTrainer):
         cfg = self.cfg.train
         x0, noise = (to_device(v, self.device, cfg.pin_memory, cfg.channels_last) for v in (x0, noise))
         t, covariates = t.to(self.device), covariates.to(self.device)
-        with autocast(self.device, cfg.precision):
+        with autocast(self.device, cfg.precision, cfg.cpu_bf16):
             prediction = model(add_noise(self.scheduler, x0, noise, t), t, covariates)
         per_sample = (prediction.float() - training_target(self.scheduler, x0, noise, t)).square()
         per_sample = per_sample.flatten(1).mean(dim=1)

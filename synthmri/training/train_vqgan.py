@@ -144,7 +144,7 @@ class VQGANTrainer(ResumableTrainer):
         self.opt_g.zero_grad(set_to_none=True)
         for i, x in enumerate(inputs):
             with ctx.no_sync(self.train_model, sync=i == n - 1):
-                with autocast(self.device, t.precision):
+                with autocast(self.device, t.precision, t.cpu_bf16):
                     recon, vq_loss, stats = self.train_model(x)
                     l1 = (recon - x).abs().mean()
                     perceptual = self.lpips_loss(x, recon, generator) if loss_cfg.perceptual > 0 else torch.zeros(())
@@ -190,7 +190,7 @@ class VQGANTrainer(ResumableTrainer):
                 with contextlib.ExitStack() as stack:
                     for d in self.train_discriminators:
                         stack.enter_context(ctx.no_sync(d, sync=i == n - 1))
-                    with autocast(self.device, t.precision):
+                    with autocast(self.device, t.precision, t.cpu_bf16):
                         # real and fake in one forward: one DDP forward per backward
                         d_loss = sum(
                             hinge_d_loss(*d(torch.cat([x, recon]))[0].chunk(2)) for d in self.train_discriminators
