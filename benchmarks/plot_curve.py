@@ -28,7 +28,7 @@ PRESETS = {
             ("fd_ratio", "FD ratio (stats features)", 3.0),
             ("precision", "precision", 0.5),
             ("coverage", "coverage", 0.5),
-            ("gate_n_failed", "failing gate checks (of 13)", None),
+            ("gate_n_failed", "failing gate checks (set checks)", None),
         ],
         "Diffusion recipes on the demo latents (VQ-GAN fixed): the report's metrics against CPU time",
     ),
