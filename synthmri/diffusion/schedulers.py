@@ -137,13 +137,9 @@ def noise_levels(scheduler, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _alphas(scheduler, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sqrt(ᾱ_t)`` and ``sqrt(1 - ᾱ_t)`` (flow: ``1 - σ`` and ``σ``) shaped to broadcast against ``like``."""
+    """:func:`noise_levels` shaped to broadcast against ``like`` (and in its dtype and device)."""
     shape = (-1,) + (1,) * (like.ndim - 1)
-    if is_flow(scheduler):
-        sigma = flow_sigma(scheduler, t.to(like.device)).to(like.dtype).view(shape)
-        return 1 - sigma, sigma
-    abar = scheduler.alphas_cumprod.to(like.device)[t.to(like.device)].to(like.dtype)
-    return abar.sqrt().view(shape), (1 - abar).sqrt().view(shape)
+    return tuple(level.to(like.dtype).view(shape) for level in noise_levels(scheduler, t.to(like.device)))
 
 
 def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
