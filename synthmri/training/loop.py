@@ -10,12 +10,15 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from synthmri.config import TrainParams
+from synthmri.errors import StageError
 from synthmri.logs import get_logger
 from synthmri.training.checkpoint import resume_state, save_checkpoint
 from synthmri.training.distributed import Context
 from synthmri.training.runtime import rng_state, set_rng_state
 
 log = get_logger(__name__)
+
+MAX_SKIPS_IN_A_ROW = 10  # non-finite steps in a row that mean the run has diverged, not a rare numerical accident
 
 
 class Trainer(Protocol):
@@ -80,6 +83,8 @@ def train_loop(
     Losses are recorded every ``log_every`` steps (history + MLflow), ``validate`` runs every
     ``val_every`` steps, and a checkpoint is written atomically every ``checkpoint_every`` steps.
     Under DDP every rank steps; only rank 0 shows progress, validates, logs and checkpoints.
+    A step whose gradients were not finite is skipped (the trainer reports ``skipped_step``) with a warning;
+    :data:`MAX_SKIPS_IN_A_ROW` of them in a row stop the run with the reason, before it wastes more minutes.
     """
     ctx = ctx or Context()
     batch = schedule.batch_size * schedule.grad_accumulation * ctx.world_size  # volumes per optimizer step
@@ -92,10 +97,11 @@ def train_loop(
         mininterval=1.0,
         disable=not ctx.is_main,
     )
-    started, seen = time.perf_counter(), 0
+    started, seen, skips_in_a_row = time.perf_counter(), 0, 0
     while trainer.step < schedule.steps:
         losses = trainer.next_step()
         trainer.step += 1
+        skips_in_a_row = check_skipped_step(losses, trainer.step, skips_in_a_row, desc)
         seen += batch
         bar.update(batch)
         bar.set_postfix({k: f"{losses[k]:.4f}" for k in postfix if k in losses}, refresh=False)
@@ -110,3 +116,20 @@ def train_loop(
                 save_checkpoint(checkpoint_dir, trainer.step, trainer.state())
     bar.close()
     return seen / max(time.perf_counter() - started, 1e-9)
+
+
+def check_skipped_step(losses: dict[str, float], step: int, skips_in_a_row: int, desc: str) -> int:
+    """Warn about a skipped (non-finite) step; stop the run after :data:`MAX_SKIPS_IN_A_ROW` in a row.
+    Returns the new count of skips in a row."""
+    if not losses.get("skipped_step"):
+        return 0
+    skips_in_a_row += 1
+    log.warning(
+        "%s: step %d skipped: its gradients were not finite (NaN or inf); the weights are unchanged", desc, step
+    )
+    if skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
+        raise StageError(
+            f"{desc}: {skips_in_a_row} steps in a row up to step {step} had non-finite gradients, so training has "
+            "diverged: lower the learning rate, or train in fp32 (precision: fp32, cpu_bf16: false)"
+        )
+    return skips_in_a_row

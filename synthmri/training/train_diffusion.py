@@ -31,7 +31,7 @@ from synthmri.logs import get_logger
 from synthmri.models.loading import build_ldm
 from synthmri.training.distributed import Context
 from synthmri.training.loop import ResumableTrainer
-from synthmri.training.optim import adamw, lr_scheduler
+from synthmri.training.optim import adamw, clipped_step, lr_scheduler, skipped
 from synthmri.training.runtime import autocast, batch_indices, pick_device, seed_everything, to_device
 
 log = get_logger(__name__)
@@ -126,11 +126,10 @@ class DiffusionTrainer(ResumableTrainer):
                 )
                 (loss / t.grad_accumulation).backward()
             loss_value += float(loss.detach()) / t.grad_accumulation
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        self.optimizer.step()
+        grad_norm = clipped_step(self.optimizer, self.model.parameters(), t.grad_clip)
         self.lr_schedule.step()
         self.ema.update_parameters(self.model)
-        return ctx.mean({"loss": loss_value, "grad_norm": float(grad_norm)})
+        return ctx.mean({"loss": loss_value, "grad_norm": grad_norm, "skipped_step": skipped(grad_norm)})
 
     @torch.inference_mode()
     def validation_loss(self) -> float:

@@ -32,7 +32,7 @@ from synthmri.models.discriminator import PatchDiscriminator, SliceDiscriminator
 from synthmri.models.vqgan import VQGAN
 from synthmri.training.distributed import Context
 from synthmri.training.loop import ResumableTrainer
-from synthmri.training.optim import adamw, lr_scheduler
+from synthmri.training.optim import adamw, clipped_step, lr_scheduler, skipped
 from synthmri.training.runtime import autocast, batch_indices, pick_device, seed_everything, to_device
 
 log = get_logger(__name__)
@@ -178,10 +178,10 @@ class VQGANTrainer(ResumableTrainer):
             }
             for name, value in values.items():
                 totals[name] = totals.get(name, 0.0) + float(value.detach()) / n
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        self.opt_g.step()
+        g_norm = clipped_step(self.opt_g, self.model.parameters(), t.grad_clip)
         self.lr_schedule_g.step()
         totals["lr"] = self.lr_schedule_g.get_last_lr()[0]
+        totals["skipped_step"] = skipped(g_norm)
 
         totals["d_loss"] = 0.0
         if gan_on:
@@ -197,6 +197,6 @@ class VQGANTrainer(ResumableTrainer):
                         )
                     (d_loss / n).backward()
                 totals["d_loss"] += float(d_loss.detach()) / n
-            torch.nn.utils.clip_grad_norm_(self.discriminators.parameters(), t.grad_clip)
-            self.opt_d.step()
+            d_norm = clipped_step(self.opt_d, self.discriminators.parameters(), t.grad_clip)
+            totals["skipped_step"] = max(totals["skipped_step"], skipped(d_norm))
         return totals
