@@ -92,7 +92,8 @@ def three_plane_grid(
     col_widths = [max(row[col][0] for row in extents) for col in range(3)]
     row_heights = [max(panel[1] for panel in row) for row in extents]
     scale = panel_inches / max(row_heights)
-    label_inches, title_inches = 0.35, 0.25 + (0.3 if suptitle else 0.0)
+    lines = max(title.count("\n") + 1 for title in titles)  # rotated row labels: one text line is ~0.15 in
+    label_inches, title_inches = 0.05 + 0.15 * lines, 0.25 + (0.3 if suptitle else 0.0)
     figure = Figure(figsize=(sum(col_widths) * scale + label_inches, sum(row_heights) * scale + title_inches))
     FigureCanvasAgg(figure)
     axes = figure.subplots(

@@ -276,3 +276,23 @@ def test_ceiling_checks_separate_what_the_autoencoder_limits(setup):
     noise = np.random.default_rng(0).uniform(-1, 1, data.train.shape).astype(np.float32)
     failed = {c.name for c in ceiling_checks(params, data, noise, extractor) if c.status == "fail"}
     assert {"frechet_ratio", "precision", "coverage", "intensity_wasserstein"} <= failed
+
+
+def test_figure_labels_keep_acquisition_values_and_wrap():
+    """A 1.5 T field strength reads 1.5 (not a rounded 2), and seven covariates wrap three to a line so the
+    label does not run into the next row's."""
+    from synthmri.report.html import _covariate_label
+
+    row = pd.Series(
+        dict(
+            age=74.0,
+            sex="F",
+            site="site3",
+            field_strength=1.5,
+            inversion_time=float("nan"),
+            sequence="SPGR",
+            voxel_size=1.2,
+        )
+    )
+    names = ["age", "sex", "site", "field_strength", "inversion_time", "sequence", "voxel_size"]
+    assert _covariate_label(row, names) == "74, F, site3\n1.5, SPGR, 1.2"

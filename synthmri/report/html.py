@@ -49,13 +49,15 @@ def _save(figure: Figure, path: Path, dpi: int = 90) -> Path:
     return path
 
 
-def _covariate_label(row: pd.Series, names: list[str]) -> str:
+def _covariate_label(row: pd.Series, names: list[str], per_line: int = 3) -> str:
+    """The row's covariate values in ``names`` order (numbers to 3 significant digits: 1.5 T stays 1.5),
+    ``per_line`` to a line so that a long acquisition list does not run into the next row's label."""
     parts = []
     for name in names:
         if name in row.index and not (isinstance(row[name], float) and math.isnan(row[name])) and str(row[name]) != "":
             value = row[name]
-            parts.append(f"{value:.0f}" if isinstance(value, (int, float, np.number)) else str(value))
-    return ", ".join(parts)
+            parts.append(f"{value:.3g}" if isinstance(value, (int, float, np.number)) else str(value))
+    return "\n".join(", ".join(parts[i : i + per_line]) for i in range(0, len(parts), per_line))
 
 
 def real_vs_synthetic_figure(data: ReportData, covariates: list[str], n: int, path: Path) -> Path:
@@ -387,7 +389,7 @@ figcaption { font-size: 0.85em; color: #555; }
 
 CAPTIONS = {
     "real_vs_synthetic": "Held-out real volumes (top rows) and synthetic volumes (bottom rows), middle slices, "
-    "one grey scale for all rows.",
+    "one grey scale for all rows; each label lists the covariates in the order of params.yaml.",
     "synthetic_by_age": "Synthetic subjects sorted by the age they were generated for: ventricles and sulci "
     "should widen with age.",
     "conditioning": "Known covariate effects: the measure against age (real: recorded age; synthetic: requested "
