@@ -267,6 +267,42 @@ def test_rerun_skips_finished_shards_and_cleans_partial_ones(trained, prefect_se
     assert len(manifest) == 5 and manifest["file"].is_unique
 
 
+def test_a_rerun_after_the_generation_code_changed_regenerates_every_shard(
+    trained, prefect_server, tmp_path, monkeypatch
+):
+    """DVC keeps the set between runs (``persist``, for resuming); shards made by other code are not reused."""
+    from synthmri.stages import sample
+
+    params, work, _ = trained
+    out = tmp_path / "syn"
+    _sample(params, work, out)
+    first = (out / "volumes" / "sample-000000.nii.gz").stat().st_mtime_ns
+    monkeypatch.setattr(sample, "generation_code_digest", lambda: "edited-sampler")
+    _sample(params, work, out)
+    assert (out / "volumes" / "sample-000000.nii.gz").stat().st_mtime_ns != first
+    assert SyntheticDataset(out).verify() == []
+
+
+def test_the_generation_code_digest_covers_the_sample_stages_code_deps_and_only_them(tmp_path):
+    import shutil
+
+    import yaml
+
+    from synthmri.stages.sample import GENERATION_CODE, generation_code_digest
+
+    deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["sample"]["deps"]
+    assert {d for d in deps if d.startswith("synthmri/")} == set(GENERATION_CODE)
+
+    root = tmp_path / "copy"
+    shutil.copytree(REPO / "synthmri", root / "synthmri", ignore=shutil.ignore_patterns("__pycache__"))
+    assert generation_code_digest(root) == generation_code_digest()
+    (root / "synthmri" / "report" / "html.py").write_text("# not generation code\n")
+    assert generation_code_digest(root) == generation_code_digest()
+    with (root / "synthmri" / "diffusion" / "schedulers.py").open("a") as f:
+        f.write("# a sampler edit\n")
+    assert generation_code_digest(root) != generation_code_digest()
+
+
 VOXEL_SIZE = Covariate(
     name="voxel_size", kind="continuous", range=(0.5, 8.0), required=False, source="header", key="voxel_size_mm"
 )

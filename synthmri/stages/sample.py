@@ -259,10 +259,36 @@ def _run_shard_flow(
     sample_shards()
 
 
+# The code that decides a volume's bytes, relative to the folder that holds the package: the sample stage's
+# code deps in dvc.yaml (a test keeps the two equal). A rerun after it changed regenerates every shard.
+GENERATION_CODE = (
+    "synthmri/synthesis",
+    "synthmri/diffusion",
+    "synthmri/models",
+    "synthmri/data",
+    "synthmri/stages/sample.py",
+    "synthmri/training/runtime.py",
+)
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]
+
+
+def generation_code_digest(root: Path = PACKAGE_PARENT) -> str:
+    """Checksum of the Python files of :data:`GENERATION_CODE` under ``root`` (paths and contents)."""
+    digest = hashlib.sha256()
+    for entry in GENERATION_CODE:
+        path = root / entry
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _fingerprint(params: Params, provenance: dict) -> str:
+    """Identity of a set's finished shards: settings, models and code; a rerun with another one starts over
+    (DVC keeps the folder between runs, ``persist``, so that a killed run resumes)."""
     voxel_size = voxel_size_covariate(params.covariates)
     blob = json.dumps(
         {
+            "code": generation_code_digest(),
             "sample": params.sample.model_dump(mode="json", exclude={"task_runner", "workers", "dask_address"}),
             "sampler": params.diffusion.sampler.model_dump(mode="json"),
             **provenance,
@@ -438,7 +464,7 @@ def _generate(
     fingerprint = _fingerprint(params, provenance)
     stamp = out_dir / "shards" / "fingerprint.json"
     if out_dir.exists() and (not stamp.is_file() or json.loads(stamp.read_text()).get("fingerprint") != fingerprint):
-        log.info("Clearing %s: it was made with other settings or models", out_dir)
+        log.info("Clearing %s: it was made with other settings, models or code", out_dir)
         shutil.rmtree(out_dir)
     write_text_atomic(stamp, json.dumps({"fingerprint": fingerprint}))
 
