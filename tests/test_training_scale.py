@@ -227,8 +227,9 @@ def test_cpu_bf16_autocasts_only_where_asked_and_where_the_cpu_has_native_bf16(m
 @pytest.mark.parametrize("cpu_bf16", [False, True])
 def test_the_diffusion_trainer_runs_its_model_in_bf16_only_with_cpu_bf16(cohort, monkeypatch, cpu_bf16):
     """The trainer passes ``train.cpu_bf16`` to autocast: the U-Net's convolutions compute in bf16 with it
-    (forward only: on the 2³ feature maps of this tiny cohort oneDNN's bf16 conv3d weight gradient is
-    non-finite at random, benchmarks/RESULTS.md, one reason the option is off by default)."""
+    (forward only: on the 2³ feature maps of this tiny cohort oneDNN's bf16 backward pass is non-finite, at random
+    in one probe and at every step of the suite's tiny diffusion runs; benchmarks/RESULTS.md: why it is off by
+    default)."""
     from conftest import make_params
 
     from synthmri.data.covariates import covariate_rows
