@@ -67,10 +67,15 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+# Both sides time the DDPM v-prediction path: MONAI's DDIMScheduler has no rectified flow, and a U-Net step or a
+# sampler step costs the same whatever the network is trained to predict.
+MATCHED_SCHEDULE = ["diffusion.schedule.prediction=v_prediction"]
+
+
 def load_bench_params(
     path: str | Path = ROOT / "params.yaml", quick: bool = False, overrides: list[str] | None = None
 ) -> Params:
-    return load_params(path, [*(QUICK_OVERRIDES if quick else []), *(overrides or [])])
+    return load_params(path, [*MATCHED_SCHEDULE, *(QUICK_OVERRIDES if quick else []), *(overrides or [])])
 
 
 def cpu_model() -> str:

@@ -263,7 +263,7 @@ def test_flow_samplers_hand_the_network_the_training_timestep_scale():
 
 
 def test_sample_timesteps_uniform_and_reproducible():
-    sched = make_training_scheduler(ScheduleParams(num_train_timesteps=10))
+    sched = make_training_scheduler(ScheduleParams(num_train_timesteps=10, prediction="v_prediction"))
     a = sample_timesteps(sched, 1000, torch.Generator().manual_seed(1))
     assert torch.equal(a, sample_timesteps(sched, 1000, torch.Generator().manual_seed(1)))
     assert a.min() == 0 and a.max() == 9
