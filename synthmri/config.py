@@ -267,7 +267,7 @@ class ScheduleParams(_Section):
     beta_end: float = Field(0.02, gt=0, lt=1)
     # what the network predicts: epsilon (the noise) or v on the DDPM process above; flow = rectified flow
     # (x_t = (1 - s)·x0 + s·noise at s = t / num_train_timesteps, target noise - x0; the beta_* keys are unused)
-    prediction: Literal["epsilon", "v_prediction", "flow"] = "v_prediction"
+    prediction: Literal["epsilon", "v_prediction", "flow"] = "flow"
     # standardized latents x input_scale are what gets noised (Chen 2023): < 1 = lower SNR at every timestep
     input_scale: float = Field(1.0, gt=0)
     # how latents are standardized before noising: channel = per-channel mean/std (scale.json); position =
@@ -276,14 +276,14 @@ class ScheduleParams(_Section):
 
 
 class DiffusionTrainParams(TrainParams):
-    steps: int = Field(1600, ge=1)
-    batch_size: int = Field(8, ge=1)
+    steps: int = Field(3200, ge=1)
+    batch_size: int = Field(4, ge=1)
     checkpoint_every: int = Field(200, ge=1)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
     condition_dropout: float = Field(0.1, ge=0, le=1)
     ema_decay: float = Field(0.999, ge=0, lt=1)
-    sample_every: int = Field(800, ge=1)
+    sample_every: int = Field(1600, ge=1)
     # how the per-timestep losses are weighted: none = plain MSE on the target; min_snr = Hang et al. 2023's
     # min-SNR-gamma (each timestep's weight on the x0 error capped at gamma, so easy low-noise steps stop
     # dominating the gradient)
@@ -298,7 +298,7 @@ class SamplerParams(_Section):
     sampler: Literal["ddpm", "ddim", "dpm_solver"] = "dpm_solver"
     # DPM-Solver++ 10 vs 25 steps: 1.9x faster, same FD and effects, diversity 0.81 vs 0.83 (benchmarks/RESULTS.md)
     steps: int = Field(10, ge=1)
-    guidance_scale: float = Field(2.0, ge=0)
+    guidance_scale: float = Field(3.0, ge=0)
 
 
 class DiffusionParams(_Section):
