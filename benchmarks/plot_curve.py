@@ -3,6 +3,7 @@ mean across seeds in bold; dashed lines are the quality gate's thresholds.
 
     .venv/bin/python benchmarks/plot_curve.py vqgan       # results/vqgan_curve.csv -> vqgan_curve.png
     .venv/bin/python benchmarks/plot_curve.py diffusion   # results/diffusion_curve.csv -> diffusion_curve.png
+    .venv/bin/python benchmarks/plot_curve.py diffusion --csv a.csv b.csv --labels base flow --out c.png
 """
 
 from __future__ import annotations
@@ -38,11 +39,14 @@ PRESETS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=sorted(PRESETS))
-    parser.add_argument("--csv", type=Path, default=None, help="default: results/<kind>_curve.csv")
+    parser.add_argument("--csv", type=Path, nargs="+", default=None, help="default: results/<kind>_curve.csv")
+    parser.add_argument("--labels", nargs="+", default=None, help="only these recipes (default: all)")
     parser.add_argument("--out", type=Path, default=None, help="default: results/<kind>_curve.png")
     args = parser.parse_args()
     panels, title = PRESETS[args.kind]
-    frame = pd.read_csv(args.csv or HERE / f"{args.kind}_curve.csv")
+    frame = pd.concat([pd.read_csv(path) for path in args.csv or [HERE / f"{args.kind}_curve.csv"]])
+    if args.labels:
+        frame = frame[frame["label"].isin(args.labels)]
     if "weights" in frame:  # diffusion: the curve is the EMA model at the recipe's own guidance scale
         first_guidance = frame.groupby(["label", "seed"])["guidance"].transform("first")
         frame = frame[(frame["weights"] == "ema") & (frame["guidance"] == first_guidance)]
