@@ -144,6 +144,18 @@ def make_processed(work: Path, n: int = 8, shape=(16, 16, 16), *overrides: str) 
     return params, work / "processed"
 
 
+def make_encoded(work: Path) -> tuple[Params, Path]:
+    """A tiny processed cohort (8 subjects, 16³), a VQ-GAN trained on it for two steps, and its latents in
+    ``work / "latents"``: what a diffusion trainer needs, in seconds. Returns the params and the processed folder."""
+    from synthmri.stages.encode import run_encode
+    from synthmri.stages.train_vqgan import run_train_vqgan
+
+    params, processed = make_processed(work, 8, (16, 16, 16), "vqgan.train.steps=2", "vqgan.train.val_every=100")
+    run_train_vqgan(params, processed, work / "vqgan", work / "ck", work / "rv", work / "rv.json", track=False)
+    run_encode(params, processed, work / "vqgan", work / "latents")
+    return params, processed
+
+
 def stage_command(stage: str, *overrides: str) -> list[str]:
     """``synthmri <stage>`` as a child process, on the repository's params.yaml plus ``-S`` overrides."""
     import sys

@@ -9,13 +9,11 @@ import math
 
 import pytest
 import torch
-from conftest import SMALL_COHORT, TINY_VQGAN, make_params, make_processed
+from conftest import SMALL_COHORT, TINY_VQGAN, make_encoded, make_params
 
 from synthmri.data.datasets import ProcessedVolumes
 from synthmri.data.latents import LatentSet
 from synthmri.errors import StageError
-from synthmri.stages.encode import run_encode
-from synthmri.stages.train_vqgan import run_train_vqgan
 from synthmri.training.loop import MAX_SKIPS_IN_A_ROW, train_loop
 from synthmri.training.optim import clipped_step
 from synthmri.training.train_diffusion import DiffusionTrainer
@@ -39,9 +37,7 @@ def cohort(tmp_path_factory):
     """A tiny processed cohort, a VQ-GAN trained on it for two steps, and its latents."""
     torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("nonfinite")
-    params, processed = make_processed(work, 8, (16, 16, 16), "vqgan.train.steps=2", "vqgan.train.val_every=100")
-    run_train_vqgan(params, processed, work / "vqgan", work / "ck", work / "rv", work / "rv.json", track=False)
-    run_encode(params, processed, work / "vqgan", work / "latents")
+    params, processed = make_encoded(work)
     return work, processed, params
 
 

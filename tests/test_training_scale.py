@@ -19,10 +19,9 @@ import pandas as pd
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import REPO, make_processed
+from conftest import REPO, make_encoded
 from safetensors.torch import load_file
 
-from synthmri.stages.encode import run_encode
 from synthmri.stages.train_diffusion import run_train_diffusion
 from synthmri.stages.train_vqgan import run_train_vqgan
 
@@ -56,9 +55,7 @@ def cohort(tmp_path_factory):
     """A tiny processed cohort, a VQ-GAN trained on it for two steps, and its latents."""
     torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("ddp")
-    params, processed = make_processed(work, 8, (16, 16, 16), "vqgan.train.steps=2", "vqgan.train.val_every=100")
-    run_train_vqgan(params, processed, work / "vqgan", work / "ck", work / "rv", work / "rv.json", track=False)
-    run_encode(params, processed, work / "vqgan", work / "latents")
+    _, processed = make_encoded(work)
     return work, processed
 
 
