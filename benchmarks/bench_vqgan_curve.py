@@ -11,8 +11,9 @@ the model is scored on the validation split (time not counted); the last point a
 edge sharpness (mean in-head gradient magnitude of the reconstructions over that of the originals) and
 the report's autoencoder ceiling in its ``stats`` feature space (texture, tissue classes, intensities):
 the FD ratio of decoded training volumes (``ceiling_fd_ratio_train``) and of the held-out volumes' own
-reconstructions (``ceiling_fd_ratio_heldout``) against the real held-out volumes (val + test), as the
-``report`` stage computes them.
+reconstructions (``ceiling_fd_ratio_heldout``) against the real held-out volumes (val + test), and every
+gate check on the decoded training volumes (``ceiling.<check>``, ``ceiling_n_failed``), by the ``report``
+stage's own code.
 
 Appends one row per point to ``benchmarks/results/vqgan_curve.csv`` (label, seed, step, CPU minutes,
 PSNR, SSIM, LPIPS, losses, overrides, machine) and prints them.
@@ -31,11 +32,12 @@ import pandas as pd
 import torch
 from common import add_run_args, run_stamp
 
-from synthmri.catalog import PROCESSED_DIR
+from synthmri.catalog import PROCESSED_DIR, SPACE_NAME
 from synthmri.config import load_params
 from synthmri.data.datasets import ProcessedVolumes
-from synthmri.metrics.features import get_extractor
+from synthmri.report.compute import ceiling_checks, make_extractor
 from synthmri.report.families import autoencoder_ceiling
+from synthmri.report.inputs import ReportData
 from synthmri.training.train_vqgan import VQGANTrainer, validate
 
 OUT = Path(__file__).parent / "results" / "vqgan_curve.csv"
@@ -74,27 +76,51 @@ def sharpness_ratio(model, volumes: ProcessedVolumes, device) -> float:
     return float(np.mean(ratios))
 
 
-def ceiling_fd_ratios(model, train: ProcessedVolumes, heldout: ProcessedVolumes, device, k: int) -> dict:
-    """The report's autoencoder ceiling (``stats`` features): FD ratios of decoded real volumes."""
+def decoded(model, volumes: ProcessedVolumes, device) -> np.ndarray:
+    """Every volume of ``volumes`` through the autoencoder, as the report decodes them (clamped to the range)."""
+    out = []
+    with torch.inference_mode():
+        for i in range(len(volumes)):
+            x = volumes.batch([i]).to(device)
+            out.append(model.decode(model.encode(x)).clamp(-1, 1)[0, 0].cpu().numpy())
+    return np.stack(out)
 
-    def as_numpy(volumes: ProcessedVolumes, decode: bool) -> np.ndarray:
-        out = []
-        with torch.inference_mode():
-            for i in range(len(volumes)):
-                x = volumes.batch([i]).to(device)
-                out.append((model.decode(model.encode(x)).clamp(-1, 1) if decode else x)[0, 0].cpu().numpy())
-        return np.stack(out)
 
-    extractor = get_extractor("stats", value_range=(-1.0, 1.0))
-    features = {
-        (name, decode): extractor(as_numpy(volumes, decode))
-        for name, volumes in (("train", train), ("heldout", heldout))
-        for decode in (False, True)
-    }
-    ceiling = autoencoder_ceiling(
-        features["heldout", False], features["heldout", True], features["train", True], features["train", False], k
+def ceiling_scores(model, params, device) -> dict:
+    """The report's autoencoder ceiling, computed by the report's own code on the processed cohort: the FD
+    ratios of decoded real volumes (``stats`` features) and every gate check on the decoded training volumes
+    (``ceiling.<check>``, ``ceiling_n_failed``): what a perfect diffusion model would score through this model."""
+    everyone = ProcessedVolumes(PROCESSED_DIR, None)
+    space = json.loads((PROCESSED_DIR / SPACE_NAME).read_text())
+    data = ReportData(
+        real=everyone.manifest,
+        real_volumes=np.stack([v[0].numpy() for v in everyone.volumes]),
+        synthetic=everyone.manifest.iloc[:0],
+        synthetic_volumes=np.zeros((0, *space["shape"]), np.float32),
+        space=space,
+        reference_splits=list(params.report.reference_splits),
     )
-    return {f"ceiling_fd_ratio_{name}": round(ceiling[f"{name}.frechet_ratio"], 3) for name in ("train", "heldout")}
+    train = ProcessedVolumes(PROCESSED_DIR, "train")
+    heldout = ProcessedVolumes(PROCESSED_DIR, list(params.report.reference_splits))
+    decoded_train, decoded_heldout = decoded(model, train, device), decoded(model, heldout, device)
+    extractor = make_extractor(params.report, data.value_range)
+    rp = params.report
+    ceiling = autoencoder_ceiling(
+        extractor(data.reference),
+        extractor(decoded_heldout),
+        extractor(decoded_train),
+        extractor(data.train),
+        rp.prdc_k,
+        rp.seed,
+        rp.compare_size,
+        rp.max_comparisons,
+    )
+    row = {f"ceiling_fd_ratio_{name}": round(ceiling[f"{name}.frechet_ratio"], 3) for name in ("train", "heldout")}
+    checks = ceiling_checks(params, data, decoded_train, extractor)
+    row.update({f"ceiling.{c.name}": round(float(c.value), 4) for c in checks})
+    row["ceiling_n_failed"] = sum(c.status == "fail" for c in checks)
+    row["ceiling_failed"] = " ".join(c.name for c in checks if c.status == "fail")
+    return row
 
 
 def run(
@@ -141,8 +167,7 @@ def run(
             if trainer.step == steps:
                 trainer.model.eval()
                 row["val_sharpness_ratio"] = round(sharpness_ratio(trainer.model, val_set, trainer.device), 4)
-                heldout = ProcessedVolumes(PROCESSED_DIR, ["val", "test"])
-                row.update(ceiling_fd_ratios(trainer.model, train_set, heldout, trainer.device, base.report.prdc_k))
+                row.update(ceiling_scores(trainer.model, base, trainer.device))
                 trainer.model.train()
             row.update(
                 overrides=" ".join(overrides),
