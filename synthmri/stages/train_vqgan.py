@@ -22,6 +22,7 @@ from synthmri.models.loading import save_weights
 from synthmri.training import distributed
 from synthmri.training.checkpoint import config_fingerprint
 from synthmri.training.loop import train_loop
+from synthmri.training.runtime import precision_text
 from synthmri.training.train_vqgan import VQGANTrainer, validate
 from synthmri.viz import three_plane_grid
 
@@ -119,13 +120,14 @@ def _train(
     with run_ctx as run:
         trainer.resume()
         log.info(
-            "Training the %s on %d volumes (%d validation) for %d steps on %s, %d process(es) x %d x %d "
+            "Training the %s on %d volumes (%d validation) for %d steps on %s (%s), %d process(es) x %d x %d "
             "volumes per step; LPIPS backbone: %s",
             "VQ-GAN" if trainer.opt_d else "VQ-VAE",
             len(trainer.train_set),
             len(trainer.val_set),
             t.steps,
             trainer.device,
+            precision_text(trainer.device, t.precision, t.cpu_bf16),
             ctx.world_size,
             t.grad_accumulation,
             t.batch_size,
