@@ -50,7 +50,7 @@ stop_tree() {
     kill -KILL $alive 2>/dev/null || true
 }
 cleanup() {
-    trap - INT TERM
+    trap '' INT TERM  # cleaning up: a second polite signal must not cut it short and orphan the server
     if [[ -n "$WORKER_PID" ]] && kill -0 "$WORKER_PID" 2>/dev/null; then
         echo "Stopping the worker (pid $WORKER_PID)"
         stop_tree "$WORKER_PID" "the worker"

@@ -19,6 +19,17 @@ from synthmri.io import save_nifti, sha256_file
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """A SIGTERM (a CI job cancelled, ``kill`` of the runner) ends the session like Ctrl-C: pytest unwinds, so
+    every ``finally`` and fixture teardown runs and stops the servers and workers that the tests started."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def blob_volume(shape=(24, 28, 20), seed=0) -> np.ndarray:
     """A head-like smooth ellipsoid with texture: enough structure for every stage's checks."""
     rng = np.random.default_rng(seed)

@@ -23,6 +23,7 @@ from test_publish import DVC, DVC_YAML, ENV, make_repo, set_params, sh, tags
 sys.path.insert(0, str(REPO))
 from flows import synthesize as flow_module  # noqa: E402
 from synthmri import publish as pub  # noqa: E402
+from synthmri.synthesis.prefect_api import dies_with_parent  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -298,6 +299,7 @@ def test_nightly_deployment_end_to_end(tmp_path):
         stdout=mlflow_log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=dies_with_parent(signal.SIGTERM),  # a pytest killed outright stops them too
     )
     runner = subprocess.Popen(
         ["bash", "scripts/nightly-local.sh"],
@@ -306,6 +308,7 @@ def test_nightly_deployment_end_to_end(tmp_path):
         stdout=runner_log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=dies_with_parent(signal.SIGTERM),  # a pytest killed outright stops them too
     )
     logs = (runner_log, mlflow_log)
     try:

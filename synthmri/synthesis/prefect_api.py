@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from synthmri.errors import StageError
@@ -29,10 +29,16 @@ _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec: the kernel sends it SIGKILL when its parent dies."""
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def dies_with_parent(sig: signal.Signals = signal.SIGKILL) -> Callable[[], None]:
+    """A ``preexec_fn`` for :class:`subprocess.Popen`: between fork and exec it asks the kernel to send the child
+    ``sig`` when its parent dies, however the parent ends (SIGKILL included). SIGTERM lets a child that cleans up
+    after itself (a server stopping its workers) do so; SIGKILL is for children with nothing to clean up."""
+
+    def set_parent_death_signal() -> None:
+        if _LIBC is not None:
+            _LIBC.prctl(_PR_SET_PDEATHSIG, sig)
+
+    return set_parent_death_signal
 
 
 def _free_port() -> int:
@@ -97,7 +103,7 @@ def prefect_api() -> Iterator[str]:
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
-        preexec_fn=_die_with_parent,
+        preexec_fn=dies_with_parent(signal.SIGKILL),
     )
     try:
         log.info(
