@@ -63,27 +63,25 @@ def steps_for_budget(costs: dict[str, float], budget_s: float, disc_start: int, 
     return disc_start + int((budget_s - disc_start * costs["rec"]) / costs["gan"])
 
 
-def sharpness_ratio(model, volumes: ProcessedVolumes, device) -> float:
-    """Mean in-head gradient magnitude of the reconstructions over that of the originals: < 1 is blur."""
-    ratios = []
-    with torch.inference_mode():
-        for i in range(len(volumes)):
-            x = volumes.batch([i]).to(device)
-            real, recon = x[0, 0].cpu().numpy(), model.decode(model.encode(x)).clamp(-1, 1)[0, 0].cpu().numpy()
-            head = real > -0.95
-            grad = [np.linalg.norm(np.stack(np.gradient(v)), axis=0)[head].mean() for v in (real, recon)]
-            ratios.append(grad[1] / grad[0])
-    return float(np.mean(ratios))
-
-
-def decoded(model, volumes: ProcessedVolumes, device) -> np.ndarray:
-    """Every volume of ``volumes`` through the autoencoder, as the report decodes them (clamped to the range)."""
+def decoded(model, volumes: np.ndarray, device) -> np.ndarray:
+    """Each volume ``(N, D, H, W)`` through the autoencoder, as the report decodes them (clamped to the range)."""
     out = []
     with torch.inference_mode():
-        for i in range(len(volumes)):
-            x = volumes.batch([i]).to(device)
+        for volume in volumes:
+            x = torch.from_numpy(volume)[None, None].to(device)
             out.append(model.decode(model.encode(x)).clamp(-1, 1)[0, 0].cpu().numpy())
     return np.stack(out)
+
+
+def sharpness_ratio(model, volumes: ProcessedVolumes, device) -> float:
+    """Mean in-head gradient magnitude of the reconstructions over that of the originals: < 1 is blur."""
+    reals = np.stack([v[0].numpy() for v in volumes.volumes])
+    ratios = []
+    for real, recon in zip(reals, decoded(model, reals, device)):
+        head = real > -0.95
+        grad = [np.linalg.norm(np.stack(np.gradient(v)), axis=0)[head].mean() for v in (real, recon)]
+        ratios.append(grad[1] / grad[0])
+    return float(np.mean(ratios))
 
 
 def ceiling_scores(model, params, device) -> dict:
@@ -100,9 +98,7 @@ def ceiling_scores(model, params, device) -> dict:
         space=space,
         reference_splits=list(params.report.reference_splits),
     )
-    train = ProcessedVolumes(PROCESSED_DIR, "train")
-    heldout = ProcessedVolumes(PROCESSED_DIR, list(params.report.reference_splits))
-    decoded_train, decoded_heldout = decoded(model, train, device), decoded(model, heldout, device)
+    decoded_train, decoded_heldout = decoded(model, data.train, device), decoded(model, data.reference, device)
     extractor = make_extractor(params.report, data.value_range)
     rp = params.report
     ceiling = autoencoder_ceiling(
