@@ -14,8 +14,10 @@ from conftest import SMALL_COHORT, TINY_VQGAN, make_encoded, make_params
 from synthmri.data.datasets import ProcessedVolumes
 from synthmri.data.latents import LatentSet
 from synthmri.errors import StageError
+from synthmri.models.blocks import FP32_BELOW_VOXELS, conv_nd
 from synthmri.training.loop import MAX_SKIPS_IN_A_ROW, train_loop
 from synthmri.training.optim import clipped_step
+from synthmri.training.runtime import cpu_has_native_bf16
 from synthmri.training.train_diffusion import DiffusionTrainer
 from synthmri.training.train_vqgan import VQGANTrainer
 
@@ -148,3 +150,34 @@ def test_rare_skipped_steps_are_warned_about_and_the_run_finishes(tmp_path, coho
     assert len(skipped) == 20 and skipped[0] == (
         "diffusion: step 1 skipped: its gradients were not finite (NaN or inf); the weights are unchanged"
     )
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_a_convolution_on_a_tiny_map_runs_in_fp32_under_cpu_bf16_autocast(spatial_dims):
+    conv = conv_nd(spatial_dims, 4, 8)
+    tiny, large = (torch.randn(1, 4, *(size,) * spatial_dims) for size in (FP32_BELOW_VOXELS - 1, FP32_BELOW_VOXELS))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(tiny).dtype == torch.float32
+        assert conv(large).dtype == torch.bfloat16  # the fast path everywhere else
+    assert conv(tiny).dtype == conv(large).dtype == torch.float32  # no autocast: the plain convolution
+    exact = torch.nn.functional.conv3d if spatial_dims == 3 else torch.nn.functional.conv2d
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(tiny)
+    torch.testing.assert_close(out, exact(tiny, conv.weight, conv.bias, padding=1), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="cpu_bf16 trains in fp32 on a CPU without native bf16")
+def test_the_tiny_diffusion_unet_trains_in_cpu_bf16_without_skipped_steps(cohort, tmp_path):
+    """Its 4x4x4 latents (patch 2) put three convolutions on 2x2x2 maps, whose bf16 weight gradients were
+    non-finite at almost every step before those maps ran in fp32."""
+    work, _, _ = cohort
+    params = make_params(*TINY, "diffusion.train.steps=12", "diffusion.train.cpu_bf16=true")
+    trainer = DiffusionTrainer(
+        params, LatentSet(work / "latents", "train", params.diffusion.schedule), None, tmp_path / "ckpt", "test"
+    )
+    history = []
+    for _ in range(params.diffusion.train.steps):
+        history.append(trainer.next_step())
+        trainer.step += 1
+    assert [h["skipped_step"] for h in history] == [0.0] * len(history)
+    assert all(math.isfinite(h["grad_norm"]) for h in history)

@@ -11,6 +11,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: A convolution whose input is smaller than this along any axis runs in fp32 under CPU bf16 autocast. oneDNN's bf16
+#: conv3d weight gradient came back non-finite on 2x2x2 maps at almost every step of the test suite's tiny
+#: diffusion U-Net (conv_in, an upsampling conv and a residual conv, all on 2x2x2), never on 4x4x4 or larger;
+#: maps this small cost nothing in fp32 (benchmarks/RESULTS.md, "bf16 diffusion steps", 16th session).
+FP32_BELOW_VOXELS = 4
+
+
+class _Fp32OnTinyCpuMaps:
+    """Mixin for ``nn.ConvNd``: run in fp32 when CPU bf16 autocast is on and the map is tiny (see
+    :data:`FP32_BELOW_VOXELS`); otherwise exactly the parent's forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and min(x.shape[2:]) < FP32_BELOW_VOXELS and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
+class Conv3d(_Fp32OnTinyCpuMaps, nn.Conv3d):
+    """``nn.Conv3d`` that keeps tiny maps in fp32 under CPU bf16 autocast (same parameters and state dict)."""
+
+
+class Conv2d(_Fp32OnTinyCpuMaps, nn.Conv2d):
+    """``nn.Conv2d`` that keeps tiny maps in fp32 under CPU bf16 autocast (same parameters and state dict)."""
+
 
 def conv_nd(
     spatial_dims: int,
@@ -20,7 +45,8 @@ def conv_nd(
     stride: int = 1,
     padding: int | None = None,
 ) -> nn.Module:
-    """A ``Conv{spatial_dims}d``; ``padding`` defaults to ``kernel_size // 2`` (size preserving at stride 1).
+    """A ``Conv{spatial_dims}d`` (:class:`Conv3d` / :class:`Conv2d`: tiny maps in fp32 under CPU bf16 autocast);
+    ``padding`` defaults to ``kernel_size // 2`` (size preserving at stride 1).
 
     Args:
         spatial_dims: 2 or 3.
@@ -32,7 +58,7 @@ def conv_nd(
     """
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-    conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+    conv = Conv3d if spatial_dims == 3 else Conv2d
     return conv(
         in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2 if padding is None else padding
     )
