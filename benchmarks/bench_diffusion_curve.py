@@ -41,7 +41,7 @@ from common import add_run_args, run_stamp
 
 from synthmri.catalog import LATENT_DIR, PROCESSED_DIR, SPACE_FILE, VQGAN_DIR
 from synthmri.config import Params, load_params
-from synthmri.data.covariates import covariate_rows
+from synthmri.data.covariates import covariate_rows, covariate_title
 from synthmri.data.datasets import ProcessedVolumes
 from synthmri.data.latents import LatentSet
 from synthmri.diffusion.sampling import sample_latents, sample_seed
@@ -233,10 +233,7 @@ def run(
     shown = range(min(4, n_samples))
     three_plane_grid(
         [scorer.last_volumes[i] for i in shown],
-        [
-            f"#{i} " + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in scorer.plan[i].values())
-            for i in shown
-        ],
+        [f"#{i} {covariate_title(scorer.plan[i])}" for i in shown],
         figure_dir / f"diffusion_samples_{label}.png",
         scorer.space["spacing_mm"],
         suptitle=f"{label}: EMA samples after {cpu_s / 60:.1f} CPU-min",

@@ -13,6 +13,7 @@ from synthmri.data.covariates import (
     MISSING,
     covariate_column,
     covariate_rows,
+    covariate_title,
     is_missing,
     parse_covariates,
     scale_continuous,
@@ -53,3 +54,10 @@ def test_continuous_scaling_and_its_errors_name_the_covariate():
         scale_continuous(AGE, 101)
     with pytest.raises(ValueError, match="'age' = 'old' is not a number"):
         scale_continuous(AGE, "old")
+
+
+def test_a_covariate_title_leaves_unspecified_covariates_out():
+    assert covariate_title({"age": 63.25, "sex": "F", "site": None, "field_strength": 1.5}) == (
+        "age=63.2, sex=F, field_strength=1.5"
+    )
+    assert covariate_title({"age": None, "site": None}) == "unconditional"

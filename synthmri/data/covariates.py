@@ -56,6 +56,13 @@ def covariate_rows(table: pd.DataFrame, covariates: Sequence[Covariate]) -> list
     return rows
 
 
+def covariate_title(row: dict[str, float | str | None]) -> str:
+    """A covariate row in a figure title: ``age=63, sex=F`` (numbers to 3 significant digits), unspecified
+    covariates left out, ``unconditional`` when none is given."""
+    parts = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if v is not None]
+    return ", ".join(parts) or "unconditional"
+
+
 def covariate_column(table: pd.DataFrame, cov: Covariate) -> tuple[np.ndarray, np.ndarray] | None:
     """``(values, valid)`` of one covariate column (floats, or level strings), or None if absent."""
     if cov.name not in table.columns:

@@ -16,7 +16,7 @@ import torch
 
 from synthmri.catalog import LATENT_DIR, LDM_CHECKPOINT_DIR, LDM_DIR, LDM_METRICS_FILE, LDM_REPORT_DIR, VQGAN_DIR
 from synthmri.config import Params
-from synthmri.data.covariates import covariate_rows
+from synthmri.data.covariates import covariate_rows, covariate_title
 from synthmri.data.latents import LatentSet
 from synthmri.diffusion.sampling import sample_latents, sample_seed
 from synthmri.diffusion.schedulers import (
@@ -61,8 +61,7 @@ def decode_preview(trainer: DiffusionTrainer, vqgan, rows: list[dict], path: Pat
             .numpy()
             for i in range(len(rows))
         ]
-    titles = [", ".join(f"{k}={v}" for k, v in row.items() if v is not None) or "unconditional" for row in rows]
-    return three_plane_grid(volumes, [f"step {trainer.step}: {t}" for t in titles], path)
+    return three_plane_grid(volumes, [f"step {trainer.step}: {covariate_title(row)}" for row in rows], path)
 
 
 def run_fingerprint(params: Params, latent_dir: Path = LATENT_DIR) -> str:
