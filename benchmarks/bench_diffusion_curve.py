@@ -89,7 +89,7 @@ class Scorer:
 
     @torch.inference_mode()
     def generate(self, denoiser) -> np.ndarray:
-        """The ``sample`` stage's volumes (sampler, guidance, seeds, re-quantized decoding), in [-1, 1]."""
+        """The ``sample`` stage's volumes (sampler, guidance, seeds, decoding), in [-1, 1]."""
         s = self.params.diffusion.sampler
         z = sample_latents(
             denoiser.unet,
@@ -101,7 +101,9 @@ class Scorer:
             self.guidance_scale,
             seeds=self.seeds,
         )
-        volumes = [self.vqgan.decode(self.latents.unstandardize(latent[None]), quantize=True) for latent in z]
+        volumes = [
+            self.vqgan.decode(self.latents.unstandardize(latent[None]), quantize=s.snap_to_codes) for latent in z
+        ]
         return torch.cat(volumes).clamp(-1, 1)[:, 0].float().numpy()
 
     def score(self, denoiser) -> dict:

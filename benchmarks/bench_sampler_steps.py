@@ -5,7 +5,7 @@
 
 Every setting generates the same planned volumes (same covariate rows, same per-volume seeds; repeat r uses
 ``sample.seed`` = r, so repeats are disjoint draws) with the ``sample`` stage's own shard function
-(classifier-free guidance, re-quantized decoding), in ``--workers`` threads, and the volumes are scored
+(classifier-free guidance, the configured decoding), in ``--workers`` threads, and the volumes are scored
 by the ``report`` stage's code (:func:`synthmri.report.compute.compute_set_metrics`, no privacy, no
 intervals) against the real held-out volumes: FD ratio, precision, coverage, effect ratios, predictor
 checks, diversity. Seconds per setting give the speed-up over the reference (the first setting,
@@ -120,6 +120,7 @@ def main() -> None:
                 job = SampleJob(
                     str(LDM_DIR), str(VQGAN_DIR), str(LATENT_DIR), str(out), space["affine"], sampler, steps,
                     guidance, repeat, "bench", {}, params.sample.torch_threads, params.sample.micro_batch,
+                    snap_to_codes=params.diffusion.sampler.snap_to_codes,
                 )  # fmt: skip
                 if not rows:  # load the models outside the clock
                     run_setting(replace(job, out_dir=str(Path(tmp) / "warm-up")), plan[:1], 1, 1)

@@ -49,7 +49,7 @@ def main() -> None:
         )
         with torch.inference_mode():
             for i in range(args.volumes):
-                vqgan.decode(latents.unstandardize(z[i : i + 1]), quantize=True)
+                vqgan.decode(latents.unstandardize(z[i : i + 1]), quantize=params.diffusion.sampler.snap_to_codes)
         elapsed = time.perf_counter() - start
         print(
             json.dumps(

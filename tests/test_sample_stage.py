@@ -220,6 +220,21 @@ def test_decoding_on_the_grid_gives_each_volume_the_same_bits_alone_or_with_any_
     assert torch.equal(shuffled[0], together[5]) and torch.equal(shuffled[2], together[2])
 
 
+def test_decoding_snaps_a_sampled_latent_to_its_nearest_codes_only_when_asked():
+    torch.manual_seed(0)
+    vqgan = VQGAN.from_params(
+        VQGANModelParams(channels=[8, 16, 16], downsample_factor=4, latent_channels=4, norm_groups=4),
+        QuantizerParams(codebook_size=32),
+    ).eval()
+    z = torch.randn(2, 4, 4, 4, 4)
+    with torch.inference_mode():
+        as_sampled, snapped = vqgan.decode(z), vqgan.decode(z, quantize=True)
+    assert (as_sampled - snapped).abs().max() > 1e-3  # random latents lie between the codes
+    torch.testing.assert_close(decode_on_grid(vqgan, z, [0, 1], micro_batch=2), as_sampled, rtol=0, atol=0)
+    snapped_on_grid = decode_on_grid(vqgan, z, [0, 1], micro_batch=2, snap_to_codes=True)
+    torch.testing.assert_close(snapped_on_grid, snapped, rtol=0, atol=0)
+
+
 def test_volume_bytes_do_not_depend_on_the_thread_count_of_the_process_that_runs_them(trained_8cubed_latents, tmp_path):
     """A Dask worker starts with one intra-op thread, the main process with one per core: the job's own
     ``torch_threads`` decides, so the bytes are the same wherever the shard runs."""

@@ -22,6 +22,7 @@ _NOT_COVARIATES = {
     "sampler",
     "steps",
     "guidance_scale",
+    "snap_to_codes",
     "numerics",
     "sha256",
     "vqgan_version",

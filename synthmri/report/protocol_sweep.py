@@ -195,6 +195,7 @@ def generate_sweep(
                 sampler=sampler.sampler,
                 steps=sampler.steps,
                 guidance_scale=sampler.guidance_scale,
+                snap_to_codes=sampler.snap_to_codes,
                 seed=params.report.seed,
                 release="report protocol sweep",
                 provenance={},

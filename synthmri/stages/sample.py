@@ -68,6 +68,8 @@ class SampleJob:
     #: The covariate that is the raw voxel size (:func:`synthmri.data.acquisition.voxel_size_covariate`): a
     #: row that gives it a value is written at that isotropic voxel size, not in the training space.
     voxel_size_covariate: str | None = None
+    #: ``diffusion.sampler.snap_to_codes``: decode the nearest codes of each sampled latent, or the latent itself.
+    snap_to_codes: bool = False
 
 
 @functools.lru_cache(maxsize=2)
@@ -125,7 +127,9 @@ def _generate_shard(job: SampleJob, shard: int, items: list[tuple[int, dict]]) -
         micro_batch=job.micro_batch,
         slots=indices,
     )
-    volumes = decode_on_grid(vqgan, latents.unstandardize(z.cpu()).to(device), indices, job.micro_batch)
+    volumes = decode_on_grid(
+        vqgan, latents.unstandardize(z.cpu()).to(device), indices, job.micro_batch, job.snap_to_codes
+    )
     out_dir = Path(job.out_dir)
     numerics = "cuda" if device.type == "cuda" else f"{cpu_numerics()}, {job.torch_threads} thread(s)"
     numerics += f", micro-batch {job.micro_batch}"
@@ -149,6 +153,7 @@ def _generate_shard(job: SampleJob, shard: int, items: list[tuple[int, dict]]) -
                 "sampler": job.sampler,
                 "steps": job.steps,
                 "guidance_scale": job.guidance_scale,
+                "snap_to_codes": job.snap_to_codes,
                 "numerics": numerics,
                 "sha256": sha256_file(out_dir / name),
                 **job.provenance,
@@ -179,13 +184,16 @@ def written_grid(job: SampleJob, row: dict, data: np.ndarray) -> tuple[np.ndarra
 
 
 @torch.inference_mode()
-def decode_on_grid(vqgan, z: torch.Tensor, slots: list[int], micro_batch: int) -> torch.Tensor:
+def decode_on_grid(
+    vqgan, z: torch.Tensor, slots: list[int], micro_batch: int, snap_to_codes: bool = False
+) -> torch.Tensor:
     """Decode latents in the same fixed micro-batches as their chains (zero latents pad a batch), so a
-    volume's bytes do not depend on which other volumes were decoded with it."""
+    volume's bytes do not depend on which other volumes were decoded with it; ``snap_to_codes`` decodes each
+    latent's nearest codes instead of the latent itself."""
     out: list[torch.Tensor | None] = [None] * len(slots)
     for batch in micro_batch_grid(slots, micro_batch):
         filler = torch.zeros_like(z[0])
-        decoded = vqgan.decode(torch.stack([z[i] if i is not None else filler for i in batch]), quantize=True)
+        decoded = vqgan.decode(torch.stack([z[i] if i is not None else filler for i in batch]), quantize=snap_to_codes)
         for position, i in enumerate(batch):
             if i is not None:
                 out[i] = decoded[position]
@@ -491,15 +499,17 @@ def _generate(
         params.sample.torch_threads,
         params.sample.micro_batch,
         voxel_size_covariate(params.covariates),
+        sampler.snap_to_codes,
     )
     log.info(
-        "Sampling %d volumes in %d shards (%d already done) with %s, %d steps, guidance %.1f, on %s x%d",
+        "Sampling %d volumes in %d shards (%d already done) with %s, %d steps, guidance %.1f, %s, on %s x%d",
         len(plan),
         len(shards),
         done,
         sampler.sampler,
         sampler.steps,
         sampler.guidance_scale,
+        "latents snapped to their nearest codes" if sampler.snap_to_codes else "latents decoded as sampled",
         params.sample.task_runner,
         params.sample.workers,
     )

@@ -54,7 +54,10 @@ def decode_preview(trainer: DiffusionTrainer, vqgan, rows: list[dict], path: Pat
     )
     with torch.inference_mode():
         volumes = [
-            vqgan.decode(trainer.train.unstandardize(z[i : i + 1].cpu()).to(trainer.device), quantize=True)
+            vqgan.decode(
+                trainer.train.unstandardize(z[i : i + 1].cpu()).to(trainer.device),
+                quantize=trainer.cfg.sampler.snap_to_codes,
+            )
             .clamp(-1, 1)[0, 0]
             .float()
             .cpu()
