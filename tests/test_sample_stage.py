@@ -205,12 +205,17 @@ def test_micro_batched_volumes_keep_their_bytes_across_shard_sizes_workers_and_a
     assert alone[0]["sha256"] == digests[2][3]
 
 
-def test_decoding_on_the_grid_gives_each_volume_the_same_bits_alone_or_with_any_neighbours():
+def _tiny_vqgan() -> VQGAN:
+    """An untrained, seeded VQ-GAN of 4x4x4x4 latents and 16^3 volumes, for the decoding tests."""
     torch.manual_seed(0)
-    vqgan = VQGAN.from_params(
+    return VQGAN.from_params(
         VQGANModelParams(channels=[8, 16, 16], downsample_factor=4, latent_channels=4, norm_groups=4),
         QuantizerParams(codebook_size=32),
     ).eval()
+
+
+def test_decoding_on_the_grid_gives_each_volume_the_same_bits_alone_or_with_any_neighbours():
+    vqgan = _tiny_vqgan()
     z = torch.randn(6, 4, 4, 4, 4)
     together = decode_on_grid(vqgan, z, list(range(6)), micro_batch=4)
     assert together.shape == (6, 1, 16, 16, 16) and (together[0] - together[1]).abs().max() > 1e-3
@@ -221,11 +226,7 @@ def test_decoding_on_the_grid_gives_each_volume_the_same_bits_alone_or_with_any_
 
 
 def test_decoding_snaps_a_sampled_latent_to_its_nearest_codes_only_when_asked():
-    torch.manual_seed(0)
-    vqgan = VQGAN.from_params(
-        VQGANModelParams(channels=[8, 16, 16], downsample_factor=4, latent_channels=4, norm_groups=4),
-        QuantizerParams(codebook_size=32),
-    ).eval()
+    vqgan = _tiny_vqgan()
     z = torch.randn(2, 4, 4, 4, 4)
     with torch.inference_mode():
         as_sampled, snapped = vqgan.decode(z), vqgan.decode(z, quantize=True)
