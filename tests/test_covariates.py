@@ -60,4 +60,7 @@ def test_a_covariate_title_leaves_unspecified_covariates_out():
     assert covariate_title({"age": 63.25, "sex": "F", "site": None, "field_strength": 1.5}) == (
         "age=63.2, sex=F, field_strength=1.5"
     )
-    assert covariate_title({"age": None, "site": None}) == "unconditional"
+    assert covariate_title({"age": None, "site": float("nan")}) == "unconditional"
+    row = {"age": 63.25, "sex": "F", "site": "", "field_strength": 1.5, "sequence": "SPGR"}
+    assert covariate_title(row, per_line=2) == "age=63.2, sex=F\nfield_strength=1.5, sequence=SPGR"
+    assert covariate_title(row, per_line=3, names=False) == "63.2, F, 1.5\nSPGR"

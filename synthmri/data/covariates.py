@@ -56,11 +56,17 @@ def covariate_rows(table: pd.DataFrame, covariates: Sequence[Covariate]) -> list
     return rows
 
 
-def covariate_title(row: dict[str, float | str | None]) -> str:
-    """A covariate row in a figure title: ``age=63, sex=F`` (numbers to 3 significant digits), unspecified
-    covariates left out, ``unconditional`` when none is given."""
-    parts = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if v is not None]
-    return ", ".join(parts) or "unconditional"
+def covariate_title(row: Mapping[str, object], per_line: int | None = None, names: bool = True) -> str:
+    """A covariate row in a figure label: ``age=63.2, sex=F`` (numbers to 3 significant digits, so 1.5 T stays 1.5;
+    ``names=False``: ``63.2, F``), missing covariates left out, ``unconditional`` when none is given; ``per_line``
+    values to a line, so that a long acquisition list does not run into the neighbouring panel's label."""
+    values = {k: v for k, v in row.items() if not is_missing(v)}
+    shown = [f"{v:.3g}" if isinstance(v, (int, float, np.number)) else str(v) for v in values.values()]
+    parts = [f"{k}={text}" for k, text in zip(values, shown)] if names else shown
+    if not parts:
+        return "unconditional"
+    size = per_line or len(parts)
+    return "\n".join(", ".join(parts[i : i + size]) for i in range(0, len(parts), size))
 
 
 def covariate_column(table: pd.DataFrame, cov: Covariate) -> tuple[np.ndarray, np.ndarray] | None:

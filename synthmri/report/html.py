@@ -19,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from synthmri.catalog import UTILITY_REPORT_DIR
+from synthmri.data.covariates import covariate_title
 from synthmri.io import atomic_path, write_text_atomic
 from synthmri.logs import get_logger
 from synthmri.report.compute import ReportResult
@@ -49,15 +50,9 @@ def _save(figure: Figure, path: Path, dpi: int = 90) -> Path:
     return path
 
 
-def _covariate_label(row: pd.Series, names: list[str], per_line: int = 3) -> str:
-    """The row's covariate values in ``names`` order (numbers to 3 significant digits: 1.5 T stays 1.5),
-    ``per_line`` to a line so that a long acquisition list does not run into the next row's label."""
-    parts = []
-    for name in names:
-        if name in row.index and not (isinstance(row[name], float) and math.isnan(row[name])) and str(row[name]) != "":
-            value = row[name]
-            parts.append(f"{value:.3g}" if isinstance(value, (int, float, np.number)) else str(value))
-    return "\n".join(", ".join(parts[i : i + per_line]) for i in range(0, len(parts), per_line))
+def _covariate_label(row: pd.Series, names: list[str]) -> str:
+    """The row's covariate values in ``names`` order, three to a line (a panel is narrow)."""
+    return covariate_title({name: row[name] for name in names if name in row.index}, per_line=3, names=False)
 
 
 def real_vs_synthetic_figure(data: ReportData, covariates: list[str], n: int, path: Path) -> Path:
