@@ -71,6 +71,7 @@ def main() -> None:
                 str(LDM_DIR), str(VQGAN_DIR), str(LATENT_DIR), str(out), space["affine"], sampler.sampler,
                 sampler.steps, sampler.guidance_scale, params.sample.seed, "bench", {}, params.sample.torch_threads,
                 snap_to_codes=sampler.snap_to_codes,
+                    guidance_interval=sampler.guidance_interval,
             )  # fmt: skip
             generate_shard(job, 0, list(enumerate(rows)))
             contrasts[value] = np.array(

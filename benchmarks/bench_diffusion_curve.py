@@ -100,6 +100,7 @@ class Scorer:
             s.steps,
             self.guidance_scale,
             seeds=self.seeds,
+            guidance_interval=s.guidance_interval,
         )
         volumes = [
             self.vqgan.decode(self.latents.unstandardize(latent[None]), quantize=s.snap_to_codes) for latent in z
@@ -235,7 +236,7 @@ def run(
     shown = range(min(4, n_samples))
     three_plane_grid(
         [scorer.last_volumes[i] for i in shown],
-        [f"#{i} {covariate_title(scorer.plan[i])}" for i in shown],
+        [f"#{i}\n{covariate_title(scorer.plan[i], per_line=3)}" for i in shown],
         figure_dir / f"diffusion_samples_{label}.png",
         scorer.space["spacing_mm"],
         suptitle=f"{label}: EMA samples after {cpu_s / 60:.1f} CPU-min",

@@ -94,6 +94,7 @@ def main() -> None:
                     params.sample.torch_threads,
                     micro_batch,
                     snap_to_codes=sampler.snap_to_codes,
+                    guidance_interval=sampler.guidance_interval,
                 )
                 if repeat == 0 and (steps, micro_batch) == settings[0]:  # load the models outside the clock
                     run_setting(job, plan[:1], 1, 1)

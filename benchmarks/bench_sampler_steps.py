@@ -121,6 +121,7 @@ def main() -> None:
                     str(LDM_DIR), str(VQGAN_DIR), str(LATENT_DIR), str(out), space["affine"], sampler, steps,
                     guidance, repeat, "bench", {}, params.sample.torch_threads, params.sample.micro_batch,
                     snap_to_codes=params.diffusion.sampler.snap_to_codes,
+                    guidance_interval=params.diffusion.sampler.guidance_interval,
                 )  # fmt: skip
                 if not rows:  # load the models outside the clock
                     run_setting(replace(job, out_dir=str(Path(tmp) / "warm-up")), plan[:1], 1, 1)
@@ -132,6 +133,7 @@ def main() -> None:
                     "repeat": repeat,
                     "volumes": len(plan),
                     "guidance_scale": guidance,
+                    "guidance_interval": str(params.diffusion.sampler.guidance_interval or "all steps"),
                     "seconds": round(seconds, 1),
                     "volumes_per_min": round(60 * len(plan) / seconds, 2),
                     **score(params, out),

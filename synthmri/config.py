@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from synthmri.catalog import DEMO_DIR
 
@@ -310,6 +310,16 @@ class SamplerParams(_Section):
     # decode it as sampled: continuous decoding gave a lower FD ratio and higher precision and coverage in two draws of
     # 64 volumes from the demo's model (RESULTS.md, 16th session)
     snap_to_codes: bool = False
+    # (low, high]: guide only the steps whose noise level sigma = 1/sqrt(SNR) lies in it, the others conditional only
+    # (Kynkaanniemi et al. 2024); null = guide every step
+    guidance_interval: tuple[float, float] | None = None
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def _interval_is_ordered(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 <= value[0] < value[1]:
+            raise ValueError(f"guidance_interval must be (low, high) with 0 <= low < high, got {list(value)}")
+        return value
 
 
 class DiffusionParams(_Section):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import REPO
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+from pydantic import ValidationError
 
 from synthmri.config import Covariate, DiffusionParams, Params, SamplerParams, ScheduleParams
 from synthmri.diffusion import (
@@ -26,6 +27,7 @@ from synthmri.diffusion import (
     training_target,
 )
 from synthmri.diffusion.ema import ema_decay
+from synthmri.diffusion.sampling import guided_step
 from synthmri.diffusion.schedulers import FlowEulerScheduler, noise_levels
 from synthmri.models.unet import DiffusionUNet
 
@@ -442,6 +444,33 @@ def test_guidance_zero_ignores_covariates_and_positive_uses_them():
     assert (guided[0] - guided[1]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="one generator/seed per sample"):
         sample_latents(model, enc, sched, rows, (4, 4, 4, 4), 6, 1.0, seeds=[1])
+
+
+@pytest.mark.parametrize("prediction,sampler", [("flow", "dpm_solver"), ("v_prediction", "ddim")])
+def test_guidance_interval_guides_only_the_steps_inside_it(prediction, sampler):
+    model, enc = _random_model_and_encoder()
+    sched = make_sampler(sampler, ScheduleParams(prediction=prediction))
+    rows, seeds = [{"age": 0.1, "sex": "F"}, {"age": 0.8, "sex": "M"}], [5, 6]
+
+    def run(scale, interval=None):
+        return sample_latents(model, enc, sched, rows, (4, 4, 4, 4), 6, scale, seeds=seeds, guidance_interval=interval)
+
+    guided, conditional = run(3.0), run(1.0)
+    assert torch.equal(run(3.0, (0.0, 1e9)), guided)  # every step inside: plain guidance
+    assert torch.equal(run(3.0, (1e6, 1e7)), conditional)  # no step inside: conditional only
+    partial = run(3.0, (0.28, 5.42))
+    assert (partial - guided).abs().max() > 1e-4 and (partial - conditional).abs().max() > 1e-4
+    # the noise level is EDM's sigma = 1/sqrt(SNR): the first step (pure noise) is outside, a middle one inside
+    sched.set_timesteps(6)
+    levels = signal_to_noise(sched, sched.timesteps).rsqrt()
+    inside = [guided_step(sched, t, (0.28, 5.42)) for t in sched.timesteps]
+    assert inside == [bool(0.28 < s <= 5.42) for s in levels.tolist()] and not inside[0] and any(inside)
+
+
+def test_guidance_interval_must_be_ordered():
+    assert SamplerParams(guidance_interval=(0.28, 5.42)).guidance_interval == (0.28, 5.42)
+    with pytest.raises(ValidationError, match="low < high"):
+        SamplerParams(guidance_interval=(5.0, 1.0))
 
 
 def test_sample_seed_is_stable_and_unrelated_across_indices():

@@ -23,6 +23,7 @@ _NOT_COVARIATES = {
     "steps",
     "guidance_scale",
     "snap_to_codes",
+    "guidance_interval",
     "numerics",
     "sha256",
     "vqgan_version",

@@ -73,8 +73,11 @@ class FlowEulerScheduler(FlowMatchEulerDiscreteScheduler):
 
 
 def is_flow(scheduler) -> bool:
-    """Whether ``scheduler`` is the training scheduler of a ``prediction: flow`` model."""
-    return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+    """Whether ``scheduler`` belongs to a ``prediction: flow`` model: its training scheduler, its Euler sampler, or
+    DPM-Solver++ on flow sigmas (whose own ``alphas_cumprod`` are a DDPM default, not the model's)."""
+    return isinstance(scheduler, FlowMatchEulerDiscreteScheduler) or bool(
+        getattr(scheduler.config, "use_flow_sigmas", False)
+    )
 
 
 def make_training_scheduler(p: ScheduleParams) -> DDPMScheduler | FlowMatchEulerDiscreteScheduler:

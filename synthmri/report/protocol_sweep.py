@@ -196,6 +196,7 @@ def generate_sweep(
                 steps=sampler.steps,
                 guidance_scale=sampler.guidance_scale,
                 snap_to_codes=sampler.snap_to_codes,
+                guidance_interval=sampler.guidance_interval,
                 seed=params.report.seed,
                 release="report protocol sweep",
                 provenance={},

@@ -70,6 +70,8 @@ class SampleJob:
     voxel_size_covariate: str | None = None
     #: ``diffusion.sampler.snap_to_codes``: decode the nearest codes of each sampled latent, or the latent itself.
     snap_to_codes: bool = False
+    #: ``diffusion.sampler.guidance_interval``: the noise levels where guidance applies (None: every step).
+    guidance_interval: tuple[float, float] | None = None
 
 
 @functools.lru_cache(maxsize=2)
@@ -126,6 +128,7 @@ def _generate_shard(job: SampleJob, shard: int, items: list[tuple[int, dict]]) -
         device=device,
         micro_batch=job.micro_batch,
         slots=indices,
+        guidance_interval=job.guidance_interval,
     )
     volumes = decode_on_grid(
         vqgan, latents.unstandardize(z.cpu()).to(device), indices, job.micro_batch, job.snap_to_codes
@@ -154,6 +157,7 @@ def _generate_shard(job: SampleJob, shard: int, items: list[tuple[int, dict]]) -
                 "steps": job.steps,
                 "guidance_scale": job.guidance_scale,
                 "snap_to_codes": job.snap_to_codes,
+                "guidance_interval": "all steps" if job.guidance_interval is None else str(list(job.guidance_interval)),
                 "numerics": numerics,
                 "sha256": sha256_file(out_dir / name),
                 **job.provenance,
@@ -500,6 +504,7 @@ def _generate(
         params.sample.micro_batch,
         voxel_size_covariate(params.covariates),
         sampler.snap_to_codes,
+        sampler.guidance_interval,
     )
     log.info(
         "Sampling %d volumes in %d shards (%d already done) with %s, %d steps, guidance %.1f, %s, on %s x%d",

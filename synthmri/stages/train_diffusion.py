@@ -51,6 +51,7 @@ def decode_preview(trainer: DiffusionTrainer, vqgan, rows: list[dict], path: Pat
         trainer.cfg.sampler.guidance_scale,
         seeds=seeds,
         device=trainer.device,
+        guidance_interval=trainer.cfg.sampler.guidance_interval,
     )
     with torch.inference_mode():
         volumes = [
@@ -64,7 +65,7 @@ def decode_preview(trainer: DiffusionTrainer, vqgan, rows: list[dict], path: Pat
             .numpy()
             for i in range(len(rows))
         ]
-    return three_plane_grid(volumes, [f"step {trainer.step}: {covariate_title(row)}" for row in rows], path)
+    return three_plane_grid(volumes, [f"step {trainer.step}\n{covariate_title(row, per_line=3)}" for row in rows], path)
 
 
 def run_fingerprint(params: Params, latent_dir: Path = LATENT_DIR) -> str:
