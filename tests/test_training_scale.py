@@ -224,6 +224,25 @@ def test_cpu_bf16_autocasts_only_where_asked_and_where_the_cpu_has_native_bf16(m
     assert output_dtype("bf16", True) == torch.float32 and runtime.precision_text(cpu, "bf16", True) == "fp32"
 
 
+@pytest.mark.parametrize(
+    "flags,native",
+    [
+        ("fpu avx2 avx512f avx512bw avx512_vnni avx512_vbmi2", False),  # Ice Lake: bf16 only emulated
+        ("fpu avx2 avx512f avx512_vnni avx512_bf16", True),  # Zen 4 EPYC, Cooper Lake
+        ("fpu avx2 avx512f amx_tile amx_bf16", True),  # Sapphire Rapids
+    ],
+)
+def test_native_bf16_is_read_from_the_cpu_flags_not_from_onednn_emulation(tmp_path, flags, native):
+    from synthmri.training.runtime import cpu_has_native_bf16
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    assert cpu_has_native_bf16(cpuinfo) is native
+    arm = tmp_path / "cpuinfo-arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")
+    assert cpu_has_native_bf16(arm) is True
+
+
 @pytest.mark.parametrize("cpu_bf16", [False, True])
 def test_the_diffusion_trainer_runs_its_model_in_bf16_only_with_cpu_bf16(cohort, monkeypatch, cpu_bf16):
     """The trainer passes ``train.cpu_bf16`` to autocast: the U-Net's convolutions compute in bf16 with it, except
