@@ -210,6 +210,14 @@ def test_same_seed_gives_identical_files_whatever_the_cohort_size(cohort, small_
     pd.testing.assert_frame_equal(small, full.iloc[:2])
 
 
+def test_one_process_writes_the_same_files_as_several(cohort, tmp_path):
+    """The cohort is simulated in one process per core; one process must give the same bytes."""
+    demo._write_cohort(make_params(n_subjects=2), tmp_path, workers=1)
+    for sub in ("sub-001", "sub-002"):
+        name = f"{sub}/anat/{sub}_T1w.nii.gz"
+        assert sha256_file(tmp_path / name) == sha256_file(cohort / name)
+
+
 def test_another_seed_gives_another_subject(simulated):
     other = demo.simulate_subject(make_params(seed=SEED + 1), 0)
     assert not np.array_equal(other.image, simulated[0].image)

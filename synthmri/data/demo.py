@@ -31,11 +31,14 @@ from __future__ import annotations
 import functools
 import glob
 import json
+import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import time
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,6 +56,7 @@ from synthmri.data.mni import VENTRICLE_BOX_MM
 from synthmri.data.physics import Protocol, scanner_of
 from synthmri.io import atomic_path, save_nifti, write_text_atomic
 from synthmri.logs import get_logger, progress
+from synthmri.training.runtime import intra_op_threads
 from synthmri.viz import three_plane_grid
 
 if TYPE_CHECKING:
@@ -319,7 +323,13 @@ def _bias_field(coefficients: np.ndarray, shape: tuple[int, int, int]) -> np.nda
 
 
 def simulate_subject(params: Params, index: int) -> DemoSubject:
-    """Simulate subject ``index`` (0-based); depends only on ``params.demo`` and the index."""
+    """Simulate subject ``index`` (0-based); depends only on ``params.demo`` and the index. On one intra-op thread:
+    the same bytes whichever process (a worker of :func:`_write_cohort`, a test) or machine simulates it."""
+    with intra_op_threads(1):
+        return _simulate_subject(params, index)
+
+
+def _simulate_subject(params: Params, index: int) -> DemoSubject:
     demo = params.demo
     base = base_anatomy(demo.template_resolution_mm)
     shape = base.labels.shape
@@ -519,17 +529,31 @@ volumes measured on each subject's simulated label map (see participants.json).
 """
 
 
-def _write_cohort(params: Params, out_dir: Path) -> None:
+def _write_subject(params: Params, out_dir: Path, index: int) -> dict:
+    """Simulate subject ``index`` and write its image and sidecar; returns its participants row."""
+    subject = simulate_subject(params, index)
+    image_path = t1w_path(out_dir, index)
+    save_nifti(subject.image, subject.image_affine, image_path, descrip=DESCRIP)
+    sidecar = image_path.with_name(image_path.name.replace(".nii.gz", ".json"))
+    write_text_atomic(sidecar, json.dumps(subject.sidecar(), indent=2) + "\n")
+    return subject.row()
+
+
+def _write_cohort(params: Params, out_dir: Path, workers: int | None = None) -> None:
+    """Every subject, ``workers`` processes at once (default: one per available core); subjects are independent."""
     demo = params.demo
-    base_anatomy(demo.template_resolution_mm)  # build the shared template once, outside the bar
-    rows = []
-    for index in progress(range(demo.n_subjects), desc="Simulating demo subjects", unit="subject"):
-        subject = simulate_subject(params, index)
-        image_path = t1w_path(out_dir, index)
-        save_nifti(subject.image, subject.image_affine, image_path, descrip=DESCRIP)
-        sidecar = image_path.with_name(image_path.name.replace(".nii.gz", ".json"))
-        write_text_atomic(sidecar, json.dumps(subject.sidecar(), indent=2) + "\n")
-        rows.append(subject.row())
+    base_anatomy(demo.template_resolution_mm)  # build the shared template once, before the workers fork
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, min(workers or cores, demo.n_subjects))
+    write = functools.partial(_write_subject, params, out_dir)
+    desc = f"Simulating demo subjects ({workers} process{'es' if workers > 1 else ''})"
+    if workers == 1:
+        rows = [write(index) for index in progress(range(demo.n_subjects), desc=desc, unit="subject")]
+    else:
+        # fork on Linux: the workers inherit the template already built; spawn elsewhere (fork is unsafe on macOS)
+        context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            rows = list(progress(pool.map(write, range(demo.n_subjects)), desc, "subject", total=demo.n_subjects))
     table = pd.DataFrame(rows, columns=COLUMNS)
     with atomic_path(out_dir / "participants.tsv") as tmp:
         table.to_csv(tmp, sep="\t", index=False, na_rep=BIDS_MISSING, float_format="%.3f")
