@@ -499,11 +499,23 @@ class UtilityParams(_Section):
     bootstrap: int = Field(1000, ge=100)  # resamples of test subjects and repeats for every interval
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    torch_threads: int | None = Field(None, ge=1)  # null: torch's default
+    #: repeats run at once, in threads, each on ``torch_threads`` intra-op threads: small ViT ops scale poorly over
+    #: cores, so 2 repeats x 1 thread run 1.8x faster than one after the other on 2 threads (RESULTS.md, 17th session)
+    workers: int = Field(2, ge=1)
+    torch_threads: int = Field(1, ge=1)  # per worker; fixed, so the results do not depend on `workers` or the machine
     #: the k whose pre-training gain on ``primary`` the gate reads (report.thresholds.min_utility_gain_ci_low)
     #: 16, not 8: with 2 repeats and 26 test subjects a perfect generator's interval clears 0 at k = 16 in 3 of 3
     #: draws and at k = 8 in 2 of 3 (benchmarks/bench_utility_baseline.py, RESULTS.md)
     gate_k: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _dropout_needs_one_worker(self) -> UtilityParams:
+        if self.vit.dropout > 0 and self.workers > 1:
+            raise ValueError(
+                "utility.vit.dropout > 0 draws from torch's global generator, which parallel repeats would share: "
+                "set utility.workers: 1"
+            )
+        return self
 
     @model_validator(mode="after")
     def _gate_k_is_run(self) -> UtilityParams:

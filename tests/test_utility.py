@@ -3,10 +3,13 @@ pre-training on a set that carries the age signal beats scratch on a tiny cohort
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from pydantic import ValidationError
 
 from synthmri.config import Covariate, FitParams, UtilityParams, ViTParams
 from synthmri.errors import StageError
@@ -180,6 +183,34 @@ def test_every_arm_is_scored_on_the_same_held_out_subjects(tiny_protocol):
     results, _ = tiny_protocol
     items = results.groupby(["arm", "k", "repeat"])["item"].apply(lambda s: tuple(sorted(s)))
     assert items.nunique() == 1 and len(items.iloc[0]) == 24
+
+
+def test_parallel_repeats_give_the_rows_of_one_after_the_other_and_log_curves_from_the_caller(tiny_protocol):
+    results, _ = tiny_protocol  # TINY runs its 2 repeats in 2 worker threads
+    curves = []
+
+    def on_curve(name: str, step: int, loss: float) -> None:
+        curves.append((threading.current_thread() is threading.main_thread(), name, step))
+
+    serial = Protocol(TINY.model_copy(update={"workers": 1}), TargetCodec([AGE]), _sets(), torch.device("cpu"),
+                      on_curve).run()  # fmt: skip
+    pd.testing.assert_frame_equal(serial, results)
+    assert curves and all(main for main, _, _ in curves)  # MLflow's active run belongs to the calling thread
+    names = [name for _, name, _ in curves]
+    assert names[0] == "pretrain.synthetic.r0" and "finetune.control.k4.r1" in names
+    assert [step for _, name, step in curves if name == "pretrain.real.r1"] == list(range(0, 200, 10))
+
+
+def test_a_failing_repeat_raises_its_error_instead_of_hanging():
+    sets = _sets()
+    sets.synthetic["age"] = np.nan  # nothing to pre-train on
+    with pytest.raises(StageError, match="no target covariate"):
+        Protocol(TINY, TargetCodec([AGE]), sets, torch.device("cpu")).run()
+
+
+def test_dropout_with_parallel_repeats_is_refused():
+    with pytest.raises(ValidationError, match="workers: 1"):
+        UtilityParams(vit=ViTParams(dropout=0.1), workers=2)
 
 
 def test_a_held_out_subject_never_enters_pre_training_or_fine_tuning():

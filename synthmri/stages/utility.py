@@ -23,7 +23,7 @@ from synthmri.io import dvc_directory_hash, write_text_atomic
 from synthmri.logs import get_logger
 from synthmri.report.families import clean_number
 from synthmri.report.inputs import load_report_data
-from synthmri.training.runtime import intra_op_threads, pick_device
+from synthmri.training.runtime import pick_device
 from synthmri.utility.figure import data_efficiency_figure
 from synthmri.utility.protocol import Protocol, UtilitySets
 from synthmri.utility.summary import summarize
@@ -72,9 +72,7 @@ def run_utility(
             import mlflow
 
             on_curve = lambda name, step, loss: mlflow.log_metric(f"loss.{name}", loss, step=step)  # noqa: E731
-        threads = intra_op_threads(up.torch_threads) if up.torch_threads else contextlib.nullcontext()
-        with threads:
-            results = Protocol(up, codec, sets, device, on_curve).run()
+        results = Protocol(up, codec, sets, device, on_curve).run()
         summary = summarize(results, up)
         summary.update(
             {

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
@@ -19,7 +17,6 @@ def fit(
     codec: TargetCodec,
     phase: FitParams,
     seed: int,
-    on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train ``model`` in place for ``phase.steps`` AdamW steps (cosine decay to 0) on random batches of
     ``volumes`` ``(N, 1, D, H, W)``; returns the loss of every step. Batches are drawn with replacement from a
@@ -34,7 +31,7 @@ def fit(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=phase.steps)
     model.train()
     losses = []
-    for step in range(phase.steps):
+    for _ in range(phase.steps):
         batch = torch.randint(len(volumes), (phase.batch_size,), generator=generator)
         loss = codec.loss(model(volumes[batch].to(device)), y[batch.to(device)], mask[batch.to(device)])
         optimizer.zero_grad(set_to_none=True)
@@ -42,8 +39,6 @@ def fit(
         optimizer.step()
         schedule.step()
         losses.append(float(loss.detach()))
-        if on_step is not None:
-            on_step(step, losses[-1])
     return losses
 
 

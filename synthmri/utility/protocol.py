@@ -18,8 +18,11 @@ Held-out subjects never enter pre-training or fine-tuning (:func:`check_no_leaka
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from dataclasses import dataclass
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -28,6 +31,7 @@ import torch
 from synthmri.config import UtilityParams
 from synthmri.errors import StageError
 from synthmri.logs import get_logger, progress
+from synthmri.training.runtime import intra_op_threads
 from synthmri.utility.fit import fit, predict
 from synthmri.utility.targets import TargetCodec
 from synthmri.utility.vit import ViTRegressor
@@ -35,6 +39,7 @@ from synthmri.utility.vit import ViTRegressor
 log = get_logger(__name__)
 
 PRETRAINED_ARMS = ("synthetic", "real", "control")
+_GLOBAL_RNG = threading.Lock()
 FINETUNED_ARMS = ("scratch", *PRETRAINED_ARMS)
 
 
@@ -133,18 +138,18 @@ class Protocol:
         check_no_leakage(self.test_subjects, real_pretraining=sets.train["subject_id"])
 
     def new_model(self, seed: int) -> ViTRegressor:
-        torch.manual_seed(seed)
-        return ViTRegressor(self.up.vit, self.shape, self.codec.n_outputs).to(self.device)
+        """A ViT initialised from ``seed``: torch's global generator, so one thread at a time (workers)."""
+        with _GLOBAL_RNG:
+            torch.manual_seed(seed)
+            return ViTRegressor(self.up.vit, self.shape, self.codec.n_outputs).to(self.device)
 
-    def _fit(self, model, volumes, table, phase, seed, curve: str) -> None:
+    def _fit(self, model, volumes, table, phase, seed, curve: str, repeat: _Repeat) -> None:
         values, known = self.codec.encode(table)
         if not known.any():
             raise StageError(f"utility: no target covariate ({', '.join(t.name for t in self.codec.targets)}) "
                              f"is known for any volume of {curve.split('.')[0]}")  # fmt: skip
-        on_step = None
-        if self.on_curve is not None:
-            on_step = lambda step, loss: self.on_curve(curve, step, loss) if step % 10 == 0 else None  # noqa: E731
-        fit(model, volumes, values, known, self.codec, phase, seed, on_step)
+        losses = fit(model, volumes, values, known, self.codec, phase, seed)
+        repeat.curves += [(curve, step, loss) for step, loss in enumerate(losses) if step % 10 == 0]
 
     def _score(self, model, arm: str, k_label: str, repeat: int) -> list[dict]:
         errors = self.codec.errors(predict(model, self.sets.test_volumes), self.sets.test)
@@ -160,43 +165,88 @@ class Protocol:
         control = negative_control(s, self.up.negative_control, derived_seed(self.up.seed, repeat, "control-set"))
         return {"synthetic": (s.synthetic_volumes, s.synthetic), "real": (s.train_volumes, s.train), "control": control}
 
+    @property
+    def runs_per_repeat(self) -> int:
+        return len(PRETRAINED_ARMS) + len(self.up.k) * len(FINETUNED_ARMS)
+
     def run(self) -> pd.DataFrame:
-        """Every pre-training and fine-tuning run, in order, under one progress bar."""
-        rows: list[dict] = []
-        pretrained: dict[str, dict] = {}
-        runs: list[Callable[[], None]] = []
-        for repeat in range(self.up.repeats):
-            for name, (volumes, table) in self.sources(repeat).items():
-                runs.append(lambda r=repeat, n=name, v=volumes, t=table: self._pretrain(r, n, v, t, pretrained, rows))
+        """Every pre-training and fine-tuning run under one progress bar; ``utility.workers`` repeats at once (threads,
+        each on ``utility.torch_threads`` intra-op threads). A repeat's runs depend only on their seeds, so the
+        rows are the same whatever ``workers`` is. Loss curves go to ``on_curve`` at the end, from this thread
+        (MLflow's active run is per thread)."""
+        done: queue.Queue[int] = queue.Queue()
+        workers = min(self.up.workers, self.up.repeats)
+        with ThreadPoolExecutor(workers, thread_name_prefix="utility-repeat") as pool:
+            futures = [pool.submit(self._run_repeat, r, done) for r in range(self.up.repeats)]
+            total = self.up.repeats * self.runs_per_repeat
+            for _ in progress(_finished_runs(done, futures, total), "Utility: pre-training and fine-tuning ViTs", "run",
+                              total=total):  # fmt: skip
+                pass
+            repeats = [future.result() for future in futures]  # re-raises a worker's error
+        if self.on_curve is not None:
+            for repeat in repeats:
+                for curve in repeat.curves:
+                    self.on_curve(*curve)
+        return pd.DataFrame([row for repeat in repeats for row in repeat.rows])
+
+    def _run_repeat(self, index: int, done: queue.Queue[int]) -> _Repeat:
+        repeat = _Repeat(index)
+        with intra_op_threads(self.up.torch_threads):
+            for name, (volumes, table) in self.sources(index).items():
+                self._pretrain(repeat, name, volumes, table)
+                done.put(1)
             for k in self.up.k:
                 for arm in FINETUNED_ARMS:
-                    runs.append(lambda r=repeat, k=k, a=arm: self._finetune(r, k, a, pretrained, rows))
-        for run in progress(runs, "Utility: pre-training and fine-tuning ViTs", "run"):
-            run()
-        return pd.DataFrame(rows)
+                    self._finetune(repeat, k, arm)
+                    done.put(1)
+        return repeat
 
-    def _pretrain(self, repeat: int, name: str, volumes, table, pretrained: dict, rows: list) -> None:
-        up = self.up
-        log.info("Repeat %d: pre-training the ViT on the %s set (%d volumes)", repeat + 1, name, len(volumes))
-        model = self.new_model(derived_seed(up.seed, repeat, "init", name))
-        self._fit(model, volumes, table, up.pretrain, derived_seed(up.seed, repeat, "pretrain", name),
-                  f"pretrain.{name}.r{repeat}")  # fmt: skip
-        pretrained[name] = copy.deepcopy(model.state_dict())
+    def _pretrain(self, repeat: _Repeat, name: str, volumes, table) -> None:
+        up, r = self.up, repeat.index
+        log.info("Repeat %d: pre-training the ViT on the %s set (%d volumes)", r + 1, name, len(volumes))
+        model = self.new_model(derived_seed(up.seed, r, "init", name))
+        self._fit(model, volumes, table, up.pretrain, derived_seed(up.seed, r, "pretrain", name),
+                  f"pretrain.{name}.r{r}", repeat)  # fmt: skip
+        repeat.pretrained[name] = copy.deepcopy(model.state_dict())
         if name in ("synthetic", "real"):  # trained on synthetic / on real, tested on real, same budget
-            rows += self._score(model, "tstr" if name == "synthetic" else "trtr", "-", repeat)
+            repeat.rows += self._score(model, "tstr" if name == "synthetic" else "trtr", "-", r)
 
-    def _finetune(self, repeat: int, k, arm: str, pretrained: dict, rows: list) -> None:
-        up = self.up
-        subset = draw_subjects(self.sets.train, k, derived_seed(up.seed, repeat, "draw", str(k)))
+    def _finetune(self, repeat: _Repeat, k, arm: str) -> None:
+        up, r = self.up, repeat.index
+        subset = draw_subjects(self.sets.train, k, derived_seed(up.seed, r, "draw", str(k)))
         chosen = self.sets.train.iloc[subset]
         check_no_leakage(self.test_subjects, fine_tuning=chosen["subject_id"])
-        model = self.new_model(derived_seed(up.seed, repeat, "init", "scratch"))
+        model = self.new_model(derived_seed(up.seed, r, "init", "scratch"))
         if arm != "scratch":
-            model.load_state_dict(pretrained[arm])
+            model.load_state_dict(repeat.pretrained[arm])
         # the same k subjects for every arm, and the same batches for every pre-trained arm: paired comparisons.
         # A pre-trained ViT is fine-tuned gently (utility.finetune); one from scratch gets the learning rate it
         # needs to learn at all (utility.scratch): one recipe for both would handicap one side (RESULTS.md)
         phase = up.scratch if arm == "scratch" else up.finetune
         self._fit(model, self.sets.train_volumes[subset], chosen, phase,
-                  derived_seed(up.seed, repeat, "finetune", str(k)), f"finetune.{arm}.k{k}.r{repeat}")  # fmt: skip
-        rows += self._score(model, arm, str(k), repeat)
+                  derived_seed(up.seed, r, "finetune", str(k)), f"finetune.{arm}.k{k}.r{r}", repeat)  # fmt: skip
+        repeat.rows += self._score(model, arm, str(k), r)
+
+
+@dataclass
+class _Repeat:
+    """What one repeat's runs produce: its pre-trained weights (per arm), score rows and loss curves."""
+
+    index: int
+    pretrained: dict[str, dict] = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list)
+    curves: list[tuple[str, int, float]] = field(default_factory=list)
+
+
+def _finished_runs(done: queue.Queue[int], futures: list[Future], total: int) -> Iterator[int]:
+    """One item per finished run, for the progress bar; stops early when a worker failed (its error is raised
+    by the caller)."""
+    finished = 0
+    while finished < total:
+        try:
+            finished += done.get(timeout=0.5)
+        except queue.Empty:
+            if any(f.done() and f.exception() is not None for f in futures):
+                return
+            continue
+        yield finished
