@@ -18,6 +18,7 @@ Held-out subjects never enter pre-training or fine-tuning (:func:`check_no_leaka
 from __future__ import annotations
 
 import copy
+import functools
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -39,8 +40,8 @@ from synthmri.utility.vit import ViTRegressor
 log = get_logger(__name__)
 
 PRETRAINED_ARMS = ("synthetic", "real", "control")
-_GLOBAL_RNG = threading.Lock()
 FINETUNED_ARMS = ("scratch", *PRETRAINED_ARMS)
+_GLOBAL_RNG = threading.Lock()  # held while a model is initialised from torch's global generator
 
 
 @dataclass
@@ -175,9 +176,10 @@ class Protocol:
         rows are the same whatever ``workers`` is. Loss curves go to ``on_curve`` at the end, from this thread
         (MLflow's active run is per thread)."""
         done: queue.Queue[int] = queue.Queue()
+        failed = threading.Event()  # one repeat's error stops the others at their next run
         workers = min(self.up.workers, self.up.repeats)
         with ThreadPoolExecutor(workers, thread_name_prefix="utility-repeat") as pool:
-            futures = [pool.submit(self._run_repeat, r, done) for r in range(self.up.repeats)]
+            futures = [pool.submit(self._run_repeat, r, done, failed) for r in range(self.up.repeats)]
             total = self.up.repeats * self.runs_per_repeat
             for _ in progress(_finished_runs(done, futures, total), "Utility: pre-training and fine-tuning ViTs", "run",
                               total=total):  # fmt: skip
@@ -189,16 +191,20 @@ class Protocol:
                     self.on_curve(*curve)
         return pd.DataFrame([row for repeat in repeats for row in repeat.rows])
 
-    def _run_repeat(self, index: int, done: queue.Queue[int]) -> _Repeat:
+    def _run_repeat(self, index: int, done: queue.Queue[int], failed: threading.Event) -> _Repeat:
         repeat = _Repeat(index)
+        runs = [functools.partial(self._pretrain, repeat, name, *data) for name, data in self.sources(index).items()]
+        runs += [functools.partial(self._finetune, repeat, k, arm) for k in self.up.k for arm in FINETUNED_ARMS]
         with intra_op_threads(self.up.torch_threads):
-            for name, (volumes, table) in self.sources(index).items():
-                self._pretrain(repeat, name, volumes, table)
+            for run in runs:
+                if failed.is_set():
+                    break
+                try:
+                    run()
+                except BaseException:
+                    failed.set()
+                    raise
                 done.put(1)
-            for k in self.up.k:
-                for arm in FINETUNED_ARMS:
-                    self._finetune(repeat, k, arm)
-                    done.put(1)
         return repeat
 
     def _pretrain(self, repeat: _Repeat, name: str, volumes, table) -> None:
