@@ -236,7 +236,7 @@ def run(
     shown = range(min(4, n_samples))
     three_plane_grid(
         [scorer.last_volumes[i] for i in shown],
-        [f"#{i}\n{covariate_title(scorer.plan[i], per_line=3)}" for i in shown],
+        [f"#{i}\n{covariate_title(scorer.plan[i], per_line=1)}" for i in shown],
         figure_dir / f"diffusion_samples_{label}.png",
         scorer.space["spacing_mm"],
         suptitle=f"{label}: EMA samples after {cpu_s / 60:.1f} CPU-min",

@@ -65,7 +65,7 @@ def decode_preview(trainer: DiffusionTrainer, vqgan, rows: list[dict], path: Pat
             .numpy()
             for i in range(len(rows))
         ]
-    return three_plane_grid(volumes, [f"step {trainer.step}\n{covariate_title(row, per_line=3)}" for row in rows], path)
+    return three_plane_grid(volumes, [f"step {trainer.step}\n{covariate_title(row, per_line=1)}" for row in rows], path)
 
 
 def run_fingerprint(params: Params, latent_dir: Path = LATENT_DIR) -> str:
