@@ -39,6 +39,7 @@ DIFFUSION = (
 VQGAN = (
     # fp32: these tests compare algorithms to float-noise tolerances, below bf16's rounding
     "vqgan.train.cpu_bf16=false",
+    "vqgan.train.channels_last=false",  # contiguous (the code default is channels-last): the option test compares both
     "vqgan.train.steps=3",
     "vqgan.train.val_every=100",
     "vqgan.train.checkpoint_every=100",
