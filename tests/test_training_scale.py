@@ -192,7 +192,10 @@ def test_vqgan_two_gloo_processes_train_like_one_with_the_doubled_batch(cohort, 
     ddp = train("vqgan", work, tmp_path / "ddp", (*gan, "vqgan.train.batch_size=1"), processes=2)
     assert (single["d_loss"] != 0).all() and (single["gan_weight"] > 0).all()  # the GAN terms really ran
     assert_same_trajectory(single.iloc[:1], ddp.iloc[:1], columns)
-    assert_same_trajectory(single, ddp, columns, rtol=0.1)
+    # the adaptive GAN weight (a ratio of two gradient norms) drifts most: on an Ice Lake Xeon one process alone moved
+    # it by 9.5 % at step 3 between 1 and 2 intra-op threads (summation order only; RESULTS.md, 17th session)
+    assert_same_trajectory(single, ddp, [c for c in columns if c != "gan_weight"], rtol=0.1)
+    assert_same_trajectory(single, ddp, ["gan_weight"], rtol=0.25)
     # learned weights within a few Adam steps of lr 2e-4 (codebook buffers: covered by vq/perplexity above)
     assert_same_weights(tmp_path / "single", tmp_path / "ddp", atol=2e-3, skip="quantizer.")
 
