@@ -10,10 +10,9 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 setup: $(VENV)/.installed
 
-# pip resolves torch/torchvision; on this project's CPU machines it takes torch 2.14.1 and
-# torchvision 0.29.1 from local disk (the only pair lpips' torchvision import works with here).
-# constraints.txt pins every resolved package (pip constraints: they apply on top of whatever index pip uses,
-# so the local torch wheel and the package mirror keep working, unlike a lock tool that wants its own index)
+# constraints.txt pins every resolved package, torch 2.14.1 and torchvision 0.29.1 included (the only pair lpips'
+# torchvision import works with here). Constraints apply on top of whatever index the installer uses, so a local
+# wheel or a package mirror keeps working, unlike a lock tool that wants its own index.
 # uv installs the same pinned set about 3x faster than pip (43 s against 2 min 13 s on a 2-core machine,
 # benchmarks/RESULTS.md). uv does not read pip's configuration (pip.conf indexes, find-links): where it cannot
 # resolve the set from the package index, pip installs it, as before.
