@@ -50,6 +50,7 @@ from synthmri.models.loading import load_vqgan
 from synthmri.report.compute import compute_set_metrics
 from synthmri.report.gate import evaluate_gate
 from synthmri.report.inputs import ReportData
+from synthmri.stages.train_diffusion import training_latents
 from synthmri.synthesis.plan import make_plan
 from synthmri.training.train_diffusion import DiffusionTrainer
 from synthmri.viz import three_plane_grid
@@ -181,7 +182,7 @@ def run(
     overrides = [*overrides, f"seed={seed}"]
     base = load_params(params_file, overrides)
     schedule = base.diffusion.schedule
-    train, val = LatentSet(LATENT_DIR, "train", schedule), LatentSet(LATENT_DIR, "val", schedule)
+    train, val = training_latents(LATENT_DIR, schedule)
     if fixed_steps is None:
         cost = step_cost(base, train)
         steps = max(1, int(budget_s / cost))

@@ -241,6 +241,8 @@ class VQGANParams(_Section):
 
 class EncodeParams(_Section):
     batch_size: int = Field(8, ge=1)
+    #: also encode each training volume's left-right mirror image; the diffusion model trains on both
+    mirror_training: bool = True
 
 
 class UNetParams(_Section):

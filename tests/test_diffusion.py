@@ -834,3 +834,58 @@ def test_position_standardization_removes_the_average_latent_and_is_undone_when_
     manifest.to_csv(tmp_path / "manifest.csv", index=False)
     with pytest.raises(StageError, match="at least 2 training latents"):
         LatentSet(tmp_path, "val", schedule)
+
+
+def test_encode_adds_the_training_volumes_mirror_images_and_the_diffusion_model_trains_on_them(tmp_path):
+    """encode.mirror_training: the latent of each training volume's left-right mirror image (the volume flipped
+    along its first axis, left-right in RAS; encoded, not the flipped latent), none of the held-out ones; the
+    trainer's set has both, the plan's set and the held-out sets only the subjects; the per-position average brain
+    includes the mirror images, whichever set is loaded, so training and sampling standardize alike."""
+    import nibabel as nib
+    import numpy as np
+    from conftest import make_encoded
+    from safetensors.torch import load_file
+
+    from synthmri.data.datasets import ProcessedVolumes
+    from synthmri.data.latents import MIRRORED_KEY, LatentSet, encode_volumes
+    from synthmri.models.loading import load_vqgan
+    from synthmri.stages.encode import run_encode
+    from synthmri.stages.train_diffusion import training_latents
+
+    params, processed = make_encoded(tmp_path)
+    stored = load_file(str(tmp_path / "latents" / "latents.safetensors"))
+    volumes = ProcessedVolumes(processed, split=None)
+    train_rows = [i for i, split in enumerate(volumes.manifest["split"]) if split == "train"]
+    assert 0 < len(train_rows) < len(volumes) and stored[MIRRORED_KEY].shape[0] == len(train_rows)
+    vqgan = load_vqgan(tmp_path / "vqgan", "cpu")
+    again = encode_volumes(vqgan, volumes, 3, torch.device("cpu"), train_rows, mirrored=True)
+    assert torch.allclose(stored[MIRRORED_KEY], again, atol=1e-5)  # training rows, in order
+
+    class KeepsPlaces:  # an "encoder" that keeps where things are: the test sees which way a volume was mirrored
+        def encode(self, x):
+            return torch.nn.functional.avg_pool3d(x, 2)
+
+    pooled = encode_volumes(KeepsPlaces(), volumes, 3, torch.device("cpu"), train_rows, mirrored=True)
+    for k, row in enumerate(train_rows):
+        array = np.asarray(nib.load(processed / volumes.manifest["processed_path"][row]).dataobj, np.float32)
+        assert not np.allclose(array, array[::-1], atol=1e-3)  # a volume whose mirror image differs from it
+        mirror = torch.from_numpy(array[::-1].copy())[None, None]  # first axis: left-right in RAS
+        assert torch.allclose(pooled[k], torch.nn.functional.avg_pool3d(mirror, 2)[0], atol=1e-6)
+    schedule = ScheduleParams(standardize="position")
+    train, val = training_latents(tmp_path / "latents", schedule)
+    subjects = LatentSet(tmp_path / "latents", "train", schedule)
+    assert len(train) == 2 * len(subjects) == 2 * len(train_rows)
+    assert len(val) == int((volumes.manifest["split"] == "val").sum())
+    assert train.manifest["mirrored"].tolist() == [False] * len(train_rows) + [True] * len(train_rows)
+    assert train.manifest["subject_id"].tolist()[len(train_rows) :] == subjects.manifest["subject_id"].tolist()
+    assert torch.allclose(train.latents[len(train_rows) :], subjects.standardize(stored[MIRRORED_KEY]))
+    assert torch.allclose(train.latents.mean(0), torch.zeros_like(train.mean), atol=1e-5)  # average of both
+    assert torch.allclose(subjects.mean, train.mean) and "mirrored" not in val.manifest
+    # off: the same subjects, no mirror images anywhere
+    off = params.model_copy(update={"encode": params.encode.model_copy(update={"mirror_training": False})})
+    run_encode(off, processed, tmp_path / "vqgan", tmp_path / "plain")
+    assert MIRRORED_KEY not in load_file(str(tmp_path / "plain" / "latents.safetensors"))
+    plain, _ = training_latents(tmp_path / "plain", schedule)
+    assert len(plain) == len(train_rows) and torch.allclose(
+        plain.latents.mean(0), torch.zeros_like(plain.mean), atol=1e-5
+    )

@@ -13,6 +13,17 @@ from torch.utils.data import Dataset
 from synthmri.errors import StageError
 
 
+def mirror_left_right(volumes: torch.Tensor, which: torch.Tensor | None = None) -> torch.Tensor:
+    """Mirror a batch ``(B, C, X, Y, Z)`` along the first spatial axis (left-right in the pipeline's RAS space),
+    only the volumes selected by the boolean ``which`` if given: a brain's mirror image is a plausible brain, so it
+    is free extra data (the VQ-GAN's ``flip_lr``, the encode stage's ``mirror_training``)."""
+    if which is None:
+        return volumes.flip(2)
+    if not bool(which.any()):
+        return volumes
+    return torch.where(which.view(-1, *[1] * (volumes.dim() - 1)), volumes.flip(2), volumes)
+
+
 class ProcessedVolumes(Dataset):
     """Normalized volumes of one split as ``(1, D, H, W)`` float32 tensors, read once into memory.
 

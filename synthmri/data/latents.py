@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from synthmri.catalog import LATENT_DIR
 from synthmri.config import ScheduleParams
-from synthmri.data.datasets import ProcessedVolumes
+from synthmri.data.datasets import ProcessedVolumes, mirror_left_right
 from synthmri.errors import StageError
 from synthmri.logs import get_logger, progress
 
@@ -37,12 +37,24 @@ log = get_logger(__name__)
 
 
 @torch.inference_mode()
-def encode_volumes(model, volumes: ProcessedVolumes, batch_size: int, device: torch.device) -> torch.Tensor:
+def encode_volumes(
+    model,
+    volumes: ProcessedVolumes,
+    batch_size: int,
+    device: torch.device,
+    rows: list[int] | None = None,
+    mirrored: bool = False,
+    desc: str = "Encoding volumes",
+) -> torch.Tensor:
+    """Latents of ``volumes`` (or of its ``rows``), or of their left-right mirror images with ``mirrored``: the
+    encoder is not mirror-symmetric, so a mirror image's latent is encoded, never the flipped latent."""
+    rows = list(range(len(volumes))) if rows is None else list(rows)
     chunks = []
-    starts = range(0, len(volumes), batch_size)
-    for start in progress(starts, desc="Encoding volumes", unit="batch"):
-        batch = volumes.batch(range(start, min(start + batch_size, len(volumes)))).to(device)
-        chunks.append(model.encode(batch).float().cpu())
+    for start in progress(range(0, len(rows), batch_size), desc=desc, unit="batch"):
+        batch = volumes.batch(rows[start : start + batch_size])
+        if mirrored:
+            batch = mirror_left_right(batch)
+        chunks.append(model.encode(batch.to(device)).float().cpu())
     return torch.cat(chunks)
 
 
@@ -57,15 +69,26 @@ def channel_statistics(latents: torch.Tensor) -> dict[str, list[float]]:
 POSITION_STD_FLOOR = 0.1
 
 
+# latents.safetensors key of the training volumes' mirror images (encode.mirror_training), in training-row order
+MIRRORED_KEY = "mirrored_training"
+
+
 class LatentSet:
     """Standardized latents and covariates of one split, as the diffusion model sees them.
 
     ``schedule`` (``diffusion.schedule``) decides the standardization and ``input_scale``; the default is
-    per-channel standardization at scale 1.
+    per-channel standardization at scale 1. When the encode stage stored the training volumes' mirror images,
+    they are part of the training data: the per-position statistics include them (so training and sampling agree
+    whatever set is loaded), and ``mirrored=True`` appends them to the training split's rows, with their subjects'
+    covariates and ``mirrored`` True in the manifest (the diffusion trainer asks for them; a sampling plan does not).
     """
 
     def __init__(
-        self, latent_dir: str | Path = LATENT_DIR, split: str | None = "train", schedule: ScheduleParams | None = None
+        self,
+        latent_dir: str | Path = LATENT_DIR,
+        split: str | None = "train",
+        schedule: ScheduleParams | None = None,
+        mirrored: bool = False,
     ) -> None:
         latent_dir = Path(latent_dir)
         schedule = schedule or ScheduleParams()
@@ -76,9 +99,18 @@ class LatentSet:
         scale = json.loads((latent_dir / "scale.json").read_text())  # {"mean", "std", "shape"}
         self.mean = torch.tensor(scale["mean"]).view(-1, *[1] * (len(scale["shape"]) - 1))
         self.std = torch.tensor(scale["std"]).view_as(self.mean)
-        latents = load_file(str(latent_dir / "latents.safetensors"))["latents"]
+        tensors = load_file(str(latent_dir / "latents.safetensors"))
+        latents, mirror_images = tensors["latents"], tensors.get(MIRRORED_KEY)
+        n_train = int((manifest["split"] == "train").sum())
+        if mirror_images is not None and len(mirror_images) != n_train:
+            raise StageError(
+                f"{latent_dir}/latents.safetensors has {len(mirror_images)} mirror images for {n_train} training "
+                "subjects: run `synthmri encode` again"
+            )
         if self.standardization == "position":
             training = latents[torch.tensor((manifest["split"] == "train").to_numpy())]
+            if mirror_images is not None:
+                training = torch.cat([training, mirror_images])
             if len(training) < 2:
                 raise StageError(
                     f"diffusion.schedule.standardize=position needs at least 2 training latents in {latent_dir}, "
@@ -89,6 +121,11 @@ class LatentSet:
         keep = manifest["split"] == split if split else pd.Series(True, index=manifest.index)
         self.manifest = manifest[keep].reset_index(drop=True)
         self.latents = self.standardize(latents[torch.tensor(keep.to_numpy())])
+        if mirrored and split == "train" and mirror_images is not None:
+            self.manifest = pd.concat(
+                [self.manifest.assign(mirrored=False), self.manifest.assign(mirrored=True)], ignore_index=True
+            )
+            self.latents = torch.cat([self.latents, self.standardize(mirror_images)])
 
     def standardize(self, z: torch.Tensor) -> torch.Tensor:
         return (z - self.mean) / self.std * self.input_scale

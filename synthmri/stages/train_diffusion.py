@@ -81,6 +81,12 @@ def run_fingerprint(params: Params, latent_dir: Path = LATENT_DIR) -> str:
     )
 
 
+def training_latents(latent_dir: Path, schedule) -> tuple[LatentSet, LatentSet]:
+    """What the diffusion model learns from and is validated on: the training latents with their mirror images
+    (when the encode stage made them), and the validation latents as they are."""
+    return LatentSet(latent_dir, "train", schedule, mirrored=True), LatentSet(latent_dir, "val", schedule)
+
+
 def run_train_diffusion(
     params: Params,
     latent_dir: Path = LATENT_DIR,
@@ -93,8 +99,7 @@ def run_train_diffusion(
 ) -> dict:
     """Train (or resume) the latent diffusion model; write EMA weights, curves and metrics."""
 
-    schedule = params.diffusion.schedule
-    train, val = LatentSet(latent_dir, "train", schedule), LatentSet(latent_dir, "val", schedule)
+    train, val = training_latents(latent_dir, params.diffusion.schedule)
     if len(train) == 0:
         raise StageError("no training latents: run `synthmri encode` first")
     ctx = distributed.initialize(params.diffusion.train.device)

@@ -17,7 +17,7 @@ import torch
 
 from synthmri.catalog import VQGAN_CHECKPOINT_DIR
 from synthmri.config import Params
-from synthmri.data.datasets import ProcessedVolumes
+from synthmri.data.datasets import ProcessedVolumes, mirror_left_right
 from synthmri.logs import get_logger
 from synthmri.losses.adversarial import (
     adaptive_gan_weight,
@@ -58,14 +58,6 @@ def validate(
     scores = score_reconstructions(model, volumes.volumes, lpips, device, value_range)
     summary = scores.summary()
     return {k: summary[k] for k in ("psnr", "ssim", "lpips")}, scores.example
-
-
-def mirror_left_right(volumes: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
-    """Mirror the volumes selected by the boolean ``which`` along the first spatial axis (left-right in
-    the pipeline's RAS space): a brain's mirror image is a plausible brain, so it is free extra data."""
-    if not bool(which.any()):
-        return volumes
-    return torch.where(which.view(-1, *[1] * (volumes.dim() - 1)), volumes.flip(2), volumes)
 
 
 class VQGANTrainer(ResumableTrainer):
