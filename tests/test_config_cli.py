@@ -44,6 +44,46 @@ def test_params_yaml_spells_out_every_default_with_the_code_default():
         assert lookup(written, key) == lookup(defaults, key), f"{key}: params.yaml and synthmri/config.py disagree"
 
 
+# What the 2-hour profile may change: how many minutes each stage gets (and how often it checkpoints,
+# validates and draws) and the U-Net size those minutes buy, never the recipe, the data or the gate, which
+# params.yaml owns.
+QUALITY_2H_BUDGET_KEYS = {
+    "diffusion.unet.channels",
+    "diffusion.unet.attention",
+    "diffusion.unet.patch_size",
+    "vqgan.train.steps",
+    "vqgan.train.checkpoint_every",
+    "vqgan.train.val_every",
+    "diffusion.train.steps",
+    "diffusion.train.checkpoint_every",
+    "diffusion.train.val_every",
+    "diffusion.train.sample_every",
+    "utility.repeats",
+    "utility.pretrain.steps",
+}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_the_2h_profile_is_the_demo_recipe_with_more_minutes():
+    """A profile that copies the recipe goes stale when the recipe changes (the 2-hour profile once kept v
+    prediction and no acquisition covariates for five sessions): only budget keys may differ from params.yaml."""
+    demo = _flat(load_params(REPO / "params.yaml").model_dump(mode="json"))
+    longer = _flat(load_params(REPO / "profiles" / "quality-2h.yaml").model_dump(mode="json"))
+    differing = {key for key in demo.keys() | longer.keys() if demo.get(key) != longer.get(key)}
+    assert differing <= QUALITY_2H_BUDGET_KEYS, sorted(differing - QUALITY_2H_BUDGET_KEYS)
+    assert longer["vqgan.train.steps"] > demo["vqgan.train.steps"]
+    assert longer["diffusion.train.steps"] > demo["diffusion.train.steps"]
+
+
 def test_a_stage_without_params_yaml_says_so(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match="no params.yaml in .*pass --params"):
