@@ -101,14 +101,15 @@ class LatentSet:
         self.std = torch.tensor(scale["std"]).view_as(self.mean)
         tensors = load_file(str(latent_dir / "latents.safetensors"))
         latents, mirror_images = tensors["latents"], tensors.get(MIRRORED_KEY)
-        n_train = int((manifest["split"] == "train").sum())
+        is_train = torch.tensor((manifest["split"] == "train").to_numpy())
+        n_train = int(is_train.sum())
         if mirror_images is not None and len(mirror_images) != n_train:
             raise StageError(
                 f"{latent_dir}/latents.safetensors has {len(mirror_images)} mirror images for {n_train} training "
                 "subjects: run `synthmri encode` again"
             )
         if self.standardization == "position":
-            training = latents[torch.tensor((manifest["split"] == "train").to_numpy())]
+            training = latents[is_train]
             if mirror_images is not None:
                 training = torch.cat([training, mirror_images])
             if len(training) < 2:
