@@ -124,6 +124,14 @@ def test_metrics_json_is_flat_and_has_every_family(report):
         assert on_disk[f"interval.{check}.low"] <= on_disk[f"interval.{check}.high"], check
     assert 0 < on_disk["diversity.ms_ssim_real"] <= 1 and on_disk["diversity.ratio"] > 0
     assert on_disk["intensity.wasserstein"] > 0
+    # the measures the gate does not use: each against the real held-out set, for the synthetic set, the real
+    # training volumes (chance) and the decoded training volumes (the autoencoder), with intervals around them
+    assert on_disk["measures.csf_gm_threshold"] < on_disk["measures.gm_wm_threshold"]
+    for name in ("csf_fraction", "gm_fraction", "wm_fraction", "gm_wm_interface", "edge_sharpness"):
+        assert on_disk[f"measures.{name}.real_sd"] >= 0, name
+        for who in ("synthetic", "train", "decoded_train"):
+            low, smd, high = (on_disk[f"measures.{name}.{who}.{k}"] for k in ("low", "smd", "high"))
+            assert low <= high and np.isfinite(smd), (name, who)
     assert on_disk["compare.vqvae.val_psnr"] == 21.0  # the optional VQ-VAE metrics are picked up
     # no diffusion model here: "one subject under each protocol" is skipped, the rest of the report is not
     assert not any(k.startswith("conditioning.protocol_sweep.") for k in on_disk)
@@ -169,6 +177,7 @@ def test_html_is_self_contained_with_images_and_verdicts(report, setup):
     assert "Which model limits fidelity" in text and "decoded training volumes" in text
     assert "<th>ceiling</th>" in text  # the gate table's column of decoded training volumes
     assert "95 % bootstrap interval" in text and "] </td>" not in text
+    assert "Measures the gate does not use" in text and "grey/white boundary (folding)" in text
     assert {
         "real_vs_synthetic.png",
         "nearest_neighbours.png",

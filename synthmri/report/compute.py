@@ -32,6 +32,7 @@ from synthmri.report.families import (
     diversity_metrics,
     feature_key,
     fidelity_metrics,
+    image_measure_metrics,
     intensity_metrics,
     privacy_metrics,
     put_flat,
@@ -130,6 +131,11 @@ def compute_set_metrics(
         data.reference, data.synthetic_volumes, rp.histogram_bins, data.value_range
     )
     put_flat(metrics, "intensity", flat)
+    log.info("Image measures the gate does not use (tissue fractions, grey/white boundary, sharpness, spread)")
+    flat, details["measures"] = image_measure_metrics(
+        data.reference, {"synthetic": data.synthetic_volumes, "train": data.train}, data.value_range, rp.seed
+    )
+    put_flat(metrics, "measures", flat)
     if not privacy:
         return ReportResult(metrics, details)
     log.info("Memorization: nearest training volume of every synthetic volume (NCC, SSIM)")
@@ -243,6 +249,11 @@ def compute_report(
         put_flat(result.metrics, "ceiling.check", {c.name: c.value for c in checks})
         result.metrics.update({"ceiling.gate_failed_checks": ",".join(failed), "ceiling.gate_n_failed": len(failed)})
         result.details["ceiling_checks"] = {c.name: c for c in checks}
+        if result.details.get("measures"):
+            flat, _ = image_measure_metrics(
+                data.reference, {"decoded_train": decoded_train}, data.value_range, rp.seed, result.details["measures"]
+            )
+            put_flat(result.metrics, "measures", flat)
         if failed:
             log.warning(
                 "Autoencoder ceiling: even decoded real training volumes fail %s: the diffusion model alone "

@@ -211,6 +211,56 @@ def intensity_metrics(
     return flat, result
 
 
+def image_measure_metrics(
+    reference: np.ndarray,
+    sets: dict[str, np.ndarray],
+    value_range: tuple[float, float],
+    seed: int,
+    previous: dict | None = None,
+) -> tuple[dict, dict]:
+    """The image measures the gate does not use (:mod:`synthmri.metrics.image_measures`) of each of ``sets``
+    (``{name: volumes}``), as standardized mean differences against the real ``reference`` set with bootstrap
+    intervals. Flat keys ``<measure>.<set>.smd|low|high`` and ``<measure>.real_mean|real_sd``; the details keep
+    the tissue thresholds and the reference's measures, so ``previous`` lets a later call (the decoded training
+    volumes) be read against the same reference. A set larger than ``LARGE_SET`` is measured on a seeded
+    subset of that size (the differences are then precise to about 0.05)."""
+    from synthmri.metrics.image_measures import image_measures, standardized_mean_differences, tissue_thresholds
+
+    if len(reference) < 2:
+        log.warning("Image measures skipped: they need at least 2 real held-out volumes, there are %d", len(reference))
+        return {}, {}
+    if not previous:
+        thresholds = tissue_thresholds(reference, value_range)
+        details = {
+            "thresholds": thresholds,
+            "reference": image_measures(reference, thresholds, value_range),
+            "sets": {},
+        }
+    else:
+        details = previous
+    real = details["reference"]
+    flat: dict[str, Any] = {}
+    if not previous:
+        flat.update({"csf_gm_threshold": details["thresholds"][0], "gm_wm_threshold": details["thresholds"][1]})
+        for name in real.columns:
+            flat[f"{name}.real_mean"], flat[f"{name}.real_sd"] = real[name].mean(), real[name].std(ddof=1)
+    for set_name, volumes in sets.items():
+        if len(volumes) < 2:
+            log.warning("Image measures of the %s volumes skipped: there are %d, they need 2", set_name, len(volumes))
+            continue
+        if len(volumes) > LARGE_SET:
+            keep = np.sort(np.random.default_rng(seed).choice(len(volumes), LARGE_SET, replace=False))
+            volumes = volumes[keep]
+        smd = standardized_mean_differences(
+            real, image_measures(volumes, details["thresholds"], value_range), seed=seed
+        )
+        details["sets"][set_name] = smd
+        for name, values in smd.items():
+            for what, value in values.items():
+                flat[f"{name}.{set_name}.{what}"] = value
+    return flat, details
+
+
 def privacy_metrics(
     synthetic: np.ndarray, train: np.ndarray, reference: np.ndarray, rp: ReportParams, value_range: tuple[float, float]
 ) -> tuple[dict, dict]:

@@ -416,6 +416,7 @@ FAMILIES = [
     ("conditioning.", "Conditioning fidelity"),
     ("privacy.", "Memorization / privacy"),
     ("intensity.", "Intensity"),
+    ("measures.", "Measures the gate does not use (standardized mean differences)"),
     ("compare.", "VQ-GAN vs VQ-VAE (validation)"),
     ("utility.", "Utility: pre-training a 3D ViT on the set (reports/utility.json)"),
 ]
@@ -494,6 +495,64 @@ def _ceiling_section(metrics: dict) -> list[str]:
         "score if the diffusion model reproduced real subjects' latents perfectly. Decoded training volumes "
         "are compared with the held-out set like the synthetic set is (the ceiling); the held-out volumes' own "
         "reconstructions are paired with the reference (optimistic).</p>",
+    ]
+
+
+MEASURE_LABELS = {
+    "csf_fraction": "CSF fraction of the head",
+    "gm_fraction": "grey-matter fraction",
+    "wm_fraction": "white-matter fraction",
+    "gm_wm_interface": "grey/white boundary (folding)",
+    "edge_sharpness": "edge sharpness",
+    "intensity_spread": "intensity spread (in-head SD)",
+}
+
+
+def _measures_section(metrics: dict) -> list[str]:
+    """The image measures the gate does not use, as standardized mean differences against the real held-out
+    set: the synthetic set, the decoded training volumes (what the autoencoder allows) and the real training
+    volumes (what chance between two sets of real subjects gives)."""
+    if not any(k.startswith("measures.") for k in metrics):
+        return []
+
+    def cell(name: str, who: str) -> str:
+        smd = metrics.get(f"measures.{name}.{who}.smd")
+        if smd is None:
+            return "n/a"
+        low, high = metrics.get(f"measures.{name}.{who}.low"), metrics.get(f"measures.{name}.{who}.high")
+        return f"{smd:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+    rows = [
+        [
+            label,
+            f"{_fmt(metrics.get(f'measures.{name}.real_mean'))} ± {_fmt(metrics.get(f'measures.{name}.real_sd'))}",
+            cell(name, "synthetic"),
+            cell(name, "decoded_train"),
+            cell(name, "train"),
+        ]
+        for name, label in MEASURE_LABELS.items()
+        if f"measures.{name}.real_mean" in metrics
+    ]
+    return [
+        "<h2>Measures the gate does not use</h2>",
+        _table(
+            [
+                "measure",
+                "real held-out (mean ± SD)",
+                "synthetic set",
+                "decoded training volumes",
+                "real training volumes",
+            ],
+            rows,
+        ),
+        '<p class="note">Standardized mean differences (Cohen\'s d: difference of means over the pooled SD) against '
+        "the real held-out volumes, with 95 % bootstrap intervals; |d| ≈ 0.2 is small, ≈ 0.8 large. The real "
+        "training volumes show what two sets of real subjects differ by; the decoded training volumes, what the "
+        "autoencoder allows. Tissue classes use one pair of thresholds for every volume (a 3-class Otsu of the "
+        "pooled real held-out head intensities, "
+        f"{_fmt(metrics.get('measures.csf_gm_threshold'))} and {_fmt(metrics.get('measures.gm_wm_threshold'))}); "
+        "the grey/white boundary is the fraction of head voxels that are white matter next to grey matter, which "
+        "cortical folding makes large (<code>synthmri.metrics.image_measures</code>).</p>",
     ]
 
 
@@ -583,6 +642,7 @@ def build_html(
     )
 
     parts.extend(_ceiling_section(metrics))
+    parts.extend(_measures_section(metrics))
     parts.append("<h2>All metrics</h2>")
     for prefix, title in FAMILIES:
         rows = [[key, _fmt(value)] for key, value in metrics.items() if key.startswith(prefix)]
