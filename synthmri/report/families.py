@@ -225,6 +225,7 @@ def image_measure_metrics(
     volumes) be read against the same reference. A set larger than ``LARGE_SET`` is measured on a seeded
     subset of that size (the differences are then precise to about 0.05)."""
     from synthmri.metrics.image_measures import image_measures, standardized_mean_differences, tissue_thresholds
+    from synthmri.report.intervals import LEVEL
 
     if len(reference) < 2:
         log.warning("Image measures skipped: they need at least 2 real held-out volumes, there are %d", len(reference))
@@ -251,9 +252,8 @@ def image_measure_metrics(
         if len(volumes) > LARGE_SET:
             keep = np.sort(np.random.default_rng(seed).choice(len(volumes), LARGE_SET, replace=False))
             volumes = volumes[keep]
-        smd = standardized_mean_differences(
-            real, image_measures(volumes, details["thresholds"], value_range), seed=seed
-        )
+        measured = image_measures(volumes, details["thresholds"], value_range)
+        smd = standardized_mean_differences(real, measured, seed=seed, level=LEVEL)  # the report's one level
         details["sets"][set_name] = smd
         for name, values in smd.items():
             for what, value in values.items():
