@@ -45,8 +45,8 @@ def test_params_yaml_spells_out_every_default_with_the_code_default():
 
 
 # What the 2-hour profile may change: how many minutes each stage gets (and how often it checkpoints,
-# validates and draws) and the U-Net size those minutes buy, never the recipe, the data or the gate, which
-# params.yaml owns.
+# validates and draws), the U-Net size those minutes buy and the guidance scale that U-Net needs (a better-trained
+# model needs less: RESULTS.md, 21st session), never the recipe, the data or the gate, which params.yaml owns.
 QUALITY_2H_BUDGET_KEYS = {
     "diffusion.unet.channels",
     "diffusion.unet.attention",
@@ -58,6 +58,7 @@ QUALITY_2H_BUDGET_KEYS = {
     "diffusion.train.checkpoint_every",
     "diffusion.train.val_every",
     "diffusion.train.sample_every",
+    "diffusion.sampler.guidance_scale",
     "utility.repeats",
     "utility.pretrain.steps",
 }
