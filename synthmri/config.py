@@ -302,6 +302,11 @@ class DiffusionTrainParams(TrainParams):
     # sigmoid(N(0, 1)), which trains the middle noise levels most
     # logit_normal with flow: FD 6.4/6.1 -> 4.6/5.0, precision 0.34/0.44 -> 0.63/0.72 at 4160 steps (2 seeds, RESULTS.md)
     timestep_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
+    # the covariates classifier-free guidance amplifies; null = all. A group (e.g. [age, sex]) is also dropped on its
+    # own, the others kept, with probability guided_dropout: guidance's reference branch is then "the group
+    # unspecified", so guidance strengthens the group's effects and leaves the acquisition's contrast as asked
+    guided_covariates: list[str] | None = None
+    guided_dropout: float = Field(0.15, ge=0, le=1)
 
 
 class SamplerParams(_Section):
@@ -584,6 +589,9 @@ class Params(_Section):
         unknown_grid = [k for k in self.sample.grid if k not in names]
         if unknown_grid:
             raise ValueError(f"sample.grid names unknown covariates {unknown_grid}")
+        guided = self.diffusion.train.guided_covariates
+        if guided is not None and (not guided or [g for g in guided if g not in names]):
+            raise ValueError(f"diffusion.train.guided_covariates must name declared covariates {names}, got {guided}")
         if self.ingest.source == "demo" and "site" in names:
             levels = self.covariate("site").levels or []
             foreign = [s for s in self.demo.sites if s not in levels]

@@ -108,6 +108,37 @@ def test_condition_dropout_drops_whole_samples_reproducibly():
     assert partial.any()  # p_each creates partially specified conditions
 
 
+def test_a_guided_group_is_the_reference_of_guidance_and_is_dropped_alone():
+    """With ``guided=[age, sex]`` guidance's reference is "age and sex unspecified, site as asked", and
+    training drops exactly that group (the site kept) at the given rate."""
+    enc = _perturbed(CovariateEncoder(COVS, EMB, guided=["age", "sex"]))
+    batch = enc.encode_values([{"age": 30, "sex": "F", "site": "site1"}, {"age": 70, "sex": "M", "site": "site3"}])
+    ref = enc.guidance_reference(batch)
+    assert not ref.present[:, 0].any() and not ref.continuous[:, 0].any()  # age unspecified
+    assert not ref.categorical[:, 0].any()  # sex unspecified
+    assert torch.equal(ref.categorical[:, 1], batch.categorical[:, 1])  # site as asked
+    tokens_ref, tokens_full, tokens_null = enc(ref)[1], enc(batch)[1], enc(enc.null_like(batch))[1]
+    assert torch.equal(tokens_ref[:, :2], tokens_null[:, :2]) and torch.equal(tokens_ref[:, 2], tokens_full[:, 2])
+    # without a group the reference is the whole null condition, and group dropout draws nothing
+    plain = CovariateEncoder(COVS, EMB)
+    assert all(torch.equal(a, b) for a, b in zip(plain.guidance_reference(batch), plain.null_like(batch), strict=True))
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    assert plain.drop_guided(batch, 0.5, g) is batch and torch.equal(g.get_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(enc.drop_guided(batch, 1.0, g), ref, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(enc.drop_guided(batch, 0.0, g), batch, strict=True))
+    many = enc.encode_values([{"age": 50, "sex": "F", "site": "site2"}] * 400)
+    dropped = enc.drop_guided(many, 0.3, torch.Generator().manual_seed(1))
+    group_null = ~dropped.present[:, 0] & (dropped.categorical[:, 0] == 0)
+    group_kept = dropped.present[:, 0] & (dropped.categorical[:, 0] != 0)
+    assert bool((group_null | group_kept).all()) and bool((dropped.categorical[:, 1] == 2).all())
+    assert 0.2 < group_null.float().mean() < 0.4
+    with pytest.raises(ValueError, match="guided covariates"):
+        CovariateEncoder(COVS, EMB, guided=["bmi"])
+    with pytest.raises(ValidationError, match="guided_covariates"):
+        Params(diffusion={"train": {"guided_covariates": ["age", "bmi"]}})
+
+
 def test_partial_conditioning_differs_from_full_and_null():
     enc = _perturbed(CovariateEncoder(COVS, EMB))
     full, partial, null = (
@@ -446,6 +477,40 @@ def test_guidance_zero_ignores_covariates_and_positive_uses_them():
         sample_latents(model, enc, sched, rows, (4, 4, 4, 4), 6, 1.0, seeds=[1])
 
 
+class _EmbeddingSpy(torch.nn.Module):
+    """The denoiser, recording the condition embeddings it is called with."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.embeddings = inner, []
+
+    def forward(self, x, t, emb, tokens):
+        self.embeddings.append(emb.detach().clone())
+        return self.inner(x, t, emb, tokens)
+
+
+def test_guidance_with_a_guided_group_amplifies_against_the_group_null():
+    model, enc = _random_model_and_encoder()  # age, sex
+    grouped = CovariateEncoder(enc.covariates, EMB, guided=["age"])
+    grouped.load_state_dict(enc.state_dict())
+    sched = make_sampler("dpm_solver", ScheduleParams(prediction="flow"))
+    rows, seeds = [{"age": 0.2, "sex": "F"}], [5]
+
+    def run(encoder, scale):
+        spy = _EmbeddingSpy(model)
+        z = sample_latents(spy, encoder, sched, rows, (4, 4, 4, 4), 6, scale, seeds=seeds)
+        return z, spy.embeddings
+
+    z_group, calls = run(grouped, 3.0)
+    age_null = grouped(grouped.encode_values([{"sex": "F"}]))[0]
+    whole_null = grouped(grouped.encode_values([{}]))[0]
+    assert all(torch.equal(emb[1:], age_null) for emb in calls)  # the reference: age unspecified, sex as asked
+    assert (age_null - whole_null).abs().max() > 1e-3
+    z_all, _ = run(enc, 3.0)
+    assert (z_group - z_all).abs().max() > 1e-3
+    assert torch.equal(run(grouped, 1.0)[0], run(enc, 1.0)[0])  # conditional only: no reference at all
+
+
 @pytest.mark.parametrize("prediction,sampler", [("flow", "dpm_solver"), ("v_prediction", "ddim")])
 def test_guidance_interval_guides_only_the_steps_inside_it(prediction, sampler):
     model, enc = _random_model_and_encoder()
@@ -746,6 +811,39 @@ def test_trainer_weights_each_sample_by_min_snr(tmp_path, prediction):
     assert torch.allclose(losses["none"], single.mean(), rtol=1e-5)
     assert torch.allclose(losses["min_snr"], (weights * single).mean(), rtol=1e-5)
     assert not torch.allclose(losses["min_snr"], losses["none"], rtol=1e-2)
+
+
+def test_trainer_drops_the_guided_group_and_the_saved_model_guides_on_it(tmp_path):
+    """``diffusion.train.guided_covariates``: the trainer's draws null the group alone at ``guided_dropout``
+    (the other covariates kept), and the group travels with the saved model (its config) to sampling."""
+    from synthmri.config import load_params
+    from synthmri.data.covariates import covariate_rows
+    from synthmri.data.latents import LatentSet
+    from synthmri.models.loading import load_ldm, save_weights
+    from synthmri.training.train_diffusion import DiffusionTrainer
+
+    n = 200
+    _write_latent_dir(tmp_path, torch.zeros(n, 4, 4, 4, 4), age=[40] * n, sex=["F"] * n, site=["site2"] * n)
+    latents = LatentSet(tmp_path, "train")
+    overrides = ["diffusion.unet.channels=[16,32]", "diffusion.unet.patch_size=1", "diffusion.train.device=cpu",
+                 "diffusion.train.guided_covariates=[age,sex]"]  # fmt: skip
+    params = load_params(REPO / "params.yaml", overrides)
+    trainer = DiffusionTrainer(params, latents, None, tmp_path / "ckpt", "test")
+    assert trainer.model.encoder.guided == ["age", "sex"]
+    rows = trainer.model.encoder.encode_values(covariate_rows(latents.manifest, params.covariates))
+    _, _, drawn = trainer.draw(latents.latents.shape, rows, torch.Generator().manual_seed(0), 0.0, 0.5)
+    age_null, sex_null = ~drawn.present[:, 0], drawn.categorical[:, 0] == 0
+    assert torch.equal(age_null, sex_null) and 0.35 < age_null.float().mean() < 0.65
+    assert bool((drawn.categorical[:, 1] == 2).all())  # the site is never dropped with the group
+    _, _, validation = trainer.draw(latents.latents.shape, rows, torch.Generator().manual_seed(0), 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(validation, rows, strict=True))  # validation: as asked
+    config = {"diffusion": params.diffusion.model_dump(mode="json"), "latent_shape": [4, 4, 4, 4],
+              "covariates": [c.model_dump(mode="json") for c in params.covariates]}  # fmt: skip
+    save_weights(trainer.ema.module, config, tmp_path / "ldm")
+    assert load_ldm(tmp_path / "ldm").encoder.guided == ["age", "sex"]
+    del config["diffusion"]["train"]["guided_covariates"]  # a model written before groups existed
+    save_weights(trainer.ema.module, config, tmp_path / "old")
+    assert load_ldm(tmp_path / "old").encoder.guided is None
 
 
 def test_trainer_trains_flow_on_the_flow_target_at_the_configured_timesteps(tmp_path):

@@ -24,6 +24,7 @@ _NOT_COVARIATES = {
     "guidance_scale",
     "snap_to_codes",
     "guidance_interval",
+    "guided_covariates",
     "numerics",
     "sha256",
     "vqgan_version",

@@ -5,7 +5,8 @@ design choice gives three features at once:
 
 - partial conditioning: a row may leave any covariate unspecified (``None``); the model then
   marginalises over it, as it learned to when that covariate was dropped in training;
-- classifier-free guidance: the unconditional prediction is the one with every covariate null;
+- classifier-free guidance: the reference prediction is the one with every covariate null, or, for a
+  model trained with a guided group, the one with only that group null (:meth:`CovariateEncoder.guidance_reference`);
 - data with missing optional covariates (e.g. no ``site``) trains without imputation.
 
 Values travel as a :class:`CovariateBatch` of three tensors (a ``NamedTuple``, so DataLoader collation,
@@ -132,14 +133,27 @@ class CovariateEncoder(nn.Module):
         emb_dim: embedding width; must equal the U-Net's ``emb_dim``.
         ranges: optional overrides of the continuous covariates' ranges (see :func:`encode_covariates`).
             The covariate list and ranges are part of the model: store them with the checkpoint.
+        guided: the covariates classifier-free guidance amplifies; ``None`` = all of them. A group (e.g. age
+            and sex) makes guidance's reference branch "that group unspecified, the others as asked", so
+            guidance strengthens the group's effects without exaggerating the others (the acquisition's
+            contrast). The model must be trained with that group dropped (:meth:`drop_guided`).
     """
 
     def __init__(
-        self, covariates: Sequence[Covariate], emb_dim: int, ranges: Mapping[str, tuple[float, float]] | None = None
+        self,
+        covariates: Sequence[Covariate],
+        emb_dim: int,
+        ranges: Mapping[str, tuple[float, float]] | None = None,
+        guided: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.covariates = list(covariates)
         self.emb_dim = emb_dim
+        unknown = sorted(set(guided or []) - {c.name for c in self.covariates})
+        if unknown or (guided is not None and not guided):
+            declared = [c.name for c in self.covariates]
+            raise ValueError(f"guided covariates must be a non-empty subset of {declared}, got {list(guided)}")
+        self.guided = list(guided) if guided is not None else None
         self.ranges = {c.name: continuous_range(c, ranges) for c in self.covariates if c.kind == "continuous"}
         self.continuous = nn.ModuleList(
             _ContinuousEmbedding(emb_dim) for c in self.covariates if c.kind == "continuous"
@@ -189,6 +203,34 @@ class CovariateEncoder(nn.Module):
         return CovariateBatch(
             torch.zeros_like(batch.continuous), torch.zeros_like(batch.present), torch.zeros_like(batch.categorical)
         )
+
+    def _group_masks(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which continuous and which categorical columns hold the covariates ``names``."""
+        cont = [c.name in names for c in self.covariates if c.kind == "continuous"]
+        cat = [c.name in names for c in self.covariates if c.kind == "categorical"]
+        return torch.tensor(cont, dtype=torch.bool), torch.tensor(cat, dtype=torch.bool)
+
+    def _null_where(self, batch: CovariateBatch, rows: torch.Tensor) -> CovariateBatch:
+        """``batch`` with the guided group unspecified in the samples where ``rows`` (B, 1) is True."""
+        cont, cat = self._group_masks(self.guided or self.names)
+        device = batch.continuous.device
+        keep_cont = ~(rows & cont[None]).to(device)
+        keep_cat = ~(rows & cat[None]).to(device)
+        return CovariateBatch(batch.continuous * keep_cont, batch.present & keep_cont, batch.categorical * keep_cat)
+
+    def guidance_reference(self, batch: CovariateBatch) -> CovariateBatch:
+        """The input of guidance's reference branch: every covariate unspecified, or only the guided group."""
+        if self.guided is None:
+            return self.null_like(batch)
+        return self._null_where(batch, torch.ones(batch.batch_size, 1, dtype=torch.bool))
+
+    def drop_guided(self, batch: CovariateBatch, p: float, generator: torch.Generator | None = None) -> CovariateBatch:
+        """Make the guided group unspecified (the others kept) in each sample with probability ``p``: the
+        training input of :meth:`guidance_reference`. Without a guided group the batch is returned as it is
+        and ``generator`` is not drawn from (a run without a group trains exactly as before)."""
+        if self.guided is None or p <= 0:
+            return batch
+        return self._null_where(batch, torch.rand(batch.batch_size, 1, generator=generator) < p)
 
     @staticmethod
     def drop(

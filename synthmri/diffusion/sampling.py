@@ -113,9 +113,11 @@ def sample_latents(
         rows: covariates per sample, ``{name: value | None}``; ``None`` / absent = unspecified.
         shape: latent shape of ONE sample, ``(C, *spatial)``.
         steps: number of sampler steps.
-        guidance_scale: ``s`` in ``eps = eps_uncond + s·(eps_cond - eps_uncond)``; 1 = conditional only
-            (one forward per step), 0 = unconditional only, > 1 = stronger adherence to the covariates.
-            Otherwise the conditional and unconditional inputs share one forward pass.
+        guidance_scale: ``s`` in ``eps = eps_ref + s·(eps_cond - eps_ref)``; 1 = conditional only
+            (one forward per step), 0 = reference only, > 1 = stronger adherence to the covariates.
+            Otherwise the conditional and reference inputs share one forward pass. The reference is the
+            unconditional prediction, or, for an encoder with a guided group, the prediction with only
+            that group unspecified (:meth:`CovariateEncoder.guidance_reference`).
         generators: one CPU generator per sample, or
         seeds: one seed per sample (e.g. from :func:`sample_seed`).
         device: where the network runs.
@@ -194,7 +196,7 @@ def _sample_chain(
     scheduler = copy.deepcopy(scheduler)  # schedulers are stateful (timesteps, multistep history)
     batch = encoder.encode_values(rows)
     cond = encoder(batch.to(device))
-    uncond = encoder(encoder.null_like(batch).to(device))
+    uncond = encoder(encoder.guidance_reference(batch).to(device))
     if guidance_scale == 1:
         emb, tokens = cond
     elif guidance_scale == 0:

@@ -41,16 +41,23 @@ def load_vqgan(directory: str | Path, device: torch.device | str = "cpu") -> VQG
     return model.to(device).eval()
 
 
-def build_ldm(unet: UNetParams, covariates: list, latent_channels: int, checkpointing: bool = False):
+def build_ldm(
+    unet: UNetParams,
+    covariates: list,
+    latent_channels: int,
+    checkpointing: bool = False,
+    guided_covariates: list[str] | None = None,
+):
     """U-Net + covariate encoder; the encoder's embedding width is the U-Net's time-embedding width.
-    ``checkpointing``: activation checkpointing of the U-Net's blocks in training."""
+    ``checkpointing``: activation checkpointing of the U-Net's blocks in training; ``guided_covariates``: the
+    group classifier-free guidance amplifies (``diffusion.train.guided_covariates``; None = all)."""
     from synthmri.diffusion.conditioning import ConditionedUNet, CovariateEncoder
     from synthmri.models.unet import DiffusionUNet
 
     emb_dim = 4 * unet.channels[0]
     return ConditionedUNet(
         DiffusionUNet.from_params(unet, in_channels=latent_channels, cond_dim=emb_dim, checkpointing=checkpointing),
-        CovariateEncoder(covariates, emb_dim),
+        CovariateEncoder(covariates, emb_dim, guided=guided_covariates),
     )
 
 
@@ -63,6 +70,8 @@ def load_ldm(directory: str | Path, device: torch.device | str = "cpu"):
         UNetParams(**config["diffusion"]["unet"]),
         [Covariate(**c) for c in config["covariates"]],
         config["latent_shape"][0],
+        # the group the model was trained to be guided on; models written before it existed guide on all
+        guided_covariates=config["diffusion"]["train"].get("guided_covariates"),
     )
     model.load_state_dict(load_file(str(Path(directory) / WEIGHTS)))
     return model.to(device).eval()

@@ -105,6 +105,12 @@ def recorded_manifest(out_dir: Path, shards: list[int] | None = None) -> pd.Data
     return pd.DataFrame(records).sort_values("sample_index").reset_index(drop=True)
 
 
+def guided_text(params: Params) -> str:
+    """Which covariates classifier-free guidance amplifies, in words (the model's trained group, or all)."""
+    guided = params.diffusion.train.guided_covariates
+    return f"{', '.join(guided)} (the other covariates as asked)" if guided else "every covariate"
+
+
 def generate_shard(job: SampleJob, shard: int, items: list[tuple[int, dict]]) -> dict:
     """Generate, decode and write the volumes of one shard; record it only when all are on disk."""
     with intra_op_threads(job.torch_threads):  # the bytes must not depend on the process it runs in
@@ -156,6 +162,8 @@ def _generate_shard(job: SampleJob, shard: int, items: list[tuple[int, dict]]) -
                 "sampler": job.sampler,
                 "steps": job.steps,
                 "guidance_scale": job.guidance_scale,
+                # the covariates guidance amplified (the model's trained group), or all of them
+                "guided_covariates": ",".join(ldm.encoder.guided or ldm.encoder.names),
                 "snap_to_codes": job.snap_to_codes,
                 "guidance_interval": "all steps" if job.guidance_interval is None else str(list(job.guidance_interval)),
                 "numerics": numerics,
@@ -368,7 +376,8 @@ def write_card(out_dir: Path, params: Params, manifest: pd.DataFrame, provenance
         f"- intensities: {INTENSITY_NOTE}",
         f"- covariate plan: `{params.sample.plan}`; covariates: "
         + ", ".join(f"{c.name} ({c.kind})" for c in params.covariates),
-        f"- sampler: {sampler.sampler}, {sampler.steps} steps, classifier-free guidance scale {sampler.guidance_scale}",
+        f"- sampler: {sampler.sampler}, {sampler.steps} steps, classifier-free guidance scale {sampler.guidance_scale} "
+        f"on {guided_text(params)}",
         f"- seeds: sample i uses the seed derived from (global seed {params.sample.seed}, i); see `manifest.csv`",
         f"- models: synthmri-vqgan version {provenance['vqgan_version']} (sha256 {provenance['vqgan_sha256'][:12]}…), "
         f"synthmri-ldm version {provenance['ldm_version']} (sha256 {provenance['ldm_sha256'][:12]}…)",
@@ -507,13 +516,14 @@ def _generate(
         sampler.guidance_interval,
     )
     log.info(
-        "Sampling %d volumes in %d shards (%d already done) with %s, %d steps, guidance %.1f, %s, on %s x%d",
+        "Sampling %d volumes in %d shards (%d already done) with %s, %d steps, guidance %.1f on %s, %s, on %s x%d",
         len(plan),
         len(shards),
         done,
         sampler.sampler,
         sampler.steps,
         sampler.guidance_scale,
+        guided_text(params),
         "latents snapped to their nearest codes" if sampler.snap_to_codes else "latents decoded as sampled",
         params.sample.task_runner,
         params.sample.workers,

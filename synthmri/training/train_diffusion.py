@@ -64,7 +64,11 @@ class DiffusionTrainer(ResumableTrainer):
                 "that divides every latent axis (or change normalize.shape / vqgan.model.downsample_factor)"
             )
         self.model = build_ldm(
-            self.cfg.unet, params.covariates, train.latents.shape[1], checkpointing=t.activation_checkpointing
+            self.cfg.unet,
+            params.covariates,
+            train.latents.shape[1],
+            checkpointing=t.activation_checkpointing,
+            guided_covariates=t.guided_covariates,
         ).to(self.device)
         self.ema = make_ema(self.model, t.ema_decay)
         self.train_model = self.ctx.prepare(self.model, t.channels_last, t.compile)
@@ -79,13 +83,20 @@ class DiffusionTrainer(ResumableTrainer):
         return {"model": self.model, "ema": self.ema, "optimizer": self.optimizer, "lr_schedule": self.lr_schedule}
 
     def draw(
-        self, shape: torch.Size, covariates: CovariateBatch, generator: torch.Generator, dropout: float
+        self,
+        shape: torch.Size,
+        covariates: CovariateBatch,
+        generator: torch.Generator,
+        dropout: float,
+        guided_dropout: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor, CovariateBatch]:
         """Noise, timesteps and condition dropout of a whole (global) batch, from one CPU generator:
-        every rank draws the same and takes its rows, so N processes train exactly like one."""
+        every rank draws the same and takes its rows, so N processes train exactly like one. ``dropout``
+        nulls whole conditions, ``guided_dropout`` the guided group alone (validation: both 0)."""
         noise = torch.randn(shape, generator=generator)
         t = sample_timesteps(self.scheduler, shape[0], generator, density=self.cfg.train.timestep_sampling)
-        return noise, t, CovariateEncoder.drop(covariates, dropout, generator)
+        dropped = CovariateEncoder.drop(covariates, dropout, generator)
+        return noise, t, self.model.encoder.drop_guided(dropped, guided_dropout, generator)
 
     def loss(
         self, model: torch.nn.Module, x0: torch.Tensor, covariates: CovariateBatch, noise: torch.Tensor, t: torch.Tensor
@@ -109,7 +120,11 @@ class DiffusionTrainer(ResumableTrainer):
         indices = batch_indices(len(self.train), global_batch, self.params.seed, self.step)
         generator = torch.Generator().manual_seed(sample_seed(self.params.seed, 10_000_000 + self.step))
         noise, timesteps, covariates = self.draw(
-            self.train.latents[indices].shape, self.train_covariates.select(indices), generator, t.condition_dropout
+            self.train.latents[indices].shape,
+            self.train_covariates.select(indices),
+            generator,
+            t.condition_dropout,
+            t.guided_dropout,
         )
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
