@@ -67,11 +67,9 @@ def main() -> None:
         for value in args.values:
             out = Path(tmp) / f"v{value}"
             rows = [{**row, args.covariate: value} for row in plan]
-            job = SampleJob(
-                str(LDM_DIR), str(VQGAN_DIR), str(LATENT_DIR), str(out), space["affine"], sampler.sampler,
-                sampler.steps, sampler.guidance_scale, params.sample.seed, "bench", {}, params.sample.torch_threads,
-                snap_to_codes=sampler.snap_to_codes,
-                    guidance_interval=sampler.guidance_interval,
+            job = SampleJob.from_params(
+                params, LDM_DIR, VQGAN_DIR, LATENT_DIR, out, space["affine"], release="bench", micro_batch=1,
+                voxel_size_covariate=None,
             )  # fmt: skip
             generate_shard(job, 0, list(enumerate(rows)))
             contrasts[value] = np.array(

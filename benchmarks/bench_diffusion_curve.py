@@ -102,6 +102,7 @@ class Scorer:
             self.guidance_scale,
             seeds=self.seeds,
             guidance_interval=s.guidance_interval,
+            rest_guidance_scale=s.rest_guidance_scale,
         )
         volumes = [
             self.vqgan.decode(self.latents.unstandardize(latent[None]), quantize=s.snap_to_codes) for latent in z

@@ -79,23 +79,10 @@ def main() -> None:
         for repeat in range(args.repeats):
             for steps, micro_batch in settings:
                 out = Path(tmp) / f"s{steps}-mb{micro_batch}-r{repeat}"
-                job = SampleJob(
-                    str(LDM_DIR),
-                    str(VQGAN_DIR),
-                    str(LATENT_DIR),
-                    str(out),
-                    space["affine"],
-                    sampler.sampler,
-                    steps,
-                    sampler.guidance_scale,
-                    params.sample.seed,
-                    "bench",
-                    {},
-                    params.sample.torch_threads,
-                    micro_batch,
-                    snap_to_codes=sampler.snap_to_codes,
-                    guidance_interval=sampler.guidance_interval,
-                )
+                job = SampleJob.from_params(
+                    params, LDM_DIR, VQGAN_DIR, LATENT_DIR, out, space["affine"], steps=steps, release="bench",
+                    micro_batch=micro_batch, voxel_size_covariate=None,
+                )  # fmt: skip
                 if repeat == 0 and (steps, micro_batch) == settings[0]:  # load the models outside the clock
                     run_setting(job, plan[:1], 1, 1)
                 shard_size = shard_size_for(micro_batch, params.sample.shard_size)

@@ -117,11 +117,9 @@ def main() -> None:
             for setting in args.settings:
                 sampler, steps = parse_setting(setting)
                 out = Path(tmp) / f"{sampler}-{steps}-r{repeat}"
-                job = SampleJob(
-                    str(LDM_DIR), str(VQGAN_DIR), str(LATENT_DIR), str(out), space["affine"], sampler, steps,
-                    guidance, repeat, "bench", {}, params.sample.torch_threads, params.sample.micro_batch,
-                    snap_to_codes=params.diffusion.sampler.snap_to_codes,
-                    guidance_interval=params.diffusion.sampler.guidance_interval,
+                job = SampleJob.from_params(
+                    params, LDM_DIR, VQGAN_DIR, LATENT_DIR, out, space["affine"], sampler=sampler, steps=steps,
+                    seed=repeat, release="bench", voxel_size_covariate=None,
                 )  # fmt: skip
                 if not rows:  # load the models outside the clock
                     run_setting(replace(job, out_dir=str(Path(tmp) / "warm-up")), plan[:1], 1, 1)
@@ -134,6 +132,7 @@ def main() -> None:
                     "volumes": len(plan),
                     "guidance_scale": guidance,
                     "guidance_interval": str(params.diffusion.sampler.guidance_interval or "all steps"),
+                    "rest_guidance_scale": params.diffusion.sampler.rest_guidance_scale,
                     "seconds": round(seconds, 1),
                     "volumes_per_min": round(60 * len(plan) / seconds, 2),
                     **score(params, out),

@@ -304,8 +304,9 @@ class DiffusionTrainParams(TrainParams):
     timestep_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
     # the covariates classifier-free guidance amplifies; null = all. A group (e.g. [age, sex]) is also dropped on its
     # own, the others kept, with probability guided_dropout: guidance's reference branch is then "the group
-    # unspecified", so guidance strengthens the group's effects and leaves the acquisition's contrast as asked
-    guided_covariates: list[str] | None = None
+    # unspecified", so guidance strengthens the group's effects and leaves the acquisition's contrast as asked.
+    # A cohort without age or sex names its own group (or null)
+    guided_covariates: list[str] | None = ["age", "sex"]
     guided_dropout: float = Field(0.15, ge=0, le=1)
 
 
@@ -321,6 +322,9 @@ class SamplerParams(_Section):
     # (low, high]: guide only the steps whose noise level sigma = 1/sqrt(SNR) lies in it, the others conditional only
     # (Kynkaanniemi et al. 2024); null = guide every step
     guidance_interval: tuple[float, float] | None = None
+    # with diffusion.train.guided_covariates: the guidance of the other covariates (the acquisition), a second
+    # guidance term (eps_null + r (eps_ref - eps_null) + s (eps_cond - eps_ref)); 1 = no second term, no extra pass
+    rest_guidance_scale: float = Field(1.5, ge=0)
 
     @field_validator("guidance_interval")
     @classmethod
@@ -337,9 +341,14 @@ class DiffusionParams(_Section):
     sampler: SamplerParams = SamplerParams()
 
     @model_validator(mode="after")
-    def _sampler_fits_prediction(self) -> DiffusionParams:
+    def _sampler_fits_model(self) -> DiffusionParams:
         if self.schedule.prediction == "flow" and self.sampler.sampler == "ddpm":
             raise ValueError("a flow model samples with sampler: ddim (Euler) or dpm_solver, not ddpm")
+        if self.sampler.rest_guidance_scale != 1 and self.train.guided_covariates is None:
+            raise ValueError(
+                "diffusion.sampler.rest_guidance_scale guides the covariates outside diffusion.train.guided_covariates:"
+                " set that group, or leave the scale at 1"
+            )
         return self
 
 

@@ -59,6 +59,7 @@ QUALITY_2H_BUDGET_KEYS = {
     "diffusion.train.val_every",
     "diffusion.train.sample_every",
     "diffusion.sampler.guidance_scale",
+    "diffusion.sampler.rest_guidance_scale",
     "utility.repeats",
     "utility.pretrain.steps",
 }

@@ -27,7 +27,7 @@ from synthmri.diffusion import (
     training_target,
 )
 from synthmri.diffusion.ema import ema_decay
-from synthmri.diffusion.sampling import guided_step
+from synthmri.diffusion.sampling import _guided, guided_step
 from synthmri.diffusion.schedulers import FlowEulerScheduler, noise_levels
 from synthmri.models.unet import DiffusionUNet
 
@@ -509,6 +509,44 @@ def test_guidance_with_a_guided_group_amplifies_against_the_group_null():
     z_all, _ = run(enc, 3.0)
     assert (z_group - z_all).abs().max() > 1e-3
     assert torch.equal(run(grouped, 1.0)[0], run(enc, 1.0)[0])  # conditional only: no reference at all
+
+
+def test_two_guidance_terms_guide_the_group_and_the_rest_at_their_own_scales():
+    """``rest_guidance_scale`` r: ``eps_null + r (eps_ref - eps_null) + s (eps_cond - eps_ref)``, run as one forward
+    of three branches (conditional, group unspecified, all unspecified). r = 1 is the one-term group guidance
+    (two branches), r = s guides every covariate at s; a model without a group refuses r != 1."""
+    model, enc = _random_model_and_encoder()  # age, sex
+    grouped = CovariateEncoder(enc.covariates, EMB, guided=["age"])
+    grouped.load_state_dict(enc.state_dict())
+    sched = make_sampler("dpm_solver", ScheduleParams(prediction="flow"))
+    rows, seeds = [{"age": 0.2, "sex": "F"}, {"age": 0.7, "sex": "M"}], [5, 6]
+
+    def run(encoder, scale, rest=1.0):
+        spy = _EmbeddingSpy(model)
+        z = sample_latents(
+            spy, encoder, sched, rows, (4, 4, 4, 4), 6, scale, seeds=seeds, micro_batch=2, rest_guidance_scale=rest
+        )  # both rows in one chain: one network call per step
+        return z, spy.embeddings
+
+    two_terms, calls = run(grouped, 3.0, 1.5)
+    cond = grouped(grouped.encode_values(rows))[0]
+    age_null = grouped(grouped.encode_values([{"sex": r["sex"]} for r in rows]))[0]
+    whole_null = grouped(grouped.encode_values([{}, {}]))[0]
+    assert all(torch.equal(emb, torch.cat([cond, age_null, whole_null])) for emb in calls)
+    one_term, one_calls = run(grouped, 3.0)
+    assert all(len(emb) == 2 * len(rows) for emb in one_calls)  # r = 1: no unconditional branch
+    assert (two_terms - one_term).abs().max() > 1e-3
+    every = run(enc, 3.0)[0]  # every covariate guided at 3
+    assert (two_terms - every).abs().max() > 1e-3
+    assert _rel_diff(run(grouped, 3.0, 3.0)[0], every) < 1e-4  # r = s: the same guidance, up to rounding
+    cond_out, ref_out, null_out = torch.tensor(5.0), torch.tensor(3.0), torch.tensor(2.0)  # the combination itself
+    assert float(_guided((cond_out, ref_out, null_out), 3.0, 1.5)) == 2.0 + 1.5 * (3.0 - 2.0) + 3.0 * (5.0 - 3.0)
+    assert float(_guided((cond_out, ref_out), 3.0, 1.0)) == 3.0 + 3.0 * (5.0 - 3.0)
+    with pytest.raises(ValueError, match="guided covariate group"):
+        run(enc, 3.0, 1.5)
+    with pytest.raises(ValidationError, match="rest_guidance_scale"):
+        DiffusionParams(train={"guided_covariates": None}, sampler={"rest_guidance_scale": 1.5})
+    assert DiffusionParams(train={"guided_covariates": ["age"]}, sampler={"rest_guidance_scale": 1.5})
 
 
 @pytest.mark.parametrize("prediction,sampler", [("flow", "dpm_solver"), ("v_prediction", "ddim")])

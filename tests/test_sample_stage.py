@@ -111,20 +111,8 @@ def _plan_and_job(params, work: Path, out: Path, **job) -> tuple[list[dict], Sam
     """The stage's covariate plan and a shard job with the fixture's models and sampler, writing to ``out``."""
     plan = make_plan(params, pd.read_csv(work / "latents" / "manifest.csv").query("split == 'train'"))
     space = json.loads((work / "processed" / "space.json").read_text())
-    sampler = params.diffusion.sampler
-    return plan, SampleJob(
-        str(work / "ldm"),
-        str(work / "vqgan"),
-        str(work / "latents"),
-        str(out),
-        space["affine"],
-        sampler.sampler,
-        sampler.steps,
-        sampler.guidance_scale,
-        params.sample.seed,
-        "dev",
-        {},
-        **job,
+    return plan, SampleJob.from_params(
+        params, work / "ldm", work / "vqgan", work / "latents", out, space["affine"], release="dev", **job
     )
 
 
@@ -145,6 +133,12 @@ def test_sample_set_is_complete_clean_and_verifiable(trained, prefect_server, tm
     manifest = _sample(params, work, tmp_path / "syn")
     assert list(manifest["sample_index"]) == list(range(5))
     assert len(set(manifest["seed"])) == 5
+    # what guidance each volume was sampled with: the model's trained group and the second term's scale
+    sampler = params.diffusion.sampler
+    assert (manifest["guided_covariates"] == ",".join(params.diffusion.train.guided_covariates)).all()
+    assert (manifest["rest_guidance_scale"] == sampler.rest_guidance_scale).all() and sampler.rest_guidance_scale != 1
+    card = (tmp_path / "syn" / "README.md").read_text()
+    assert f"on age, sex (the other covariates at guidance {sampler.rest_guidance_scale:g})" in card
     space = json.loads((work / "processed" / "space.json").read_text())
     for row in manifest.itertuples():
         image = nib.load(tmp_path / "syn" / row.file)

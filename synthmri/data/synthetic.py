@@ -25,6 +25,7 @@ _NOT_COVARIATES = {
     "snap_to_codes",
     "guidance_interval",
     "guided_covariates",
+    "rest_guidance_scale",
     "numerics",
     "sha256",
     "vqgan_version",

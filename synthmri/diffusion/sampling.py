@@ -102,6 +102,7 @@ def sample_latents(
     slots: Sequence[int] | None = None,
     callback: Callable[[int, int], None] | None = None,
     guidance_interval: Sequence[float] | None = None,
+    rest_guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """Generate one latent per row of covariates.
 
@@ -135,6 +136,11 @@ def sample_latents(
             towards the same layout (less variety), and at low noise it only sharpens what is decided
             (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval improves sample and
             distribution quality"). ``None``: every step.
+        rest_guidance_scale: ``r``, for an encoder with a guided group only: the guidance of the *other*
+            covariates (the acquisition), in ``eps = eps_null + r·(eps_ref - eps_null) + s·(eps_cond - eps_ref)``
+            (two guidance terms, as InstructPix2Pix guides its image and its text separately). ``r = 1``: the
+            other covariates as conditioned, no unconditional pass; ``r = s``: the same as guiding every
+            covariate at ``s``.
 
     Returns:
         ``(len(rows), *shape)`` float32 latents on ``device``, in the model's (scaled) latent space:
@@ -162,6 +168,7 @@ def sample_latents(
             device,
             functools.partial(progress.advance, len(real)),
             guidance_interval,
+            rest_guidance_scale,
         )
         for position, i in enumerate(batch):
             if i is not None:
@@ -191,34 +198,60 @@ def _sample_chain(
     device: torch.device | str,
     after_step: Callable[[], None],
     guidance_interval: Sequence[float] | None = None,
+    rest_guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """One batched reverse-diffusion chain over ``rows`` (see the module docstring for the noise)."""
     scheduler = copy.deepcopy(scheduler)  # schedulers are stateful (timesteps, multistep history)
-    batch = encoder.encode_values(rows)
-    cond = encoder(batch.to(device))
-    uncond = encoder(encoder.guidance_reference(batch).to(device))
-    if guidance_scale == 1:
-        emb, tokens = cond
-    elif guidance_scale == 0:
-        emb, tokens = uncond
-    else:
-        emb, tokens = (torch.cat([c, u]) for c, u in zip(cond, uncond, strict=True))
+    branches = _guidance_branches(encoder, encoder.encode_values(rows), device, guidance_scale, rest_guidance_scale)
+    emb, tokens = (torch.cat(parts) for parts in zip(*branches, strict=True))
+    k = len(branches)
 
     x = torch.cat([torch.randn((1, *shape), generator=g) for g in gens]).to(device)
     x = x * scheduler.init_noise_sigma
     scheduler.set_timesteps(steps, device=device)
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(x, t)
-        if guidance_scale not in (0, 1) and not guided_step(scheduler, t, guidance_interval):
-            out = model(x_in, t, *cond).float()
-        elif guidance_scale in (0, 1):
-            out = model(x_in, t, emb, tokens).float()
+        if k > 1 and not guided_step(scheduler, t, guidance_interval):
+            out = model(x_in, t, *branches[0]).float()  # outside the interval: conditional only
         else:
-            out_cond, out_uncond = model(torch.cat([x_in, x_in]), t, emb, tokens).float().chunk(2)
-            out = out_uncond + guidance_scale * (out_cond - out_uncond)
+            outs = model(torch.cat([x_in] * k) if k > 1 else x_in, t, emb, tokens).float().chunk(k)
+            out = _guided(outs, guidance_scale, rest_guidance_scale)
         x = scheduler.step(out, t, x, generator=gens).prev_sample
         after_step()
     return x
+
+
+def _guidance_branches(
+    encoder: CovariateEncoder, batch, device, guidance_scale: float, rest_guidance_scale: float
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The conditionings each step runs the network with: the conditional alone (guidance 1), the reference
+    alone (guidance 0), conditional and reference (one guidance term), or conditional, reference and
+    unconditional (two terms: a guided group with ``rest_guidance_scale != 1``)."""
+    if rest_guidance_scale != 1:
+        if encoder.guided is None:
+            raise ValueError(
+                "rest_guidance_scale needs a model trained with a guided covariate group "
+                "(diffusion.train.guided_covariates); this model guides every covariate together"
+            )
+        parts = (batch, encoder.guidance_reference(batch), encoder.null_like(batch))
+    elif guidance_scale == 1:
+        parts = (batch,)
+    elif guidance_scale == 0:
+        parts = (encoder.guidance_reference(batch),)
+    else:
+        parts = (batch, encoder.guidance_reference(batch))
+    return [encoder(p.to(device)) for p in parts]
+
+
+def _guided(outs: Sequence[torch.Tensor], scale: float, rest_scale: float) -> torch.Tensor:
+    """Classifier-free guidance of the network's outputs per branch (see :func:`_guidance_branches`)."""
+    if len(outs) == 1:
+        return outs[0]
+    if len(outs) == 2:
+        cond, reference = outs
+        return reference + scale * (cond - reference)
+    cond, reference, null = outs
+    return null + rest_scale * (reference - null) + scale * (cond - reference)
 
 
 def guided_step(scheduler, t: torch.Tensor, interval: Sequence[float] | None) -> bool:

@@ -177,31 +177,18 @@ def generate_sweep(
     params.yaml may leave those out)."""
     import nibabel as nib
 
-    from synthmri.data.acquisition import voxel_size_covariate
     from synthmri.data.spacing import resample
     from synthmri.stages.sample import SampleJob, generate_shard, sample_volume_name
 
-    sampler, low, high = params.diffusion.sampler, *value_range
+    low, high = value_range
     out: list[list[np.ndarray]] = [[] for _ in subjects]
     with tempfile.TemporaryDirectory(prefix="synthmri-protocol-sweep-") as tmp:
         for p, protocol in enumerate(protocols):
             folder = Path(tmp) / f"protocol-{p}"
-            job = SampleJob(
-                ldm_dir=str(ldm_dir),
-                vqgan_dir=str(vqgan_dir),
-                latent_dir=str(latent_dir),
-                out_dir=str(folder),
-                affine=affine,
-                sampler=sampler.sampler,
-                steps=sampler.steps,
-                guidance_scale=sampler.guidance_scale,
-                snap_to_codes=sampler.snap_to_codes,
-                guidance_interval=sampler.guidance_interval,
-                seed=params.report.seed,
-                release="report protocol sweep",
-                provenance={},
-                voxel_size_covariate=voxel_size_covariate(params.covariates),
-            )
+            job = SampleJob.from_params(
+                params, ldm_dir, vqgan_dir, latent_dir, folder, affine,
+                seed=params.report.seed, release="report protocol sweep", torch_threads=1, micro_batch=1,
+            )  # fmt: skip
             generate_shard(job, 0, [(s, {**row, **protocol}) for s, row in enumerate(subjects)])
             for s in range(len(subjects)):
                 image = nib.load(folder / "volumes" / sample_volume_name(s))

@@ -14,7 +14,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +72,37 @@ class SampleJob:
     snap_to_codes: bool = False
     #: ``diffusion.sampler.guidance_interval``: the noise levels where guidance applies (None: every step).
     guidance_interval: tuple[float, float] | None = None
+    #: ``diffusion.sampler.rest_guidance_scale``: guidance of the covariates outside the model's guided group.
+    rest_guidance_scale: float = 1.0
+
+    @classmethod
+    def from_params(
+        cls, params: Params, ldm_dir, vqgan_dir, latent_dir, out_dir, affine: list, **overrides
+    ) -> SampleJob:
+        """The job the ``sample`` stage runs with these params (sampler, guidance, seeds, threads, decoding), so
+        every other caller (the report's protocol sweep, benchmarks, tests) samples as the stage does;
+        ``overrides`` replace single fields (e.g. ``steps``, ``seed``, ``release``)."""
+        sampler = params.diffusion.sampler
+        job = cls(
+            ldm_dir=str(ldm_dir),
+            vqgan_dir=str(vqgan_dir),
+            latent_dir=str(latent_dir),
+            out_dir=str(out_dir),
+            affine=affine,
+            sampler=sampler.sampler,
+            steps=sampler.steps,
+            guidance_scale=sampler.guidance_scale,
+            seed=params.sample.seed,
+            release=params.sample.release,
+            provenance={},
+            torch_threads=params.sample.torch_threads,
+            micro_batch=params.sample.micro_batch,
+            voxel_size_covariate=voxel_size_covariate(params.covariates),
+            snap_to_codes=sampler.snap_to_codes,
+            guidance_interval=sampler.guidance_interval,
+            rest_guidance_scale=sampler.rest_guidance_scale,
+        )
+        return replace(job, **overrides)
 
 
 @functools.lru_cache(maxsize=2)
@@ -108,7 +139,10 @@ def recorded_manifest(out_dir: Path, shards: list[int] | None = None) -> pd.Data
 def guided_text(params: Params) -> str:
     """Which covariates classifier-free guidance amplifies, in words (the model's trained group, or all)."""
     guided = params.diffusion.train.guided_covariates
-    return f"{', '.join(guided)} (the other covariates as asked)" if guided else "every covariate"
+    if not guided:
+        return "every covariate"
+    rest = params.diffusion.sampler.rest_guidance_scale
+    return f"{', '.join(guided)} (the other covariates " + (f"at guidance {rest:g})" if rest != 1 else "as asked)")
 
 
 def generate_shard(job: SampleJob, shard: int, items: list[tuple[int, dict]]) -> dict:
@@ -135,6 +169,7 @@ def _generate_shard(job: SampleJob, shard: int, items: list[tuple[int, dict]]) -
         micro_batch=job.micro_batch,
         slots=indices,
         guidance_interval=job.guidance_interval,
+        rest_guidance_scale=job.rest_guidance_scale,
     )
     volumes = decode_on_grid(
         vqgan, latents.unstandardize(z.cpu()).to(device), indices, job.micro_batch, job.snap_to_codes
@@ -164,6 +199,7 @@ def _generate_shard(job: SampleJob, shard: int, items: list[tuple[int, dict]]) -
                 "guidance_scale": job.guidance_scale,
                 # the covariates guidance amplified (the model's trained group), or all of them
                 "guided_covariates": ",".join(ldm.encoder.guided or ldm.encoder.names),
+                "rest_guidance_scale": job.rest_guidance_scale,
                 "snap_to_codes": job.snap_to_codes,
                 "guidance_interval": "all steps" if job.guidance_interval is None else str(list(job.guidance_interval)),
                 "numerics": numerics,
@@ -497,24 +533,7 @@ def _generate(
     pending = [(s, items) for s, items in shards if not (out_dir / "shards" / f"shard-{s:05d}.json").is_file()]
     done = sum(len(items) for s, items in shards) - sum(len(items) for _, items in pending)
     sampler = params.diffusion.sampler
-    job = SampleJob(
-        str(ldm_dir),
-        str(vqgan_dir),
-        str(latent_dir),
-        str(out_dir),
-        space["affine"],
-        sampler.sampler,
-        sampler.steps,
-        sampler.guidance_scale,
-        params.sample.seed,
-        params.sample.release,
-        provenance,
-        params.sample.torch_threads,
-        params.sample.micro_batch,
-        voxel_size_covariate(params.covariates),
-        sampler.snap_to_codes,
-        sampler.guidance_interval,
-    )
+    job = SampleJob.from_params(params, ldm_dir, vqgan_dir, latent_dir, out_dir, space["affine"], provenance=provenance)
     log.info(
         "Sampling %d volumes in %d shards (%d already done) with %s, %d steps, guidance %.1f on %s, %s, on %s x%d",
         len(plan),

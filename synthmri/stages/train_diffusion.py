@@ -52,6 +52,7 @@ def decode_preview(trainer: DiffusionTrainer, vqgan, rows: list[dict], path: Pat
         seeds=seeds,
         device=trainer.device,
         guidance_interval=trainer.cfg.sampler.guidance_interval,
+        rest_guidance_scale=trainer.cfg.sampler.rest_guidance_scale,
     )
     with torch.inference_mode():
         volumes = [
