@@ -1,0 +1,161 @@
+"""Which features tell the acquisitions apart, and whether the autoencoder keeps them.
+
+    make demo && .venv/bin/python benchmarks/bench_acquisition_texture.py [--noise white:0.25 spectrum:0.5 ...]
+
+The report's acquisition predictors (site, field strength, voxel size, ...) are fitted on the real training
+volumes' ``stats`` features and fail on synthetic volumes, and on decoded real ones too (the autoencoder's
+ceiling). This probe fits the same predictors (:func:`synthmri.metrics.conditioning.fit_covariate_predictor`) on
+three feature groups, all / without the GLCM texture / GLCM only, and scores each on the real held-out volumes and
+on their reconstructions by ``models/vqgan``: a group whose error grows from real to decoded carries what the
+decoder loses. Then it adds noise inside the head of the decoded volumes, ``white`` (each acquisition's residual
+std) or ``spectrum`` (stationary Gaussian noise with each acquisition's mean residual power spectrum), times a
+factor, and records the predictors and the ceiling's fidelity (decoded training volumes against the held-out ones)
+for each: whether the lost texture is noise that could be added back.
+
+Appends to ``benchmarks/results/acquisition_texture.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pandas as pd
+import torch
+from bench_vqgan_curve import append_rows
+from common import RESULTS_DIR, add_run_args, run_stamp
+
+from synthmri.catalog import PROCESSED_DIR, SPACE_NAME, VQGAN_DIR
+from synthmri.config import load_params
+from synthmri.data.datasets import ProcessedVolumes
+from synthmri.logs import progress
+from synthmri.metrics.conditioning import fit_covariate_predictor, predictor_error
+from synthmri.metrics.features import get_extractor, head_mask_normalized
+from synthmri.models.loading import load_vqgan
+from synthmri.report.families import fidelity_metrics
+
+OUT = RESULTS_DIR / "acquisition_texture.csv"
+GROUPS = ("all", "without_glcm", "glcm_only")
+
+
+def decode(model, volumes: np.ndarray, value_range) -> np.ndarray:
+    out = np.empty_like(volumes)
+    with torch.inference_mode():
+        for i, volume in enumerate(progress(volumes, "Decoding real volumes", "vol")):
+            x = torch.from_numpy(volume)[None, None]
+            out[i] = model.decode(model.encode(x)).clamp(*value_range)[0, 0].numpy()
+    return out
+
+
+def noise_models(real: np.ndarray, decoded: np.ndarray, acquisition: np.ndarray, value_range) -> dict:
+    """Per acquisition: the residual's std inside the head and its mean power spectrum (head-masked)."""
+    std, power = {}, {}
+    for x, d, a in zip(real, decoded, acquisition, strict=True):
+        mask = head_mask_normalized(x, value_range)
+        residual = np.where(mask, x - d, 0.0)
+        std.setdefault(a, []).append(residual[mask].std())
+        power.setdefault(a, []).append(np.abs(np.fft.fftn(residual / np.sqrt(mask.mean()))) ** 2)
+    return {a: (float(np.mean(std[a])), np.sqrt(np.mean(power[a], axis=0))) for a in std}
+
+
+def with_noise(volumes, acquisition, models, kind: str, factor: float, value_range, rng) -> np.ndarray:
+    out = volumes.copy()
+    for i, (volume, a) in enumerate(zip(volumes, acquisition, strict=True)):
+        mask = head_mask_normalized(volume, value_range)
+        std, amplitude = models[a]
+        white = rng.standard_normal(volume.shape)
+        if kind == "white":
+            noise = std * white
+        else:  # stationary noise with the acquisition's residual spectrum (unit-variance white noise filtered)
+            noise = np.real(np.fft.ifftn(np.fft.fftn(white) * amplitude)) / np.sqrt(white.size)
+        out[i][mask] += factor * noise[mask].astype(np.float32)
+    return np.clip(out, *value_range)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--noise", nargs="*", default=["white:0.25", "white:0.5", "spectrum:0.5", "spectrum:1"])
+    add_run_args(parser, OUT)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    params = load_params(args.params, args.overrides)
+    rp = params.report
+    space = json.loads((PROCESSED_DIR / SPACE_NAME).read_text())
+    value_range = tuple(space.get("intensity_range", (-1.0, 1.0)))
+    real = ProcessedVolumes(PROCESSED_DIR, split=None)
+    volumes = np.stack([v[0].numpy() for v in real.volumes])
+    manifest = real.manifest
+    train = np.flatnonzero(manifest["split"] == "train")
+    held_out = np.flatnonzero(manifest["split"].isin(rp.reference_splits))
+    # the acquisition's covariates (the site and what sidecars and headers give), and age as a control
+    targets = [c for c in params.covariates if c.source != "participants" or c.name in ("site", "age")]
+    targets = [c for c in targets if c.name in manifest.columns]
+    acquisition = manifest[[c.name for c in targets if c.name != "age"]].astype(str).agg("/".join, axis=1).to_numpy()
+
+    model = load_vqgan(VQGAN_DIR, torch.device("cpu")).eval()
+    decoded = {
+        "train": decode(model, volumes[train], value_range),
+        "held_out": decode(model, volumes[held_out], value_range),
+    }
+    extractor = get_extractor("stats", value_range=value_range)
+    glcm = np.array([n.startswith("glcm") for n in extractor.feature_names])
+    columns = {"all": np.ones_like(glcm), "without_glcm": ~glcm, "glcm_only": glcm}
+    f_train, f_held_out = extractor(volumes[train]), extractor(volumes[held_out])
+
+    def values(cov, index):
+        column = manifest[cov.name].iloc[index]
+        return column.to_numpy() if cov.kind == "categorical" else pd.to_numeric(column).to_numpy(np.float64)
+
+    fitted = {
+        (cov.name, group): fit_covariate_predictor(f_train[:, cols], values(cov, train), cov.kind)
+        for cov in targets
+        for group, cols in columns.items()
+    }
+    stamp = run_stamp()
+    rows = []
+
+    def record(variant: str, f_decoded_held_out, f_decoded_train, groups=GROUPS) -> None:
+        fidelity = fidelity_metrics(
+            f_held_out, f_decoded_train, f_train, rp.prdc_k, rp.seed, rp.compare_size, rp.max_comparisons
+        )
+        for cov in targets:
+            for group in groups:
+                cols, model_ = columns[group], fitted[(cov.name, group)]
+                rows.append(
+                    {
+                        "variant": variant,
+                        "covariate": cov.name,
+                        "metric": "accuracy" if cov.kind == "categorical" else "mae",
+                        "features": group,
+                        "real": predictor_error(model_, f_held_out[:, cols], values(cov, held_out)),
+                        "decoded": predictor_error(model_, f_decoded_held_out[:, cols], values(cov, held_out)),
+                        "ceiling_fd_ratio": fidelity.get("frechet_ratio"),
+                        "ceiling_precision": fidelity.get("precision"),
+                        "ceiling_coverage": fidelity.get("coverage"),
+                        **stamp,
+                    }
+                )
+        print(
+            f"{variant}: ceiling FD ratio {fidelity.get('frechet_ratio'):.2f}, coverage {fidelity.get('coverage'):.2f}"
+        )
+
+    record("decoded", extractor(decoded["held_out"]), extractor(decoded["train"]))
+    models = noise_models(volumes[train], decoded["train"], acquisition[train], value_range)
+    for spec in args.noise:
+        kind, _, factor = spec.partition(":")
+        if kind not in ("white", "spectrum"):
+            parser.error(f"--noise {spec}: the kind is white or spectrum")
+        rng = np.random.default_rng(0)
+        noisy = {
+            name: with_noise(decoded[name], acquisition[index], models, kind, float(factor), value_range, rng)
+            for name, index in (("train", train), ("held_out", held_out))
+        }
+        record(f"decoded + {kind} noise x{factor}", extractor(noisy["held_out"]), extractor(noisy["train"]), ("all",))
+    frame = pd.DataFrame(rows)
+    print(frame.pivot_table(index=["variant", "covariate"], columns="features", values=["real", "decoded"]).round(2))
+    append_rows(args.out, rows)
+
+
+if __name__ == "__main__":
+    main()
