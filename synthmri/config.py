@@ -340,14 +340,31 @@ class DiffusionParams(_Section):
     train: DiffusionTrainParams = DiffusionTrainParams()
     sampler: SamplerParams = SamplerParams()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_second_term_without_a_group(cls, data):
+        """Without a guided group there is no second guidance term: a config that turns the group off and says
+        nothing of ``rest_guidance_scale`` (a params.yaml from before the term existed) samples with 1."""
+        if isinstance(data, dict):
+            train, sampler = data.get("train"), data.get("sampler", {})
+            if (
+                isinstance(train, dict)
+                and "guided_covariates" in train
+                and train["guided_covariates"] is None
+                and isinstance(sampler, dict)
+                and "rest_guidance_scale" not in sampler
+            ):
+                data = {**data, "sampler": {**sampler, "rest_guidance_scale": 1.0}}
+        return data
+
     @model_validator(mode="after")
     def _sampler_fits_model(self) -> DiffusionParams:
         if self.schedule.prediction == "flow" and self.sampler.sampler == "ddpm":
             raise ValueError("a flow model samples with sampler: ddim (Euler) or dpm_solver, not ddpm")
         if self.sampler.rest_guidance_scale != 1 and self.train.guided_covariates is None:
             raise ValueError(
-                "diffusion.sampler.rest_guidance_scale guides the covariates outside diffusion.train.guided_covariates:"
-                " set that group, or leave the scale at 1"
+                f"diffusion.sampler.rest_guidance_scale {self.sampler.rest_guidance_scale:g} guides the covariates "
+                "outside diffusion.train.guided_covariates, which is null: name a group, or set rest_guidance_scale: 1"
             )
         return self
 

@@ -547,6 +547,9 @@ def test_two_guidance_terms_guide_the_group_and_the_rest_at_their_own_scales():
     with pytest.raises(ValidationError, match="rest_guidance_scale"):
         DiffusionParams(train={"guided_covariates": None}, sampler={"rest_guidance_scale": 1.5})
     assert DiffusionParams(train={"guided_covariates": ["age"]}, sampler={"rest_guidance_scale": 1.5})
+    # a params.yaml from before the second term, with the group off: no second term (not an error)
+    assert DiffusionParams(train={"guided_covariates": None}, sampler={"steps": 10}).sampler.rest_guidance_scale == 1
+    assert DiffusionParams(train={"guided_covariates": None}).sampler.rest_guidance_scale == 1
 
 
 @pytest.mark.parametrize("prediction,sampler", [("flow", "dpm_solver"), ("v_prediction", "ddim")])
