@@ -103,12 +103,18 @@ def main() -> None:
     columns = {"all": np.ones_like(glcm), "without_glcm": ~glcm, "glcm_only": glcm}
     f_train, f_held_out = extractor(volumes[train]), extractor(volumes[held_out])
 
-    def values(cov, index):
-        column = manifest[cov.name].iloc[index]
-        return column.to_numpy() if cov.kind == "categorical" else pd.to_numeric(column).to_numpy(np.float64)
+    def known(cov, index) -> tuple[np.ndarray, np.ndarray]:
+        """The positions in ``index`` where the covariate is known (e.g. no inversion time for SPGR), and its values."""
+        column = manifest[cov.name].iloc[index].replace("", np.nan)
+        values = column if cov.kind == "categorical" else pd.to_numeric(column)
+        ok = values.notna().to_numpy()
+        values = values.to_numpy()[ok]
+        return ok, values if cov.kind == "categorical" else values.astype(np.float64)
 
     fitted = {
-        (cov.name, group): fit_covariate_predictor(f_train[:, cols], values(cov, train), cov.kind)
+        (cov.name, group): fit_covariate_predictor(
+            f_train[known(cov, train)[0]][:, cols], known(cov, train)[1], cov.kind
+        )
         for cov in targets
         for group, cols in columns.items()
     }
@@ -122,14 +128,15 @@ def main() -> None:
         for cov in targets:
             for group in groups:
                 cols, model_ = columns[group], fitted[(cov.name, group)]
+                ok, truth = known(cov, held_out)
                 rows.append(
                     {
                         "variant": variant,
                         "covariate": cov.name,
                         "metric": "accuracy" if cov.kind == "categorical" else "mae",
                         "features": group,
-                        "real": predictor_error(model_, f_held_out[:, cols], values(cov, held_out)),
-                        "decoded": predictor_error(model_, f_decoded_held_out[:, cols], values(cov, held_out)),
+                        "real": predictor_error(model_, f_held_out[ok][:, cols], truth),
+                        "decoded": predictor_error(model_, f_decoded_held_out[ok][:, cols], truth),
                         "ceiling_fd_ratio": fidelity.get("frechet_ratio"),
                         "ceiling_precision": fidelity.get("precision"),
                         "ceiling_coverage": fidelity.get("coverage"),
