@@ -172,9 +172,8 @@ def generate_sweep(
     shard function with ``diffusion.sampler``, one shard per protocol, written to a temporary folder and read
     back as the report reads a synthetic set (a protocol with a voxel size is written at it, then resampled back
     onto the training grid ``(affine, shape)``: :mod:`synthmri.data.spacing`). One thread and one chain per
-    volume (``SampleJob``'s defaults, not ``sample.torch_threads`` / ``micro_batch``): the report's bytes then
-    depend on the models, the sampler and ``report.*`` only, and the stage needs no ``sample`` parameter (a
-    params.yaml may leave those out)."""
+    volume, the seed and the release set here (every ``sample.*`` field the job reads is overridden): the
+    report's bytes then depend on the models, the sampler and ``report.*`` only."""
     import nibabel as nib
 
     from synthmri.data.spacing import resample
