@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from conftest import REPO, make_processed
 from synthmri.config import Covariate, QuantizerParams, VQGANModelParams
 from synthmri.data.spacing import resample
 from synthmri.data.synthetic import SyntheticDataset
+from synthmri.errors import StageError
 from synthmri.io import sha256_file
 from synthmri.models.vqgan import VQGAN
 from synthmri.report.inputs import load_report_data
@@ -104,7 +106,17 @@ def trained_8cubed_latents(tmp_path_factory):
 
 
 def _sample(params, work: Path, out: Path):
-    return run_sample(params, work / "latents", work / "processed", work / "ldm", work / "vqgan", out, track=False)
+    return _sample_from(params, work, work / "ldm", out)
+
+
+def _sample_from(params, work: Path, ldm: Path, out: Path):
+    return run_sample(params, work / "latents", work / "processed", ldm, work / "vqgan", out, track=False)
+
+
+def _with_diffusion(params, section: str, **values):
+    """``params`` with ``diffusion.<section>``'s ``values`` replaced (params are frozen)."""
+    part = getattr(params.diffusion, section).model_copy(update=values)
+    return params.model_copy(update={"diffusion": params.diffusion.model_copy(update={section: part})})
 
 
 def _plan_and_job(params, work: Path, out: Path, **job) -> tuple[list[dict], SampleJob]:
@@ -164,6 +176,35 @@ def test_sample_set_is_complete_clean_and_verifiable(trained, prefect_server, tm
     assert list(parquet["sha256"]) == list(manifest["sha256"])
     volume, covariates = SyntheticDataset(tmp_path / "syn")[0]
     assert volume.shape == (1, 16, 16, 16) and set(covariates) == {c.name for c in params.covariates}
+
+
+def test_the_stage_guides_the_models_trained_group_and_refuses_a_second_term_it_was_not_trained_for(
+    trained, prefect_server, tmp_path
+):
+    """The sampler guides the group the saved model was trained on, whatever params.yaml says now: the card says
+    so. A model trained before groups existed (no group in its config) sampled with a second guidance term stops
+    at the stage's start with one line naming both fixes, before any volume is written."""
+    params, work, _ = trained
+    assert params.diffusion.train.guided_covariates == ["age", "sex"]
+    # params.yaml edited after training, the model not retrained
+    other = _with_diffusion(params, "train", guided_covariates=["age"])
+    _sample_from(other, work, work / "ldm", tmp_path / "syn")
+    card = (tmp_path / "syn" / "README.md").read_text()
+    assert "on age, sex (the other covariates at guidance 1.5)" in card
+
+    old_model = tmp_path / "ldm-old"
+    shutil.copytree(work / "ldm", old_model)
+    config = json.loads((old_model / "config.json").read_text())
+    del config["diffusion"]["train"]["guided_covariates"]
+    (old_model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(StageError, match=r"rest_guidance_scale = 1\.5 needs .* retrain it .*rest_guidance_scale=1$"):
+        _sample_from(params, work, old_model, tmp_path / "syn-old")
+    assert not (tmp_path / "syn-old").exists()
+    as_asked = _with_diffusion(params, "sampler", rest_guidance_scale=1.0)
+    manifest = _sample_from(as_asked, work, old_model, tmp_path / "syn-old")
+    assert (manifest["guided_covariates"] == ",".join(c.name for c in params.covariates)).all()
+    guidance = f"classifier-free guidance scale {params.diffusion.sampler.guidance_scale} on every covariate"
+    assert guidance in (tmp_path / "syn-old" / "README.md").read_text()
 
 
 def test_same_seed_gives_bitwise_identical_volumes_and_one_index_regenerates_alone(trained, prefect_server, tmp_path):
@@ -294,7 +335,6 @@ def test_a_rerun_after_the_generation_code_changed_regenerates_every_shard(
 
 
 def test_the_generation_code_digest_covers_the_sample_stages_code_deps_and_only_them(tmp_path):
-    import shutil
 
     import yaml
 

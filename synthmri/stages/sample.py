@@ -33,6 +33,7 @@ from synthmri.data.spacing import isotropic_grid, resample
 from synthmri.diffusion.sampling import micro_batch_grid, sample_latents, sample_seed
 from synthmri.diffusion.schedulers import make_sampler
 from synthmri.environment import software_versions
+from synthmri.errors import StageError
 from synthmri.io import dvc_directory_hash, save_nifti, sha256_file, write_csv_atomic, write_text_atomic
 from synthmri.logs import get_logger
 from synthmri.models.loading import load_ldm, load_vqgan, read_config
@@ -136,13 +137,31 @@ def recorded_manifest(out_dir: Path, shards: list[int] | None = None) -> pd.Data
     return pd.DataFrame(records).sort_values("sample_index").reset_index(drop=True)
 
 
-def guided_text(params: Params) -> str:
-    """Which covariates classifier-free guidance amplifies, in words (the model's trained group, or all)."""
-    guided = params.diffusion.train.guided_covariates
-    if not guided:
+def trained_guided_group(ldm_dir: Path) -> list[str] | None:
+    """The covariate group the saved diffusion model was trained to be guided on (None: every covariate together;
+    also for models written before groups existed). The sampler guides the model's group, not params.yaml's."""
+    return read_config(Path(ldm_dir))["diffusion"]["train"].get("guided_covariates") or None
+
+
+def check_guidance_fits_model(ldm_dir: Path, rest_guidance_scale: float) -> list[str] | None:
+    """The model's guided group, after a one-line StageError where the sampler's second guidance term needs a
+    group the model was not trained with (a model trained before the group, sampled with today's params.yaml)."""
+    group = trained_guided_group(ldm_dir)
+    if rest_guidance_scale != 1 and group is None:
+        raise StageError(
+            f"diffusion.sampler.rest_guidance_scale = {rest_guidance_scale:g} needs a diffusion model trained with a "
+            f"guided covariate group, but the one in {ldm_dir} guides every covariate together: retrain it "
+            "(dvc repro train_diffusion) or sample with -S diffusion.sampler.rest_guidance_scale=1"
+        )
+    return group
+
+
+def guided_text(group: list[str] | None, rest_guidance_scale: float) -> str:
+    """Which covariates classifier-free guidance amplifies, in words: the model's trained group, or all."""
+    if not group:
         return "every covariate"
-    rest = params.diffusion.sampler.rest_guidance_scale
-    return f"{', '.join(guided)} (the other covariates " + (f"at guidance {rest:g})" if rest != 1 else "as asked)")
+    rest = rest_guidance_scale
+    return f"{', '.join(group)} (the other covariates " + (f"at guidance {rest:g})" if rest != 1 else "as asked)")
 
 
 def generate_shard(job: SampleJob, shard: int, items: list[tuple[int, dict]]) -> dict:
@@ -387,8 +406,11 @@ def voxel_size_lines(params: Params, manifest: pd.DataFrame) -> list[str]:
     ]
 
 
-def write_card(out_dir: Path, params: Params, manifest: pd.DataFrame, provenance: dict, space: dict) -> None:
-    """The data-set card (README.md) and the software versions (software.json) beside the volumes."""
+def write_card(
+    out_dir: Path, params: Params, manifest: pd.DataFrame, provenance: dict, space: dict, group: list[str] | None
+) -> None:
+    """The data-set card (README.md) and the software versions (software.json) beside the volumes; ``group``: the
+    covariates the model was trained to be guided on (:func:`trained_guided_group`)."""
     sampler = params.diffusion.sampler
     software = software_versions()
     asks_voxel_size = voxel_size_covariate(params.covariates) is not None
@@ -413,7 +435,7 @@ def write_card(out_dir: Path, params: Params, manifest: pd.DataFrame, provenance
         f"- covariate plan: `{params.sample.plan}`; covariates: "
         + ", ".join(f"{c.name} ({c.kind})" for c in params.covariates),
         f"- sampler: {sampler.sampler}, {sampler.steps} steps, classifier-free guidance scale {sampler.guidance_scale} "
-        f"on {guided_text(params)}",
+        f"on {guided_text(group, sampler.rest_guidance_scale)}",
         f"- seeds: sample i uses the seed derived from (global seed {params.sample.seed}, i); see `manifest.csv`",
         f"- models: synthmri-vqgan version {provenance['vqgan_version']} (sha256 {provenance['vqgan_sha256'][:12]}…), "
         f"synthmri-ldm version {provenance['ldm_version']} (sha256 {provenance['ldm_sha256'][:12]}…)",
@@ -514,6 +536,8 @@ def _generate(
     params: Params, latent_dir: Path, processed_dir: Path, ldm_dir: Path, vqgan_dir: Path, out_dir: Path
 ) -> pd.DataFrame:
     """Generate every planned sample that is not on disk yet, then write the manifest and card."""
+    sampler = params.diffusion.sampler
+    group = check_guidance_fits_model(ldm_dir, sampler.rest_guidance_scale)
     space = json.loads((processed_dir / SPACE_NAME).read_text())
     training = LatentSet(latent_dir, "train").manifest
     plan = make_plan(params, training)
@@ -532,7 +556,6 @@ def _generate(
     ]
     pending = [(s, items) for s, items in shards if not (out_dir / "shards" / f"shard-{s:05d}.json").is_file()]
     done = sum(len(items) for s, items in shards) - sum(len(items) for _, items in pending)
-    sampler = params.diffusion.sampler
     job = SampleJob.from_params(params, ldm_dir, vqgan_dir, latent_dir, out_dir, space["affine"], provenance=provenance)
     log.info(
         "Sampling %d volumes in %d shards (%d already done) with %s, %d steps, guidance %.1f on %s, %s, on %s x%d",
@@ -542,7 +565,7 @@ def _generate(
         sampler.sampler,
         sampler.steps,
         sampler.guidance_scale,
-        guided_text(params),
+        guided_text(group, sampler.rest_guidance_scale),
         "latents snapped to their nearest codes" if sampler.snap_to_codes else "latents decoded as sampled",
         params.sample.task_runner,
         params.sample.workers,
@@ -559,6 +582,6 @@ def _generate(
     if params.sample.layout == "webdataset":
         manifest = _pack(out_dir, params.sample.volumes_per_tar)
     manifest.to_parquet(out_dir / "manifest.parquet", index=False)
-    write_card(out_dir, params, manifest, provenance, space)
+    write_card(out_dir, params, manifest, provenance, space, group)
     log.info("Wrote %d synthetic volumes to %s", len(manifest), out_dir)
     return manifest
