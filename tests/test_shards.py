@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from synthmri.data.shards import pack_tar_shards, stream_webdataset
-from synthmri.data.synthetic import SyntheticDataset
+from synthmri.data.synthetic import GenerationRecord, ModelProvenance, SyntheticDataset, manifest_row
 from synthmri.io import save_nifti
 
 N = 7
+GENERATION = GenerationRecord("dpm_solver", 10, 3.0, "age,sex", 1.5, False, "all steps", "cpu fp32, 1 thread(s)")
+PROVENANCE = ModelProvenance("3", "a" * 64, "2", "b" * 64, "0.1")
 
 
 def loose_set(root: Path) -> Path:
@@ -30,17 +32,8 @@ def loose_set(root: Path) -> Path:
         sex = "F" if i % 2 else "M"
         site = None if i == 3 else f"site{i % 3 + 1}"
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        rows.append(
-            {
-                "file": f"volumes/{path.name}",
-                "sample_index": i,
-                "age": 30.0 + i,
-                "sex": sex,
-                "site": site,
-                "seed": 100 + i,
-                "sha256": digest,
-            }
-        )
+        covariates = {"age": 30.0 + i, "sex": sex, "site": site}
+        rows.append(manifest_row(f"volumes/{path.name}", i, 100 + i, covariates, GENERATION, digest, PROVENANCE))
     # written in shuffled order: packing follows sample_index, not the file's row order
     pd.DataFrame(rows).sample(frac=1, random_state=1).to_csv(root / "manifest.csv", index=False)
     return root
@@ -74,7 +67,9 @@ def test_packing_is_deterministic_ordered_and_resumable(tmp_path):
 def test_the_dataset_reads_tar_shards_like_loose_files(tmp_path):
     loose = SyntheticDataset(loose_set(tmp_path / "loose"))
     tars = SyntheticDataset(packed(tmp_path / "tars"))
-    assert len(tars) == len(loose) == N and "tar" not in tars.covariates
+    assert len(tars) == len(loose) == N
+    # what the sample stage records about each volume (generation, digest, models, its tar) is not a covariate
+    assert tars.covariates == loose.covariates == ["age", "sex", "site"]
     order = {row.sample_index: k for k, row in enumerate(loose.manifest.itertuples())}
     for k, row in enumerate(tars.manifest.itertuples()):
         volume, covariates = tars[k]

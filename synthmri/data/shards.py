@@ -31,6 +31,7 @@ import pandas as pd
 
 TAR_DIR = "webdataset"  # inside the set's folder
 TAR_PATTERN = "synthetic-{:05d}.tar"
+TAR_COLUMN = "tar"  # the manifest column naming the tar shard that holds each volume
 
 
 def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
@@ -53,7 +54,7 @@ def pack_tar_shards(set_dir: str | Path, volumes_per_tar: int) -> pd.DataFrame:
     """
     set_dir = Path(set_dir)
     manifest = pd.read_csv(set_dir / "manifest.csv").sort_values("sample_index").reset_index(drop=True)
-    manifest = manifest.drop(columns=["tar"], errors="ignore")
+    manifest = manifest.drop(columns=[TAR_COLUMN], errors="ignore")
     (set_dir / TAR_DIR).mkdir(exist_ok=True)
     tars = []
     for number, start in enumerate(range(0, len(manifest), volumes_per_tar)):
@@ -70,7 +71,7 @@ def pack_tar_shards(set_dir: str | Path, volumes_per_tar: int) -> pd.DataFrame:
                 tar.addfile(*_member(f"{key}.nii.gz", (set_dir / row["file"]).read_bytes()))
                 tar.addfile(*_member(f"{key}.json", _json_row(row)))
         os.replace(partial, target)
-    return manifest.assign(tar=tars)
+    return manifest.assign(**{TAR_COLUMN: tars})
 
 
 def member_name(file: str) -> str:
@@ -84,7 +85,7 @@ class TarMembers:
     def __init__(self, root: Path, manifest: pd.DataFrame) -> None:
         self.root = root
         self.where: dict[str, tuple[str, int, int]] = {}
-        for tar_name in manifest["tar"].unique():
+        for tar_name in manifest[TAR_COLUMN].unique():
             try:
                 with tarfile.open(root / tar_name) as tar:
                     for info in tar.getmembers():

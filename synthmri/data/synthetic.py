@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import nibabel as nib
@@ -11,30 +12,75 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from synthmri.data.shards import TarMembers, nifti_from_bytes
+from synthmri.data.shards import TAR_COLUMN, TarMembers, nifti_from_bytes
 from synthmri.data.spacing import is_voxel_size_of, resample
 from synthmri.io import sha256_file
 
-_NOT_COVARIATES = {
-    "file",
-    "sample_index",
-    "seed",
-    "sampler",
-    "steps",
-    "guidance_scale",
-    "snap_to_codes",
-    "guidance_interval",
-    "guided_covariates",
-    "rest_guidance_scale",
-    "numerics",
-    "sha256",
-    "vqgan_version",
-    "vqgan_sha256",
-    "ldm_version",
-    "ldm_sha256",
-    "synthmri_version",
-    "tar",
-}
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    """How one volume of a synthetic set was generated: the manifest's columns after its covariates. The sample
+    stage writes its rows from this class (:func:`manifest_row`) and :class:`SyntheticDataset` leaves these
+    columns out of the covariates, so a field added here can never be read as a covariate."""
+
+    sampler: str
+    steps: int
+    guidance_scale: float
+    #: the covariates guidance amplified (the model's trained group, or all of them), comma-separated
+    guided_covariates: str
+    rest_guidance_scale: float
+    snap_to_codes: bool
+    guidance_interval: str
+    numerics: str
+
+
+@dataclass(frozen=True)
+class ModelProvenance:
+    """The models and code that made a set: the manifest's last columns (and the card's and MLflow's record)."""
+
+    vqgan_version: str
+    vqgan_sha256: str
+    ldm_version: str
+    ldm_sha256: str
+    synthmri_version: str
+
+
+#: the provenance columns of every manifest row (:func:`manifest_row`), in order
+PROVENANCE_COLUMNS = tuple(f.name for f in fields(ModelProvenance))
+#: a volume's identity and digest: the manifest's columns around its covariates and generation record
+IDENTITY_COLUMNS = ("file", "sample_index", "seed")
+DIGEST_COLUMN = "sha256"
+
+
+def manifest_row(
+    file: str,
+    sample_index: int,
+    seed: int,
+    covariates: dict,
+    generation: GenerationRecord,
+    sha256: str,
+    provenance: ModelProvenance | None,
+) -> dict:
+    """One row of a set's manifest, in the order every set has: identity, covariates, how it was generated, the
+    file's digest, the models that made it (left out for volumes generated outside the sample stage)."""
+    return {
+        **dict(zip(IDENTITY_COLUMNS, (file, sample_index, seed))),
+        **covariates,
+        **asdict(generation),
+        DIGEST_COLUMN: sha256,
+        **(asdict(provenance) if provenance is not None else {}),
+    }
+
+
+_NOT_COVARIATES = frozenset(
+    (
+        *IDENTITY_COLUMNS,
+        *(f.name for f in fields(GenerationRecord)),
+        DIGEST_COLUMN,
+        *PROVENANCE_COLUMNS,
+        TAR_COLUMN,
+    )
+)
 
 
 class SyntheticDataset(Dataset):
@@ -67,7 +113,7 @@ class SyntheticDataset(Dataset):
         self.manifest = pd.read_csv(self.root / "manifest.csv")
         self.covariates = covariates or [c for c in self.manifest.columns if c not in _NOT_COVARIATES]
         self.transform = transform
-        self._tars = TarMembers(self.root, self.manifest) if "tar" in self.manifest.columns else None
+        self._tars = TarMembers(self.root, self.manifest) if TAR_COLUMN in self.manifest.columns else None
 
     def __len__(self) -> int:
         return len(self.manifest)
@@ -75,7 +121,7 @@ class SyntheticDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         row = self.manifest.iloc[index]
         if self._tars is not None:
-            image = nifti_from_bytes(self._tars.read_bytes(row["tar"], row["file"]))
+            image = nifti_from_bytes(self._tars.read_bytes(row[TAR_COLUMN], row["file"]))
         else:
             image = nib.load(self.root / row["file"])
         array, affine = np.asarray(image.dataobj, dtype=np.float32), image.affine
@@ -108,7 +154,7 @@ class SyntheticDataset(Dataset):
                 if not (self.root / f).is_file() or sha256_file(self.root / f) != digest
             ]
         bad = []
-        for tar, f, digest in zip(self.manifest["tar"], self.manifest["file"], self.manifest["sha256"]):
+        for tar, f, digest in zip(self.manifest[TAR_COLUMN], self.manifest["file"], self.manifest[DIGEST_COLUMN]):
             try:
                 if self._tars.sha256(tar, f) != digest:
                     bad.append(f)

@@ -35,6 +35,7 @@ from synthmri.catalog import (
     VQGAN_DIR,
 )
 from synthmri.config import Params
+from synthmri.data.synthetic import PROVENANCE_COLUMNS
 from synthmri.io import dvc_directory_hash, write_text_atomic
 from synthmri.logs import get_logger
 from synthmri.report.compute import compute_report
@@ -44,7 +45,6 @@ from synthmri.report.inputs import ReportData, load_report_data
 
 log = get_logger(__name__)
 
-PROVENANCE_COLUMNS = ("vqgan_version", "vqgan_sha256", "ldm_version", "ldm_sha256", "synthmri_version")
 COMPARED = ("val_psnr", "val_ssim", "val_lpips", "codebook_usage", "perplexity", "steps")
 
 

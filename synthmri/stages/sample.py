@@ -14,7 +14,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from synthmri.data.covariates import is_missing
 from synthmri.data.latents import LatentSet
 from synthmri.data.shards import TAR_DIR, pack_tar_shards
 from synthmri.data.spacing import isotropic_grid, resample
+from synthmri.data.synthetic import GenerationRecord, ModelProvenance, manifest_row
 from synthmri.diffusion.sampling import micro_batch_grid, sample_latents, sample_seed
 from synthmri.diffusion.schedulers import make_sampler
 from synthmri.environment import software_versions
@@ -63,7 +64,8 @@ class SampleJob:
     guidance_scale: float
     seed: int
     release: str
-    provenance: dict
+    #: the models' versions and digests, the manifest's last columns (None outside the stage: a sweep, a benchmark)
+    provenance: ModelProvenance | None
     torch_threads: int = 1
     micro_batch: int = 1
     #: The covariate that is the raw voxel size (:func:`synthmri.data.acquisition.voxel_size_covariate`): a
@@ -95,7 +97,7 @@ class SampleJob:
             guidance_scale=sampler.guidance_scale,
             seed=params.sample.seed,
             release=params.sample.release,
-            provenance={},
+            provenance=None,
             torch_threads=params.sample.torch_threads,
             micro_batch=params.sample.micro_batch,
             voxel_size_covariate=voxel_size_covariate(params.covariates),
@@ -208,23 +210,26 @@ def _generate_shard(job: SampleJob, shard: int, items: list[tuple[int, dict]]) -
             descrip=f"SynthMRI synthetic T1w, not a real subject; release {job.release}",
         )
         records.append(
-            {
-                "file": name.as_posix(),
-                "sample_index": index,
-                "seed": seed,
-                **row,
-                "sampler": job.sampler,
-                "steps": job.steps,
-                "guidance_scale": job.guidance_scale,
-                # the covariates guidance amplified (the model's trained group), or all of them
-                "guided_covariates": ",".join(ldm.encoder.guided or ldm.encoder.names),
-                "rest_guidance_scale": job.rest_guidance_scale,
-                "snap_to_codes": job.snap_to_codes,
-                "guidance_interval": "all steps" if job.guidance_interval is None else str(list(job.guidance_interval)),
-                "numerics": numerics,
-                "sha256": sha256_file(out_dir / name),
-                **job.provenance,
-            }
+            manifest_row(
+                name.as_posix(),
+                index,
+                seed,
+                row,
+                GenerationRecord(
+                    sampler=job.sampler,
+                    steps=job.steps,
+                    guidance_scale=job.guidance_scale,
+                    guided_covariates=",".join(ldm.encoder.guided or ldm.encoder.names),
+                    rest_guidance_scale=job.rest_guidance_scale,
+                    snap_to_codes=job.snap_to_codes,
+                    guidance_interval="all steps"
+                    if job.guidance_interval is None
+                    else str(list(job.guidance_interval)),
+                    numerics=numerics,
+                ),
+                sha256_file(out_dir / name),
+                job.provenance,
+            )
         )
     write_text_atomic(out_dir / "shards" / f"shard-{shard:05d}.json", json.dumps(records, indent=1))
     return {"shard": shard, "n": len(records)}
@@ -357,7 +362,7 @@ def generation_code_digest(root: Path = PACKAGE_PARENT) -> str:
     return digest.hexdigest()[:16]
 
 
-def _fingerprint(params: Params, provenance: dict) -> str:
+def _fingerprint(params: Params, provenance: ModelProvenance) -> str:
     """Identity of a set's finished shards: settings, models and code; a rerun with another one starts over
     (DVC keeps the folder between runs, ``persist``, so that a killed run resumes)."""
     voxel_size = voxel_size_covariate(params.covariates)
@@ -366,7 +371,7 @@ def _fingerprint(params: Params, provenance: dict) -> str:
             "code": generation_code_digest(),
             "sample": params.sample.model_dump(mode="json", exclude={"task_runner", "workers", "dask_address"}),
             "sampler": params.diffusion.sampler.model_dump(mode="json"),
-            **provenance,
+            **asdict(provenance),
             # the grid a volume is written on (only when declared: the fingerprints of other sets are unchanged)
             **({"voxel_size_covariate": voxel_size} if voxel_size else {}),
         },
@@ -375,18 +380,18 @@ def _fingerprint(params: Params, provenance: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _provenance(ldm_dir: Path, vqgan_dir: Path) -> dict:
+def _provenance(ldm_dir: Path, vqgan_dir: Path) -> ModelProvenance:
     def version(directory: Path) -> str:
         registry = directory / "registry.json"
         return json.loads(registry.read_text())["version"] if registry.is_file() else "unregistered"
 
-    return {
-        "vqgan_version": version(vqgan_dir),
-        "vqgan_sha256": sha256_file(vqgan_dir / "model.safetensors"),
-        "ldm_version": version(ldm_dir),
-        "ldm_sha256": sha256_file(ldm_dir / "model.safetensors"),
-        "synthmri_version": __version__,
-    }
+    return ModelProvenance(
+        vqgan_version=version(vqgan_dir),
+        vqgan_sha256=sha256_file(vqgan_dir / "model.safetensors"),
+        ldm_version=version(ldm_dir),
+        ldm_sha256=sha256_file(ldm_dir / "model.safetensors"),
+        synthmri_version=__version__,
+    )
 
 
 def voxel_size_lines(params: Params, manifest: pd.DataFrame) -> list[str]:
@@ -407,7 +412,12 @@ def voxel_size_lines(params: Params, manifest: pd.DataFrame) -> list[str]:
 
 
 def write_card(
-    out_dir: Path, params: Params, manifest: pd.DataFrame, provenance: dict, space: dict, group: list[str] | None
+    out_dir: Path,
+    params: Params,
+    manifest: pd.DataFrame,
+    provenance: ModelProvenance,
+    space: dict,
+    group: list[str] | None,
 ) -> None:
     """The data-set card (README.md) and the software versions (software.json) beside the volumes; ``group``: the
     covariates the model was trained to be guided on (:func:`trained_guided_group`)."""
@@ -437,8 +447,8 @@ def write_card(
         f"- sampler: {sampler.sampler}, {sampler.steps} steps, classifier-free guidance scale {sampler.guidance_scale} "
         f"on {guided_text(group, sampler.rest_guidance_scale)}",
         f"- seeds: sample i uses the seed derived from (global seed {params.sample.seed}, i); see `manifest.csv`",
-        f"- models: synthmri-vqgan version {provenance['vqgan_version']} (sha256 {provenance['vqgan_sha256'][:12]}…), "
-        f"synthmri-ldm version {provenance['ldm_version']} (sha256 {provenance['ldm_sha256'][:12]}…)",
+        f"- models: synthmri-vqgan version {provenance.vqgan_version} (sha256 {provenance.vqgan_sha256[:12]}…), "
+        f"synthmri-ldm version {provenance.ldm_version} (sha256 {provenance.ldm_sha256[:12]}…)",
         f"- software (`{SOFTWARE_NAME}`): " + ", ".join(f"{k} {v}" for k, v in software.items()),
         "- verify: every row of `manifest.csv` has the sha256 of its file",
         "- headers: written from scratch; nothing is copied from any input file",
