@@ -12,6 +12,13 @@ std) or ``spectrum`` (stationary Gaussian noise with each acquisition's mean res
 factor, and records the predictors and the ceiling's fidelity (decoded training volumes against the held-out ones)
 for each: whether the lost texture is noise that could be added back.
 
+Two more variants separate *lost* from *shifted*: the predictors refitted on the decoded training volumes (column
+``fitted_on``: an error near the real one means the decoded volumes still hold the acquisition, only moved in
+feature space), and refitted on the real volumes seen only at the latent's scale (average-pooled by the
+autoencoder's downsampling factor, trilinear back: an error near chance means the acquisition lives above the
+latent grid's Nyquist frequency, where the decoder has to draw it). For these the ``decoded`` column holds the
+variant's own volumes' error, and ``chance`` the error without features (majority class or training mean).
+
 Appends to ``benchmarks/results/acquisition_texture.csv``.
 """
 
@@ -46,6 +53,13 @@ def decode(model, volumes: np.ndarray, value_range) -> np.ndarray:
             x = torch.from_numpy(volume)[None, None]
             out[i] = model.decode(model.encode(x)).clamp(*value_range)[0, 0].numpy()
     return out
+
+
+def at_latent_scale(volumes: np.ndarray, factor: int) -> np.ndarray:
+    """The volumes with only what the latent grid can resolve: ``factor``-average-pooled, trilinear back."""
+    x = torch.from_numpy(volumes)[:, None]
+    pooled = torch.nn.functional.avg_pool3d(x, factor, ceil_mode=True)
+    return torch.nn.functional.interpolate(pooled, size=volumes.shape[1:], mode="trilinear")[:, 0].numpy()
 
 
 def noise_models(real: np.ndarray, decoded: np.ndarray, acquisition: np.ndarray, value_range) -> dict:
@@ -111,6 +125,13 @@ def main() -> None:
         values = values.to_numpy()[ok]
         return ok, values if cov.kind == "categorical" else values.astype(np.float64)
 
+    def chance(cov, truth) -> float:
+        """The error without features: the training split's majority class, or its mean."""
+        _, values = known(cov, train)
+        if cov.kind == "categorical":
+            return float(np.mean(truth == pd.Series(values).mode().iloc[0]))
+        return float(np.mean(np.abs(truth - values.mean())))
+
     fitted = {
         (cov.name, group): fit_covariate_predictor(
             f_train[known(cov, train)[0]][:, cols], known(cov, train)[1], cov.kind
@@ -121,7 +142,9 @@ def main() -> None:
     stamp = run_stamp()
     rows = []
 
-    def record(variant: str, f_decoded_held_out, f_decoded_train, groups=GROUPS) -> None:
+    def record(variant: str, f_decoded_held_out, f_decoded_train, groups=GROUPS, fitted_on: str = "real") -> None:
+        """``fitted_on``: "real" scores the real-fitted predictors on the variant's volumes; otherwise the
+        predictors are refitted on the variant's training volumes (whether the acquisition is there at all)."""
         fidelity = fidelity_metrics(
             f_held_out, f_decoded_train, f_train, rp.prdc_k, rp.seed, rp.compare_size, rp.max_comparisons
         )
@@ -129,14 +152,21 @@ def main() -> None:
             for group in groups:
                 cols, model_ = columns[group], fitted[(cov.name, group)]
                 ok, truth = known(cov, held_out)
+                if fitted_on == "real":
+                    own = model_
+                else:
+                    ok_train, values = known(cov, train)
+                    own = fit_covariate_predictor(f_decoded_train[ok_train][:, cols], values, cov.kind)
                 rows.append(
                     {
                         "variant": variant,
+                        "fitted_on": fitted_on,
                         "covariate": cov.name,
                         "metric": "accuracy" if cov.kind == "categorical" else "mae",
                         "features": group,
                         "real": predictor_error(model_, f_held_out[ok][:, cols], truth),
-                        "decoded": predictor_error(model_, f_decoded_held_out[ok][:, cols], truth),
+                        "decoded": predictor_error(own, f_decoded_held_out[ok][:, cols], truth),
+                        "chance": chance(cov, truth),
                         "ceiling_fd_ratio": fidelity.get("frechet_ratio"),
                         "ceiling_precision": fidelity.get("precision"),
                         "ceiling_coverage": fidelity.get("coverage"),
@@ -147,7 +177,15 @@ def main() -> None:
             f"{variant}: ceiling FD ratio {fidelity.get('frechet_ratio'):.2f}, coverage {fidelity.get('coverage'):.2f}"
         )
 
-    record("decoded", extractor(decoded["held_out"]), extractor(decoded["train"]))
+    f_decoded = {name: extractor(volumes_) for name, volumes_ in decoded.items()}
+    record("decoded", f_decoded["held_out"], f_decoded["train"])
+    record("decoded", f_decoded["held_out"], f_decoded["train"], ("all",), fitted_on="decoded")
+    factor = params.vqgan.model.downsample_factor
+    coarse = {
+        name: extractor(at_latent_scale(volumes[index], factor))
+        for name, index in (("train", train), ("held_out", held_out))
+    }
+    record(f"real at the latent's scale (x{factor} pooled)", coarse["held_out"], coarse["train"], ("all",), "itself")
     models = noise_models(volumes[train], decoded["train"], acquisition[train], value_range)
     for spec in args.noise:
         kind, _, factor = spec.partition(":")
@@ -160,7 +198,11 @@ def main() -> None:
         }
         record(f"decoded + {kind} noise x{factor}", extractor(noisy["held_out"]), extractor(noisy["train"]), ("all",))
     frame = pd.DataFrame(rows)
-    print(frame.pivot_table(index=["variant", "covariate"], columns="features", values=["real", "decoded"]).round(2))
+    print(
+        frame.pivot_table(
+            index=["variant", "fitted_on", "covariate"], columns="features", values=["real", "decoded"]
+        ).round(2)
+    )
     append_rows(args.out, rows)
 
 
