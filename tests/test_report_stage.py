@@ -119,6 +119,15 @@ def test_metrics_json_is_flat_and_has_every_family(report):
     assert np.isfinite(on_disk["ceiling.check.frechet_ratio"]) and "ceiling.check.precision" in on_disk
     assert not any(k.startswith(("ceiling.check.recon_", "ceiling.check.privacy_")) for k in on_disk)
     assert on_disk["ceiling.gate_n_failed"] == len([n for n in on_disk["ceiling.gate_failed_checks"].split(",") if n])
+    # ... and what the decoded volumes keep of each covariate the real features predict (age does, here)
+    kept = {k.split(".")[2] for k in on_disk if k.startswith("ceiling.kept.")}
+    assert "age" in kept, sorted(k for k in on_disk if k.startswith("ceiling.kept."))
+    for name in kept:
+        real, refit, chance, share = (
+            on_disk[f"ceiling.kept.{name}.{m}"] for m in ("real", "decoded_refit", "chance", "kept")
+        )
+        advantage = (chance - real, chance - refit) if name == "age" else (real - chance, refit - chance)
+        assert share == pytest.approx(advantage[1] / advantage[0]) and advantage[0] > 0, name
     # the bootstrap interval of every set check that has one, low <= high
     for check in ("frechet_ratio", "precision", "coverage", "predictor_age", "predictor_sex"):
         assert on_disk[f"interval.{check}.low"] <= on_disk[f"interval.{check}.high"], check
@@ -176,6 +185,7 @@ def test_html_is_self_contained_with_images_and_verdicts(report, setup):
     assert len(parser.refs) == len(pngs) >= 6
     assert "Which model limits fidelity" in text and "decoded training volumes" in text
     assert "<th>ceiling</th>" in text  # the gate table's column of decoded training volumes
+    assert "What the autoencoder keeps of each covariate" in text and "<td>share kept</td>" not in text
     assert "95 % bootstrap interval" in text and "] </td>" not in text
     assert "Measures the gate does not use" in text and "grey/white boundary (folding)" in text
     assert {

@@ -29,6 +29,7 @@ from synthmri.report.families import (
     autoencoder_ceiling,
     clean_number,
     conditioning_metrics,
+    covariates_kept,
     diversity_metrics,
     feature_key,
     fidelity_metrics,
@@ -243,6 +244,10 @@ def compute_report(
             rp.max_comparisons,
         )
         put_flat(result.metrics, f"ceiling.{feature_key(extractor.name)}", ceiling)
+        kept = covariates_kept(
+            params.covariates, data, features["train"], features["reference"], f_dec_train, f_dec_ref
+        )
+        put_flat(result.metrics, "ceiling.kept", kept)
         log.info("Autoencoder ceiling: the gate's checks on the decoded training volumes")
         checks = ceiling_checks(params, data, decoded_train, extractor)
         failed = [c.name for c in checks if c.status == "fail"]

@@ -31,6 +31,9 @@ DEMO_TRUTH_COLUMN = "ventricle_ml"
 FD_BASELINE_DRAWS = 5
 #: A real effect must be significant at this level before a synthetic/real effect ratio is judged.
 EFFECT_P_VALUE = 0.05
+#: :func:`covariate_kept` judges only a real predictor at least this far ahead of chance (MAE: this fraction of
+#: chance's; accuracy: this much higher).
+MIN_ADVANTAGE = 0.1
 #: Per-volume loops over at least this many synthetic volumes show a progress bar.
 LARGE_SET = 1000
 
@@ -120,6 +123,72 @@ def autoencoder_ceiling(
         for key, value in scores.items():
             out[f"{name}.{key}"] = value
     return out
+
+
+def covariates_kept(
+    covariates: Sequence[Covariate],
+    data: ReportData,
+    f_train: np.ndarray,
+    f_reference: np.ndarray,
+    f_decoded_train: np.ndarray,
+    f_decoded_reference: np.ndarray,
+) -> dict[str, float]:
+    """How much of each covariate the decoded volumes still hold (:func:`covariate_kept`), for every covariate
+    with enough known values in the training and held-out splits; keys ``<covariate>.<measure>``."""
+    out: dict[str, float] = {}
+    for cov in covariates:
+        train_v = covariate_column(data.real.iloc[data.train_index], cov)
+        ref_v = covariate_column(data.real.iloc[data.reference_index], cov)
+        if train_v is None or ref_v is None:
+            continue
+        (tv, tok), (rv, rok) = train_v, ref_v
+        if tok.sum() < 3 or rok.sum() < 1 or (cov.kind == "categorical" and len(set(tv[tok])) < 2):
+            continue
+        kept = covariate_kept(
+            cov.kind, f_train[tok], tv[tok], f_reference[rok], rv[rok], f_decoded_train[tok], f_decoded_reference[rok]
+        )
+        out.update({f"{cov.name}.{key}": value for key, value in (kept or {}).items()})
+    return out
+
+
+def covariate_kept(
+    kind: str,
+    f_train: np.ndarray,
+    y_train: np.ndarray,
+    f_reference: np.ndarray,
+    y_reference: np.ndarray,
+    f_decoded_train: np.ndarray,
+    f_decoded_reference: np.ndarray,
+) -> dict[str, float] | None:
+    """Whether the autoencoder lost a covariate or only moved it in feature space.
+
+    The gate's predictors are fitted on real volumes; on decoded ones they fail either because the autoencoder
+    lost the covariate or because it shifted the features the predictor reads. Refitting the same predictor on
+    the decoded training volumes and scoring it on the decoded held-out ones tells the two apart (a better-aimed
+    autoencoder training can fix a shift; a loss needs a decoder that draws what its latent does not carry).
+
+    Returns ``real`` (fitted and scored on real volumes), ``decoded_refit``, ``chance`` (no features: the
+    training values' majority level or mean) and ``kept``: the share of the real predictor's advantage over
+    chance that the decoded volumes keep (1: all of it, 0: none), on accuracy for ``"categorical"`` and mean
+    absolute error for ``"continuous"``; None when the real predictor does not beat chance by
+    :data:`MIN_ADVANTAGE` (a tenth of chance's MAE, or 0.1 accuracy): a share of next to nothing is noise.
+    """
+    from synthmri.metrics import conditioning as cond
+
+    real = cond.predictor_error(cond.fit_covariate_predictor(f_train, y_train, kind), f_reference, y_reference)
+    refit = cond.predictor_error(
+        cond.fit_covariate_predictor(f_decoded_train, y_train, kind), f_decoded_reference, y_reference
+    )
+    if kind == "categorical":
+        chance = float(np.mean(np.asarray(y_reference) == pd.Series(y_train).mode().iloc[0]))
+        advantage, kept = real - chance, refit - chance
+    else:
+        y_train, y_reference = np.asarray(y_train, np.float64), np.asarray(y_reference, np.float64)
+        chance = float(np.mean(np.abs(y_reference - y_train.mean())))
+        advantage, kept = chance - real, chance - refit
+    if advantage <= 0 or advantage < MIN_ADVANTAGE * (chance if kind == "continuous" else 1.0):
+        return None
+    return {"real": real, "decoded_refit": refit, "chance": chance, "kept": kept / advantage}
 
 
 def _mean_compare(ref: np.ndarray, fake: np.ndarray, k: int) -> dict[str, float]:

@@ -470,13 +470,18 @@ def _looks_numeric(text: str) -> bool:
         return False
 
 
+#: parts of the ``ceiling.*`` keys that are not an extractor's name
+CEILING_NOT_FEATURES = ("check", "gate_failed_checks", "gate_n_failed", "kept")
 CEILING_ROWS = (("frechet_ratio", "FD ratio (lower is better)"), ("precision", "precision"), ("coverage", "coverage"))
 
 
 def _ceiling_section(metrics: dict) -> list[str]:
     """Synthetic set beside decoded real volumes: if decoded training volumes already score badly, the
     autoencoder limits fidelity; if they score well and the synthetic set does not, the diffusion model does."""
-    key = next((k.split(".")[1] for k in metrics if k.startswith("ceiling.")), None)
+    key = next(
+        (k.split(".")[1] for k in metrics if k.startswith("ceiling.") and k.split(".")[1] not in CEILING_NOT_FEATURES),
+        None,
+    )
     if key is None:
         return []
     rows = [
@@ -495,6 +500,34 @@ def _ceiling_section(metrics: dict) -> list[str]:
         "score if the diffusion model reproduced real subjects' latents perfectly. Decoded training volumes "
         "are compared with the held-out set like the synthetic set is (the ceiling); the held-out volumes' own "
         "reconstructions are paired with the reference (optimistic).</p>",
+        *_kept_section(metrics),
+    ]
+
+
+def _kept_section(metrics: dict) -> list[str]:
+    """Per covariate: is it still in the decoded volumes (a predictor refitted on them), or lost?"""
+    names = sorted({k.split(".")[2] for k in metrics if k.startswith("ceiling.kept.")})
+    if not names:
+        return []
+    rows = [
+        [
+            name,
+            _fmt(metrics.get(f"ceiling.kept.{name}.real")),
+            _fmt(metrics.get(f"ceiling.kept.{name}.decoded_refit")),
+            _fmt(metrics.get(f"ceiling.kept.{name}.chance")),
+            _fmt(metrics.get(f"ceiling.kept.{name}.kept")),
+        ]
+        for name in names
+    ]
+    return [
+        "<h3>What the autoencoder keeps of each covariate</h3>",
+        _table(["covariate", "real volumes", "decoded volumes (refitted)", "chance", "share kept"], rows),
+        '<p class="note">The gate\'s predictor (accuracy for a level, mean absolute error for a number) fitted and '
+        "scored on real volumes, then refitted on the decoded training volumes and scored on the decoded held-out "
+        "ones, beside chance (the training split's majority level or mean). Share kept: the part of the real "
+        "predictor's advantage over chance that survives decoding. Near 1, the covariate is still there and a "
+        "failing predictor check means the autoencoder moved the features it reads; near 0, the autoencoder lost "
+        "it, and the decoder would have to draw what its latent does not carry.</p>",
     ]
 
 
