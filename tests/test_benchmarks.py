@@ -139,3 +139,62 @@ def test_bench_sidecars_resolves_inheritance_for_every_image(tmp_path):
     rows = pd.read_csv(out)
     assert list(rows["validate"]) == [False, True] and (rows["images"] == 12).all()
     assert (rows["field_1p5_images"] == 6).all()  # sessions of odd subjects: 3 subjects x 2 sessions
+
+
+def _acquisition_decoder_parts():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_acquisition_decoder as bench
+
+    from synthmri.config import Covariate
+
+    covariates = [
+        Covariate(name="site", kind="categorical", levels=["a", "b"]),
+        Covariate(name="field_strength", kind="continuous", range=[0.5, 7.5], source="sidecar", key="Mag"),
+    ]
+    return bench, covariates
+
+
+def test_texture_decoder_starts_as_the_trained_decoder_and_then_draws_what_it_is_told():
+    """Zero-initialised conditioning and noise: fine-tuning starts from the trained decoder exactly; once the
+    conditioning is non-zero, two acquisitions decode the same code differently, and the noise makes two decodings
+    of one code differ."""
+    import torch
+
+    from synthmri.diffusion.conditioning import CovariateEncoder
+    from synthmri.models.vqgan import Decoder
+
+    bench, covariates = _acquisition_decoder_parts()
+    torch.manual_seed(0)
+    trained = Decoder(3, 1, [8, 16], 1, latent_channels=4, attention=False, norm_groups=4).eval()
+    decoder = bench.TextureDecoder(trained, CovariateEncoder(covariates, bench.EMB), noise=True).eval()
+    z = torch.randn(2, 4, 4, 4, 4)
+    batch = decoder.encoder.encode_values([{"site": "a", "field_strength": 1.5}, {"site": "b", "field_strength": 3.0}])
+    with torch.no_grad():
+        assert torch.allclose(decoder(z, batch), trained(z), atol=1e-6)
+        for p in decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        same_code = decoder(z[:1].expand(2, -1, -1, -1, -1), batch)
+        assert (same_code[0] - same_code[1]).abs().mean() > 1e-3  # the acquisition changes the drawing
+        once, twice = decoder(z, batch), decoder(z, batch)
+        assert (once - twice).abs().mean() > 1e-4  # the noise input is random
+
+
+def test_band_discriminator_sees_only_what_the_latent_grid_cannot_hold_and_projects_the_acquisition():
+    import torch
+
+    from synthmri.diffusion.conditioning import CovariateEncoder
+
+    bench, covariates = _acquisition_decoder_parts()
+    coarse = torch.randn(1, 1, 4, 4, 4)
+    smooth = torch.nn.functional.interpolate(coarse, size=(8, 8, 8), mode="trilinear")
+    fine = torch.randn(1, 1, 8, 8, 8)
+    assert bench.above_latent_scale(fine, 2).std() > 3 * bench.above_latent_scale(smooth, 2).std()
+    torch.manual_seed(0)
+    encoder = CovariateEncoder(covariates, bench.EMB)
+    disc = bench.ProjectionPatchDiscriminator(2, 8, encoder, band_factor=2)
+    x = torch.randn(2, 1, 16, 16, 16)
+    batch = encoder.encode_values([{"site": "a", "field_strength": 1.5}, {"site": "b", "field_strength": 3.0}])
+    swapped = encoder.encode_values([{"site": "b", "field_strength": 3.0}, {"site": "a", "field_strength": 1.5}])
+    logits, features = disc(x, batch)
+    assert features[0].shape[1] == 8 and logits.shape[:2] == (2, 1)
+    assert not torch.allclose(logits, disc(x, swapped)[0])  # the same image judged against another acquisition
