@@ -26,6 +26,9 @@ advantage that the decoded volumes keep (``ceiling.kept``), with the held-out re
 ``benchmarks/results/acquisition_decoder.csv`` and writes per variant its losses every 50 steps (a discriminator
 stuck at a hinge loss of 1 has learned nothing) and a slice grid of real and decoded volumes.
 
+``--latents continuous`` decodes the encoder's output before the codebook instead of its codes: whether the
+quantizer, rather than the decoder, drops the acquisition (24th session: it drops part of it).
+
 ``--band``: the discriminator also sees the image's band above the latent's scale, amplified. Judging the image
 alone, a patch discriminator could not tell a 32 dB decoder's volumes from real ones in 450 steps (hinge loss 1.00
 throughout); with the band it learns within about a hundred (24th session).
@@ -172,6 +175,12 @@ def main() -> None:
     )
     parser.add_argument("--disc-layers", type=int, default=2, help="stride-2 layers: 2 = a finest-scale patch")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--latents",
+        choices=("codes", "continuous"),
+        default="codes",
+        help="decode the quantized codes (what the pipeline caches) or the encoder's output before the codebook",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", default=None)
     add_run_args(parser, OUT)
@@ -197,7 +206,8 @@ def main() -> None:
 
     def codes_and_covariates(volumes: np.ndarray, rows):
         with torch.inference_mode():
-            z = torch.cat([vq.encode(torch.from_numpy(volumes[i : i + 8])[:, None]) for i in range(0, len(volumes), 8)])
+            encode = vq.encode if args.latents == "codes" else vq.encode_pre_quant
+            z = torch.cat([encode(torch.from_numpy(volumes[i : i + 8])[:, None]) for i in range(0, len(volumes), 8)])
         return z, (dec_encoder or CovariateEncoder(acquisition, EMB)).encode_values(rows)
 
     train_rows = data.real.iloc[data.train_index].to_dict("records")
@@ -236,7 +246,7 @@ def main() -> None:
             opt_d.step()
         if step % 50 == 0 or step == args.steps - 1:
             noise = float(decoder.noise.strength.detach().abs().mean()) if decoder.noise is not None else 0.0
-            log.append((step, float(l1), float(g_loss), float(d_loss), noise))
+            log.append((step, l1.item(), g_loss.item(), d_loss.item(), noise))
             print(
                 f"step {step} l1 {l1.item():.4f} g {g_loss.item():.3f} d {d_loss.item():.3f} noise {noise:.4f} "
                 f"cpu {time.process_time() - started:.0f}s",
@@ -268,6 +278,7 @@ def main() -> None:
         "disc_lr": args.disc_lr,
         "band": args.band,
         "vqgan": str(args.vqgan),
+        "latents": args.latents,
         "heldout_psnr": round(psnr, 2),
         "failed": ",".join(n for n, c in checks.items() if c.status == "fail"),
         **{f"check.{n}": round(float(c.value), 4) for n, c in checks.items()},

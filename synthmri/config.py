@@ -243,6 +243,10 @@ class EncodeParams(_Section):
     batch_size: int = Field(8, ge=1)
     #: also encode each training volume's left-right mirror image; the diffusion model trains on both
     mirror_training: bool = True
+    #: what the diffusion model learns: the VQ-GAN's ``codes`` (each position snapped to one of its codebook
+    #: vectors), or the encoder's ``continuous`` output before the codebook, which keeps more of each volume
+    #: (the acquisition's texture among it) for the decoder
+    latents: Literal["codes", "continuous"] = "codes"
 
 
 class UNetParams(_Section):

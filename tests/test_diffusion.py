@@ -1028,3 +1028,34 @@ def test_encode_adds_the_training_volumes_mirror_images_and_the_diffusion_model_
     assert len(plain) == len(train_rows) and torch.allclose(
         plain.latents.mean(0), torch.zeros_like(plain.mean), atol=1e-5
     )
+
+
+def test_encode_writes_the_encoders_continuous_output_when_asked_and_the_codes_otherwise(tmp_path):
+    """encode.latents: ``codes`` are codebook vectors (what the quantizer snaps to); ``continuous`` is the
+    encoder's output before the codebook, for the subjects and their mirror images alike."""
+    from conftest import make_encoded
+    from safetensors.torch import load_file
+
+    from synthmri.data.datasets import ProcessedVolumes
+    from synthmri.data.latents import MIRRORED_KEY
+    from synthmri.models.loading import load_vqgan
+    from synthmri.stages.encode import run_encode
+
+    params, processed = make_encoded(tmp_path)
+    vqgan = load_vqgan(tmp_path / "vqgan", "cpu").eval()
+    volumes = ProcessedVolumes(processed, split=None)
+    x = volumes.batch(list(range(len(volumes))))
+    codes = load_file(str(tmp_path / "latents" / "latents.safetensors"))
+    with torch.no_grad():
+        before_codebook = vqgan.encode_pre_quant(x)
+        assert torch.allclose(codes["latents"], vqgan.encode(x), atol=1e-5)
+    codebook = vqgan.quantizer.embedding
+    distances = torch.cdist(codes["latents"].movedim(1, -1).reshape(-1, codebook.shape[-1]), codebook)
+    assert distances.min(1).values.max() < 1e-3  # every code position is a codebook vector (cdist rounds)
+    asked = params.model_copy(update={"encode": params.encode.model_copy(update={"latents": "continuous"})})
+    run_encode(asked, processed, tmp_path / "vqgan", tmp_path / "continuous")
+    continuous = load_file(str(tmp_path / "continuous" / "latents.safetensors"))
+    assert torch.allclose(continuous["latents"], before_codebook, atol=1e-5)
+    assert not torch.allclose(continuous["latents"], codes["latents"], atol=1e-3)
+    assert continuous[MIRRORED_KEY].shape == codes[MIRRORED_KEY].shape
+    assert not torch.allclose(continuous[MIRRORED_KEY], codes[MIRRORED_KEY], atol=1e-3)

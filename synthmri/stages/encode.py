@@ -31,7 +31,8 @@ def run_encode(
     device = pick_device("auto")
     model = load_vqgan(model_dir, device)
     volumes = ProcessedVolumes(processed_dir, split=None)
-    latents = encode_volumes(model, volumes, params.encode.batch_size, device)
+    continuous = params.encode.latents == "continuous"
+    latents = encode_volumes(model, volumes, params.encode.batch_size, device, continuous=continuous)
     manifest = volumes.manifest.copy()
     train = torch.tensor((manifest["split"] == "train").to_numpy())
     if not train.any():
@@ -41,7 +42,14 @@ def run_encode(
     if params.encode.mirror_training:
         rows = [int(i) for i in torch.nonzero(train).flatten()]
         tensors[MIRRORED_KEY] = encode_volumes(
-            model, volumes, params.encode.batch_size, device, rows, mirrored=True, desc="Encoding mirror images"
+            model,
+            volumes,
+            params.encode.batch_size,
+            device,
+            rows,
+            mirrored=True,
+            desc="Encoding mirror images",
+            continuous=continuous,
         ).contiguous()
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "latents.safetensors") as tmp:
@@ -50,8 +58,9 @@ def run_encode(
     write_csv_atomic(manifest, out_dir / "manifest.csv")
     write_text_atomic(out_dir / "scale.json", json.dumps({**stats, "shape": list(latents.shape[1:])}, indent=2))
     log.info(
-        "Encoded %d volumes into latents of shape %s (train-split channel std %s)%s",
+        "Encoded %d volumes into %s latents of shape %s (train-split channel std %s)%s",
         len(manifest),
+        "continuous (before the codebook)" if continuous else "codebook",
         tuple(latents.shape[1:]),
         [round(s, 3) for s in stats["std"]],
         f", and the mirror images of the {int(train.sum())} training volumes" if MIRRORED_KEY in tensors else "",
