@@ -222,8 +222,10 @@ def compute_report(
             params.vqgan.loss,
             rp.device,
             also=(data.reference, data.train),
+            continuous=params.encode.latents == "continuous",
         )
         recon["split"] = split
+        recon["latents"] = params.encode.latents
         put_flat(result.metrics, "recon", recon)
         log.info(
             "Autoencoder ceiling: features of %d decoded training and %d decoded held-out volumes",

@@ -74,8 +74,10 @@ def reconstruction_metrics(
     loss_params: VQGANLossParams,
     device: str = "auto",
     also: tuple[np.ndarray, ...] = (),
+    continuous: bool = False,
 ) -> tuple[dict, tuple | None, list[np.ndarray]]:
-    """PSNR, 3D SSIM and 2.5D LPIPS of the VQ-GAN's reconstructions of ``volumes`` (means over volumes).
+    """PSNR, 3D SSIM and 2.5D LPIPS of the VQ-GAN's reconstructions of ``volumes`` (means over volumes), through
+    the latents the diffusion model learns: the codes, or with ``continuous`` the encoder's output before them.
 
     The LPIPS settings (net, weights, slices) are the ones the model was trained with (its
     ``config.json``), else ``loss_params``. Returns the metrics, one (real, reconstruction) example, and
@@ -93,9 +95,13 @@ def reconstruction_metrics(
         loss_params = VQGANLossParams(**trained_loss)
     lpips, backbone = LPIPS25D.from_params(loss_params)
     lpips.to(torch_device)
-    scores = score_reconstructions(model, volumes, lpips, torch_device, value_range)
+    scores = score_reconstructions(model, volumes, lpips, torch_device, value_range, continuous=continuous)
     decoded = [
-        np.stack(score_reconstructions(model, vols, lpips, torch_device, value_range, keep=True).reconstructions)
+        np.stack(
+            score_reconstructions(
+                model, vols, lpips, torch_device, value_range, keep=True, continuous=continuous
+            ).reconstructions
+        )
         for vols in also
     ]
     return {**scores.summary(), "lpips_backbone": backbone.split(" (")[0]}, scores.example, decoded
