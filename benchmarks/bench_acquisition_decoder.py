@@ -50,7 +50,7 @@ from torch import nn
 
 from synthmri.catalog import PROCESSED_DIR, SYNTHETIC_DIR, VQGAN_DIR
 from synthmri.config import load_params
-from synthmri.diffusion.conditioning import CovariateEncoder
+from synthmri.diffusion.conditioning import CovariateEncoder, encode_covariates
 from synthmri.logs import progress
 from synthmri.losses.adversarial import adaptive_gan_weight, feature_matching_loss, hinge_d_loss, hinge_g_loss
 from synthmri.models.blocks import ResidualBlock
@@ -139,14 +139,10 @@ class ProjectionPatchDiscriminator(nn.Module):
         self.project = nn.Linear(EMB, width) if encoder is not None else None
 
     def forward(self, x: torch.Tensor, covariates) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        features = []
-        h = torch.cat([x, self.band_gain * above_latent_scale(x, self.band_factor)], 1) if self.band_factor else x
-        for block in self.patch.blocks:
-            h = block(h)
-            features.append(h)
-        logits = self.patch.to_logits(h)
-        if self.project is not None:
-            e = self.project(self.encoder(covariates)[0])
+        seen = torch.cat([x, self.band_gain * above_latent_scale(x, self.band_factor)], 1) if self.band_factor else x
+        logits, features = self.patch(seen)
+        if self.project is not None:  # the last hidden layer's features against the acquisition's embedding
+            h, e = features[-1], self.project(self.encoder(covariates)[0])
             logits = logits + (h * e[:, :, None, None, None]).sum(1, keepdim=True) / h.shape[1] ** 0.5
         return logits, features
 
@@ -206,9 +202,11 @@ def main() -> None:
 
     def codes_and_covariates(volumes: np.ndarray, rows):
         with torch.inference_mode():
-            encode = vq.encode if args.latents == "codes" else vq.encode_pre_quant
-            z = torch.cat([encode(torch.from_numpy(volumes[i : i + 8])[:, None]) for i in range(0, len(volumes), 8)])
-        return z, (dec_encoder or CovariateEncoder(acquisition, EMB)).encode_values(rows)
+            quantize = args.latents == "codes"
+            z = torch.cat(
+                [vq.encode(torch.from_numpy(volumes[i : i + 8])[:, None], quantize) for i in range(0, len(volumes), 8)]
+            )
+        return z, encode_covariates(acquisition, rows)
 
     train_rows = data.real.iloc[data.train_index].to_dict("records")
     ref_rows = data.real.iloc[data.reference_index].to_dict("records")

@@ -248,6 +248,11 @@ class EncodeParams(_Section):
     #: (the acquisition's texture among it) for the decoder
     latents: Literal["codes", "continuous"] = "codes"
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the latents are codebook vectors (``VQGAN.encode(x, quantize=...)``)."""
+        return self.latents == "codes"
+
 
 class UNetParams(_Section):
     """Diffusion U-Net: one entry per resolution level in ``channels`` and ``attention``."""

@@ -1001,7 +1001,7 @@ def test_encode_adds_the_training_volumes_mirror_images_and_the_diffusion_model_
     assert torch.allclose(stored[MIRRORED_KEY], again, atol=1e-5)  # training rows, in order
 
     class KeepsPlaces:  # an "encoder" that keeps where things are: the test sees which way a volume was mirrored
-        def encode(self, x):
+        def encode(self, x, quantize=True):
             return torch.nn.functional.avg_pool3d(x, 2)
 
     pooled = encode_volumes(KeepsPlaces(), volumes, 3, torch.device("cpu"), train_rows, mirrored=True)

@@ -45,19 +45,18 @@ def encode_volumes(
     rows: list[int] | None = None,
     mirrored: bool = False,
     desc: str = "Encoding volumes",
-    continuous: bool = False,
+    quantize: bool = True,
 ) -> torch.Tensor:
     """Latents of ``volumes`` (or of its ``rows``), or of their left-right mirror images with ``mirrored``: the
     encoder is not mirror-symmetric, so a mirror image's latent is encoded, never the flipped latent. The
-    latents are the codes, or with ``continuous`` the encoder's output before the codebook."""
+    latents are the codes, or without ``quantize`` the encoder's output before the codebook."""
     rows = list(range(len(volumes))) if rows is None else list(rows)
     chunks = []
     for start in progress(range(0, len(rows), batch_size), desc=desc, unit="batch"):
         batch = volumes.batch(rows[start : start + batch_size])
         if mirrored:
             batch = mirror_left_right(batch)
-        encode = model.encode_pre_quant if continuous else model.encode
-        chunks.append(encode(batch.to(device)).float().cpu())
+        chunks.append(model.encode(batch.to(device), quantize=quantize).float().cpu())
     return torch.cat(chunks)
 
 

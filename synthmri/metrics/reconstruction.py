@@ -45,11 +45,11 @@ def score_reconstructions(
     device: torch.device,
     value_range: tuple[float, float],
     keep: bool = False,
-    continuous: bool = False,
+    quantize: bool = True,
 ) -> ReconstructionScores:
     """Reconstruct each volume (``(D, H, W)`` or ``(1, D, H, W)``) with ``model.encode``/``decode`` in eval
     mode (restoring the model's mode afterwards) and score it; ``keep`` also returns the reconstructions.
-    ``continuous`` decodes the encoder's output before the codebook (``encode.latents: continuous``)."""
+    ``quantize=False`` decodes the encoder's output before the codebook (``encode.latents: continuous``)."""
     low, high = value_range
     was_training = model.training
     model.eval()
@@ -58,8 +58,7 @@ def score_reconstructions(
         for volume in volumes:
             x = torch.as_tensor(np.ascontiguousarray(volume) if isinstance(volume, np.ndarray) else volume)
             x = x.reshape(1, 1, *x.shape[-3:]).float().to(device)
-            z = model.encode_pre_quant(x) if continuous else model.encode(x)
-            recon = model.decode(z).clamp(low, high).float()
+            recon = model.decode(model.encode(x, quantize=quantize)).clamp(low, high).float()
             real, fake = x[0, 0].cpu().numpy(), recon[0, 0].cpu().numpy()
             scores.psnr.append(psnr(real, fake, high - low))
             scores.ssim.append(ssim3d(real, fake, high - low))

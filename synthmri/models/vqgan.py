@@ -212,9 +212,12 @@ class VQGAN(nn.Module):
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         return self.decode(self.quantizer.decode_indices(indices))
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, quantize: bool = True) -> torch.Tensor:
         """Quantized latents ``(B, latent_channels, *spatial / factor)``: the code vectors, never a noisy
-        sample, so cached latents are deterministic (the diffusion model learns these)."""
+        sample, so cached latents are deterministic (the diffusion model learns these); ``quantize=False``
+        returns the encoder's continuous output before the codebook (``encode.latents: continuous``)."""
+        if not quantize:
+            return self.encode_pre_quant(x)
         return self.quantizer.decode_indices(self.encode_indices(x))
 
     def decode(self, z: torch.Tensor, quantize: bool = False) -> torch.Tensor:

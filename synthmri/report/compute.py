@@ -222,7 +222,7 @@ def compute_report(
             params.vqgan.loss,
             rp.device,
             also=(data.reference, data.train),
-            continuous=params.encode.latents == "continuous",
+            quantize=params.encode.quantized,
         )
         recon["split"] = split
         recon["latents"] = params.encode.latents

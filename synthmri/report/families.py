@@ -74,10 +74,10 @@ def reconstruction_metrics(
     loss_params: VQGANLossParams,
     device: str = "auto",
     also: tuple[np.ndarray, ...] = (),
-    continuous: bool = False,
+    quantize: bool = True,
 ) -> tuple[dict, tuple | None, list[np.ndarray]]:
     """PSNR, 3D SSIM and 2.5D LPIPS of the VQ-GAN's reconstructions of ``volumes`` (means over volumes), through
-    the latents the diffusion model learns: the codes, or with ``continuous`` the encoder's output before them.
+    the latents the diffusion model learns: the codes, or without ``quantize`` the encoder's output before them.
 
     The LPIPS settings (net, weights, slices) are the ones the model was trained with (its
     ``config.json``), else ``loss_params``. Returns the metrics, one (real, reconstruction) example, and
@@ -95,11 +95,11 @@ def reconstruction_metrics(
         loss_params = VQGANLossParams(**trained_loss)
     lpips, backbone = LPIPS25D.from_params(loss_params)
     lpips.to(torch_device)
-    scores = score_reconstructions(model, volumes, lpips, torch_device, value_range, continuous=continuous)
+    scores = score_reconstructions(model, volumes, lpips, torch_device, value_range, quantize=quantize)
     decoded = [
         np.stack(
             score_reconstructions(
-                model, vols, lpips, torch_device, value_range, keep=True, continuous=continuous
+                model, vols, lpips, torch_device, value_range, keep=True, quantize=quantize
             ).reconstructions
         )
         for vols in also

@@ -31,8 +31,8 @@ def run_encode(
     device = pick_device("auto")
     model = load_vqgan(model_dir, device)
     volumes = ProcessedVolumes(processed_dir, split=None)
-    continuous = params.encode.latents == "continuous"
-    latents = encode_volumes(model, volumes, params.encode.batch_size, device, continuous=continuous)
+    quantize = params.encode.quantized
+    latents = encode_volumes(model, volumes, params.encode.batch_size, device, quantize=quantize)
     manifest = volumes.manifest.copy()
     train = torch.tensor((manifest["split"] == "train").to_numpy())
     if not train.any():
@@ -49,7 +49,7 @@ def run_encode(
             rows,
             mirrored=True,
             desc="Encoding mirror images",
-            continuous=continuous,
+            quantize=quantize,
         ).contiguous()
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "latents.safetensors") as tmp:
@@ -60,7 +60,7 @@ def run_encode(
     log.info(
         "Encoded %d volumes into %s latents of shape %s (train-split channel std %s)%s",
         len(manifest),
-        "continuous (before the codebook)" if continuous else "codebook",
+        "codebook" if quantize else "continuous (before the codebook)",
         tuple(latents.shape[1:]),
         [round(s, 3) for s in stats["std"]],
         f", and the mirror images of the {int(train.sum())} training volumes" if MIRRORED_KEY in tensors else "",
