@@ -38,8 +38,8 @@ class MonaiAutoencoder(torch.nn.Module):
         super().__init__()
         self.vqvae = vqvae
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vqvae.encode_stage_2_inputs(x)
+    def encode(self, x: torch.Tensor, quantize: bool = True) -> torch.Tensor:
+        return self.vqvae.encode_stage_2_inputs(x) if quantize else self.vqvae.encode(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.vqvae.decode_stage_2_outputs(z)

@@ -66,7 +66,8 @@ class PosteriorMean(torch.nn.Module):
         super().__init__()
         self.autoencoder = autoencoder
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, quantize: bool = True) -> torch.Tensor:
+        """The posterior mean; ``quantize`` is ours (a KL autoencoder has no codebook: its latents are continuous)."""
         return self.autoencoder.encode(x)[0]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
