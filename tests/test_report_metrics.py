@@ -472,9 +472,9 @@ def test_autoencoder_ceiling_of_a_perfect_autoencoder_is_the_real_data():
 def test_covariate_kept_tells_a_shifted_covariate_from_a_lost_one():
     """Decoded features that are the real ones moved and rescaled still hold the covariate: the real-fitted
     predictor fails on them, a refitted one does not (kept near 1). Decoded features unrelated to the covariate
-    lost it (kept near 0). Both for a number (MAE) and a level (accuracy)."""
-    from synthmri.metrics.conditioning import fit_covariate_predictor, predictor_error
-    from synthmri.report.families import covariate_kept
+    lost it (kept near 0). Both for a number (MAE) and a level (accuracy); unknown values are left out."""
+    from synthmri.metrics.conditioning import predictor_error
+    from synthmri.report.families import RealPredictor, covariate_kept
 
     rng = np.random.default_rng(0)
     n_train, n_ref = 200, 100
@@ -482,21 +482,27 @@ def test_covariate_kept_tells_a_shifted_covariate_from_a_lost_one():
     f = np.column_stack([y + rng.normal(0, 0.5, y.size), rng.normal(size=(y.size, 3))])
     shifted = 0.5 * f + np.array([4.0, -2.0, 1.0, 0.0])
     lost = rng.normal(size=f.shape)
+    known = rng.random(y.size) > 0.1
     tr, rf = slice(0, n_train), slice(n_train, None)
-    moved = covariate_kept("continuous", f[tr], y[tr], f[rf], y[rf], shifted[tr], shifted[rf])
-    assert moved["real"] < 0.6 and moved["chance"] > 2 and moved["kept"] == pytest.approx(1.0, abs=0.05)
-    real_fitted = fit_covariate_predictor(f[tr], y[tr], "continuous")
-    assert predictor_error(real_fitted, shifted[rf], y[rf]) > 3 * moved["real"]  # the gate's check fails on it
-    gone = covariate_kept("continuous", f[tr], y[tr], f[rf], y[rf], lost[tr], lost[rf])
+
+    def real_fit(kind, values, features=f):
+        return RealPredictor.fit(kind, features[tr], (values[tr], known[tr]), features[rf], (values[rf], known[rf]))
+
+    real = real_fit("continuous", y)
+    moved = covariate_kept(real, shifted[tr], shifted[rf])
+    assert moved["real"] == real.error < 0.6 and moved["chance"] > 2
+    assert moved["kept"] == pytest.approx(1.0, abs=0.05)
+    assert predictor_error(real.model, shifted[rf][known[rf]], y[rf][known[rf]]) > 3 * moved["real"]  # the gate fails
+    gone = covariate_kept(real, lost[tr], lost[rf])
     assert gone["decoded_refit"] > 0.9 * gone["chance"] and gone["kept"] < 0.1
 
     level = np.where(y > 5, "B", "A")
-    moved = covariate_kept("categorical", f[tr], level[tr], f[rf], level[rf], shifted[tr], shifted[rf])
+    real = real_fit("categorical", level)
+    moved = covariate_kept(real, shifted[tr], shifted[rf])
     assert moved["real"] > 0.9 and moved["kept"] > 0.9
-    gone = covariate_kept("categorical", f[tr], level[tr], f[rf], level[rf], lost[tr], lost[rf])
-    assert gone["kept"] < 0.3
+    assert covariate_kept(real, lost[tr], lost[rf])["kept"] < 0.3
     # a covariate the real features do not predict has nothing to keep
-    assert covariate_kept("continuous", lost[tr], y[tr], lost[rf], y[rf], f[tr], f[rf]) is None
+    assert covariate_kept(real_fit("continuous", y, lost), f[tr], f[rf]) is None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -246,9 +246,7 @@ def compute_report(
             rp.max_comparisons,
         )
         put_flat(result.metrics, f"ceiling.{feature_key(extractor.name)}", ceiling)
-        kept = covariates_kept(
-            params.covariates, data, features["train"], features["reference"], f_dec_train, f_dec_ref
-        )
+        kept = covariates_kept(result.details["conditioning"]["real_predictors"], f_dec_train, f_dec_ref)
         put_flat(result.metrics, "ceiling.kept", kept)
         log.info("Autoencoder ceiling: the gate's checks on the decoded training volumes")
         checks = ceiling_checks(params, data, decoded_train, extractor)

@@ -9,6 +9,7 @@ import math
 import re
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,70 +132,106 @@ def autoencoder_ceiling(
     return out
 
 
-def covariates_kept(
-    covariates: Sequence[Covariate],
-    data: ReportData,
-    f_train: np.ndarray,
-    f_reference: np.ndarray,
-    f_decoded_train: np.ndarray,
-    f_decoded_reference: np.ndarray,
-) -> dict[str, float]:
-    """How much of each covariate the decoded volumes still hold (:func:`covariate_kept`), for every covariate
-    with enough known values in the training and held-out splits; keys ``<covariate>.<measure>``."""
-    out: dict[str, float] = {}
+@dataclass(frozen=True)
+class RealPredictor:
+    """A covariate's predictor fitted once on the real training split's features, with the subjects it was fitted and
+    scored on: the conditioning checks apply it to the synthetic set, the autoencoder ceiling compares it with a
+    predictor refitted on decoded volumes (:func:`covariate_kept`).
+
+    ``train`` / ``reference``: ``(values, known)`` over the training / held-out split; ``error``: on the held-out
+    real volumes (mean absolute error for ``"continuous"``, accuracy for ``"categorical"``).
+    """
+
+    kind: str
+    model: Any
+    train: tuple[np.ndarray, np.ndarray]
+    reference: tuple[np.ndarray, np.ndarray]
+    error: float
+
+    @classmethod
+    def fit(
+        cls,
+        kind: str,
+        f_train: np.ndarray,
+        train: tuple[np.ndarray, np.ndarray],
+        f_reference: np.ndarray,
+        reference: tuple[np.ndarray, np.ndarray],
+    ) -> RealPredictor:
+        from synthmri.metrics import conditioning as cond
+
+        (tv, tok), (rv, rok) = train, reference
+        model = cond.fit_covariate_predictor(f_train[tok], tv[tok], kind)
+        return cls(kind, model, train, reference, cond.predictor_error(model, f_reference[rok], rv[rok]))
+
+
+def fit_real_predictors(
+    data: ReportData, covariates: Sequence[Covariate], f_train: np.ndarray, f_reference: np.ndarray
+) -> dict[str, RealPredictor]:
+    """A :class:`RealPredictor` per covariate with at least 3 known training values, one known held-out value and,
+    for a categorical one, two levels in the training split (others are logged and skipped)."""
+    out: dict[str, RealPredictor] = {}
     for cov in covariates:
         train_v = covariate_column(data.real.iloc[data.train_index], cov)
         ref_v = covariate_column(data.real.iloc[data.reference_index], cov)
         if train_v is None or ref_v is None:
             continue
-        (tv, tok), (rv, rok) = train_v, ref_v
-        if tok.sum() < 3 or rok.sum() < 1 or (cov.kind == "categorical" and len(set(tv[tok])) < 2):
+        if train_v[1].sum() < 3 or ref_v[1].sum() < 1:
+            log.info(
+                "Conditioning: too few values of '%s' for a predictor (train %d, held-out %d)",
+                cov.name,
+                train_v[1].sum(),
+                ref_v[1].sum(),
+            )
             continue
-        kept = covariate_kept(
-            cov.kind, f_train[tok], tv[tok], f_reference[rok], rv[rok], f_decoded_train[tok], f_decoded_reference[rok]
-        )
-        out.update({f"{cov.name}.{key}": value for key, value in (kept or {}).items()})
+        if cov.kind == "categorical" and len(set(train_v[0][train_v[1]])) < 2:
+            log.info("Conditioning: '%s' has a single level in the training split; no predictor", cov.name)
+            continue
+        out[cov.name] = RealPredictor.fit(cov.kind, f_train, train_v, f_reference, ref_v)
+    return out
+
+
+def covariates_kept(
+    predictors: dict[str, RealPredictor], f_decoded_train: np.ndarray, f_decoded_reference: np.ndarray
+) -> dict[str, float]:
+    """How much of each covariate the decoded volumes still hold (:func:`covariate_kept`), for every covariate with
+    a real predictor (:func:`fit_real_predictors`); keys ``<covariate>.<measure>``."""
+    out: dict[str, float] = {}
+    for name, real in predictors.items():
+        kept = covariate_kept(real, f_decoded_train, f_decoded_reference)
+        out.update({f"{name}.{key}": value for key, value in (kept or {}).items()})
     return out
 
 
 def covariate_kept(
-    kind: str,
-    f_train: np.ndarray,
-    y_train: np.ndarray,
-    f_reference: np.ndarray,
-    y_reference: np.ndarray,
-    f_decoded_train: np.ndarray,
-    f_decoded_reference: np.ndarray,
+    real: RealPredictor, f_decoded_train: np.ndarray, f_decoded_reference: np.ndarray
 ) -> dict[str, float] | None:
     """Whether the autoencoder lost a covariate or only moved it in feature space.
 
     The gate's predictors are fitted on real volumes; on decoded ones they fail either because the autoencoder
     lost the covariate or because it shifted the features the predictor reads. Refitting the same predictor on
-    the decoded training volumes and scoring it on the decoded held-out ones tells the two apart (a better-aimed
-    autoencoder training can fix a shift; a loss needs a decoder that draws what its latent does not carry).
+    the decoded training volumes (``f_decoded_train``: the whole training split, in order) and scoring it on the
+    decoded held-out ones tells the two apart (a better-aimed autoencoder training can fix a shift; a loss needs
+    a decoder that draws what its latent does not carry).
 
-    Returns ``real`` (fitted and scored on real volumes), ``decoded_refit``, ``chance`` (no features: the
-    training values' majority level or mean) and ``kept``: the share of the real predictor's advantage over
-    chance that the decoded volumes keep (1: all of it, 0: none), on accuracy for ``"categorical"`` and mean
-    absolute error for ``"continuous"``; None when the real predictor does not beat chance by
-    :data:`MIN_ADVANTAGE` (a tenth of chance's MAE, or 0.1 accuracy): a share of next to nothing is noise.
+    Returns ``real`` (``real.error``: fitted and scored on real volumes), ``decoded_refit``, ``chance`` (no
+    features: the training values' majority level or mean) and ``kept``: the share of the real predictor's
+    advantage over chance that the decoded volumes keep (1: all of it, 0: none), on accuracy for
+    ``"categorical"`` and mean absolute error for ``"continuous"``; None when the real predictor does not beat
+    chance by :data:`MIN_ADVANTAGE` (a tenth of chance's MAE, or 0.1 accuracy): a share of next to nothing is noise.
     """
-    from synthmri.metrics import conditioning as cond
-
-    real = cond.predictor_error(cond.fit_covariate_predictor(f_train, y_train, kind), f_reference, y_reference)
-    refit = cond.predictor_error(
-        cond.fit_covariate_predictor(f_decoded_train, y_train, kind), f_decoded_reference, y_reference
-    )
-    if kind == "categorical":
+    (tv, tok), (rv, rok) = real.train, real.reference
+    refit = RealPredictor.fit(real.kind, f_decoded_train, real.train, f_decoded_reference, real.reference).error
+    y_train, y_reference = tv[tok], rv[rok]
+    if real.kind == "categorical":
         chance = float(np.mean(np.asarray(y_reference) == pd.Series(y_train).mode().iloc[0]))
-        advantage, kept = real - chance, refit - chance
+        advantage, kept = real.error - chance, refit - chance
     else:
         y_train, y_reference = np.asarray(y_train, np.float64), np.asarray(y_reference, np.float64)
         chance = float(np.mean(np.abs(y_reference - y_train.mean())))
-        advantage, kept = chance - real, chance - refit
-    if advantage <= 0 or advantage < MIN_ADVANTAGE * (chance if kind == "continuous" else 1.0):
+        advantage, kept = chance - real.error, chance - refit
+    if advantage <= 0 or advantage < MIN_ADVANTAGE * (chance if real.kind == "continuous" else 1.0):
         return None
-    return {"real": real, "decoded_refit": refit, "chance": chance, "kept": kept / advantage}
+    return {"real": real.error, "decoded_refit": refit, "chance": chance, "kept": kept / advantage}
 
 
 def _mean_compare(ref: np.ndarray, fake: np.ndarray, k: int) -> dict[str, float]:
@@ -482,7 +519,8 @@ def conditioning_metrics(
       correlation in the synthetic set (requested value) and in the whole real cohort; for a categorical one
       (the sequence), the difference of its mean between the last and the first level;
     * every covariate: a predictor (ridge / logistic on the extractor's features) fitted on the real
-      training split, applied to the held-out real volumes and to the synthetic volumes.
+      training split, applied to the held-out real volumes and to the synthetic volumes
+      (``details["real_predictors"]``: the fitted :class:`RealPredictor` of each, for the autoencoder ceiling).
 
     ``effect_ratio`` = synthetic effect / real effect, only when the real effect is significant
     (p < :data:`EFFECT_P_VALUE`).
@@ -577,28 +615,18 @@ def conditioning_metrics(
             }
         put_flat(flat, f"{cov.name}.gm_wm_contrast", block)
 
+    real_predictors = fit_real_predictors(data, covariates, f_train, f_reference)
     predictors = {}
     for cov in covariates:
-        train_v = covariate_column(data.real.iloc[data.train_index], cov)
-        ref_v = covariate_column(data.real.iloc[data.reference_index], cov)
+        real = real_predictors.get(cov.name)
         syn_v = covariate_column(data.synthetic, cov)
-        if train_v is None or ref_v is None or syn_v is None:
+        if real is None or syn_v is None:
             continue
-        (tv, tok), (rv, rok), (sv, sok) = train_v, ref_v, syn_v
-        if tok.sum() < 3 or rok.sum() < 1 or sok.sum() < 1:
-            log.info(
-                "Conditioning: too few values of '%s' for a predictor (train %d, held-out %d, synthetic %d)",
-                cov.name,
-                tok.sum(),
-                rok.sum(),
-                sok.sum(),
-            )
+        (rv, rok), (sv, sok) = real.reference, syn_v
+        if sok.sum() < 1:
+            log.info("Conditioning: no synthetic volume has a value of '%s'; its predictor is not applied", cov.name)
             continue
-        if cov.kind == "categorical" and len(set(tv[tok])) < 2:
-            log.info("Conditioning: '%s' has a single level in the training split; no predictor", cov.name)
-            continue
-        model = cond.fit_covariate_predictor(f_train[tok], tv[tok], cov.kind)
-        real_err = cond.predictor_error(model, f_reference[rok], rv[rok])
+        model, real_err = real.model, real.error
         syn_err = cond.predictor_error(model, f_synthetic[sok], sv[sok])
         # per subject (absolute error, or 1 if right), for the bootstrap intervals of .intervals
         per_subject = {
@@ -612,5 +640,6 @@ def conditioning_metrics(
         block.update({"n_real": int(rok.sum()), "n_synthetic": int(sok.sum())})
         put_flat(flat, f"{cov.name}.predictor.{extractor_key}", block)
         predictors[cov.name] = {**block, "kind": cov.kind, "per_subject": per_subject}
+    details["real_predictors"] = real_predictors
     details["predictors"] = predictors
     return flat, details
