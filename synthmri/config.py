@@ -166,6 +166,8 @@ class QuantizerParams(_Section):
     ema_decay: float = Field(0.99, gt=0, lt=1)
     commitment_weight: float = Field(0.25, ge=0)
     dead_code_threshold: float = Field(1.0, ge=0)
+    # residual stages (ResidualVectorQuantizer): each adds log2(codebook_size) bits per latent position; 1 = one codebook
+    levels: int = Field(1, ge=1)
 
 
 class DiscriminatorParams(_Section):

@@ -12,7 +12,7 @@ from torch import nn
 from synthmri.config import DiscriminatorParams, QuantizerParams, VQGANModelParams
 from synthmri.models.blocks import AttentionBlock, Downsample, ResidualBlock, Upsample
 from synthmri.models.discriminator import PatchDiscriminator, SliceDiscriminator
-from synthmri.models.quantizer import VectorQuantizer
+from synthmri.models.quantizer import ResidualVectorQuantizer, VectorQuantizer
 from synthmri.models.slicing import slice_indices, take_slices
 from synthmri.models.vqgan import VQGAN
 
@@ -172,6 +172,62 @@ def test_state_dict_round_trip_preserves_codebook_and_encoding():
 
 
 # -- autoencoder ---------------------------------------------------------------------------------------
+
+
+def test_residual_stages_quantize_what_the_first_codebook_leaves():
+    """Each residual stage lowers the quantization error on data it was trained on (the point of more bits per
+    position); the training forward's value, ``encode_indices`` and ``decode_indices`` agree; the gradient to the
+    encoder output is straight-through; and the stage-1 codebook learns the residuals, not the data."""
+    torch.manual_seed(0)
+    z = torch.randn(4, 3, 6, 6, 6) * 2.0
+    rvq = ResidualVectorQuantizer(3, 16, 3, decay=0.8).train()
+    for _ in range(30):
+        rvq(z)
+    rvq.eval()
+    out = rvq(z)
+    ids = rvq.encode_indices(z)
+    assert ids.shape == (4, 3, 6, 6, 6) and torch.equal(ids, out.indices)
+    assert torch.allclose(rvq.decode_indices(ids), out.quantized, atol=1e-5)
+    partial = [sum(stage.decode_indices(ids[:, i]) for i, stage in enumerate(rvq.stages[: k + 1])) for k in range(3)]
+    errors = [(z - codes).pow(2).mean() for codes in partial]
+    assert errors[0] > 2 * errors[1] and errors[1] > 2 * errors[2]
+    first_alone = VectorQuantizer(16, 3, decay=0.8).train()
+    for _ in range(30):
+        first_alone(z)
+    assert errors[2] < 0.2 * (z - first_alone.eval()(z).quantized).pow(2).mean()  # beats one codebook of the same size
+    assert rvq.stages[1].embedding.norm(dim=1).mean() < 0.6 * rvq.stages[0].embedding.norm(dim=1).mean()
+    zg = z.clone().requires_grad_(True)
+    w = torch.randn_like(z)
+    (rvq.train()(zg).quantized * w).sum().backward()
+    assert torch.allclose(zg.grad, w)
+    assert set(out.stats) == {"perplexity", "usage", "alive", "perplexity_last"}
+    with pytest.raises(ValueError, match="2 levels"):
+        ResidualVectorQuantizer(1, 16, 3)
+
+
+def test_vqgan_with_residual_stages_keeps_more_of_its_input_and_round_trips():
+    """``quantizer.levels`` builds residual stages: the codes carry ``levels`` ids per position, ``encode`` is their
+    summed vectors, and the state dict round-trips through the model loader's path (config -> from_params)."""
+    one, three = tiny_vqgan(codebook_size=8), tiny_vqgan(codebook_size=8, levels=3)
+    three.encoder.load_state_dict(one.encoder.state_dict())
+    x = smooth_volumes(2)
+    for model in (one.train(), three.train()):
+        for _ in range(10):
+            model(x)
+    with torch.no_grad():
+        pre = one.encode_pre_quant(x)
+        err_one = (one.eval().encode(x) - pre).pow(2).mean()
+        err_three = (three.eval().encode(x) - pre).pow(2).mean()
+    assert err_three < 0.5 * err_one
+    ids = three.encode_indices(x)
+    assert ids.shape == (2, 3, 4, 4, 4)
+    assert torch.equal(three.decode_indices(ids), three.decode(three.encode(x)))
+    buffer = io.BytesIO()
+    torch.save(three.state_dict(), buffer)
+    buffer.seek(0)
+    again = tiny_vqgan(codebook_size=8, levels=3)
+    again.load_state_dict(torch.load(buffer))
+    assert torch.equal(again.eval().encode(x), three.encode(x))
 
 
 @pytest.mark.parametrize("factor", [4, 8])

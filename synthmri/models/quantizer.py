@@ -176,3 +176,59 @@ class VectorQuantizer(nn.Module):
         if self.training and self.dead_code_threshold > 0:
             self._restart_dead_codes(flat)
         return QuantizerOutput(z + (quantized - z).detach(), loss, indices, stats)
+
+
+class ResidualVectorQuantizer(nn.Module):
+    """``levels`` :class:`VectorQuantizer` stages, each quantizing what the ones before it left (residual VQ,
+    SoundStream: Zeghidour et al. 2021); the latent is the sum of the chosen codes.
+
+    Why: one codebook of K codes stores log2(K) bits per latent position, and at the autoencoder's compression that
+    drops fine texture such as the scanner's (the acquisition predictors fail on decoded volumes; the encoder's
+    output before the codebook keeps more of it). Residual stages add log2(K) bits each at the cost of ``levels``
+    nearest-code searches, without a larger codebook that most codes of which would go unused.
+
+    Each stage has its own EMA codebook, data initialisation and dead-code restart (on its own residuals) and its
+    own commitment loss; residuals are computed in fp32 (under bf16 autocast a small residual would round away).
+    Gradients: straight-through from the sum of the codes to the encoder output. Indices are ``(B, levels,
+    *spatial)``; ``stats`` are the stages' means, plus ``perplexity_last`` of the finest stage.
+
+    Args:
+        levels: number of stages (>= 2; one stage is :class:`VectorQuantizer` itself).
+        codebook_size, dim, **kwargs: as :class:`VectorQuantizer`, for every stage.
+    """
+
+    def __init__(self, levels: int, codebook_size: int, dim: int, **kwargs) -> None:
+        super().__init__()
+        if levels < 2:
+            raise ValueError(f"a residual quantizer needs at least 2 levels, got {levels}")
+        self.codebook_size, self.dim = codebook_size, dim
+        self.stages = nn.ModuleList(VectorQuantizer(codebook_size, dim, **kwargs) for _ in range(levels))
+
+    @torch.no_grad()
+    def encode_indices(self, z: torch.Tensor) -> torch.Tensor:
+        """Code ids ``(B, levels, *spatial)`` of latents ``(B, dim, *spatial)``; never updates a codebook."""
+        residual, indices = z.float(), []
+        for stage in self.stages:
+            ids = stage.encode_indices(residual)
+            residual = residual - stage.decode_indices(ids)
+            indices.append(ids)
+        return torch.stack(indices, 1)
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """The sum of the stages' code vectors ``(B, dim, *spatial)`` of ids ``(B, levels, *spatial)``."""
+        return sum(stage.decode_indices(indices[:, i]) for i, stage in enumerate(self.stages))
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """Quantize ``z`` ``(B, dim, *spatial)`` stage by stage; in training mode every stage updates its codebook."""
+        residual = z.float()
+        quantized, loss, indices, stats = torch.zeros_like(residual), 0.0, [], []
+        for stage in self.stages:
+            out = stage(residual)
+            codes = out.quantized.detach()  # its value is the chosen codes (straight-through only adds a gradient)
+            quantized, residual = quantized + codes, residual - codes
+            loss = loss + out.loss
+            indices.append(out.indices)
+            stats.append(out.stats)
+        merged = {key: torch.stack([s[key] for s in stats]).mean() for key in stats[0]}
+        merged["perplexity_last"] = stats[-1]["perplexity"]
+        return QuantizerOutput(z + (quantized.to(z.dtype) - z).detach(), loss, torch.stack(indices, 1), merged)

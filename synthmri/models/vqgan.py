@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from synthmri.config import QuantizerParams, VQGANModelParams
 from synthmri.models.blocks import AttentionBlock, Downsample, ResidualBlock, Upsample, conv_nd, group_norm
-from synthmri.models.quantizer import VectorQuantizer
+from synthmri.models.quantizer import ResidualVectorQuantizer, VectorQuantizer
 
 
 class _LayerStack(nn.Module):
@@ -144,16 +144,22 @@ class Decoder(_LayerStack):
 
 
 class VQGAN(nn.Module):
-    """Encoder → :class:`VectorQuantizer` → decoder.
+    """Encoder → :class:`VectorQuantizer` (or :class:`ResidualVectorQuantizer`) → decoder.
 
     Args:
         encoder: maps ``(B, C, *spatial)`` to ``(B, latent_channels, *spatial / factor)``.
-        quantizer: EMA vector quantizer with ``dim == latent_channels``.
+        quantizer: EMA vector quantizer with ``dim == latent_channels`` (one codebook, or residual stages).
         decoder: maps latents back to ``(B, C, *spatial)``.
         downsample_factor: spatial reduction per axis, checked against input shapes.
     """
 
-    def __init__(self, encoder: Encoder, quantizer: VectorQuantizer, decoder: Decoder, downsample_factor: int) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        quantizer: VectorQuantizer | ResidualVectorQuantizer,
+        decoder: Decoder,
+        downsample_factor: int,
+    ) -> None:
         super().__init__()
         self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
         self.downsample_factor = downsample_factor
@@ -178,13 +184,14 @@ class VQGAN(nn.Module):
             norm_groups=p.norm_groups,
             checkpointing=checkpointing,
         )
-        quantizer = VectorQuantizer(
-            q.codebook_size,
-            p.latent_channels,
+        codebook = dict(
+            codebook_size=q.codebook_size,
+            dim=p.latent_channels,
             decay=q.ema_decay,
             commitment_weight=q.commitment_weight,
             dead_code_threshold=q.dead_code_threshold,
         )
+        quantizer = VectorQuantizer(**codebook) if q.levels == 1 else ResidualVectorQuantizer(q.levels, **codebook)
         return cls(Encoder(**kwargs), quantizer, Decoder(**kwargs), downsample_factor=2 ** (len(p.channels) - 1))
 
     def _check_shape(self, x: torch.Tensor) -> None:
@@ -206,7 +213,8 @@ class VQGAN(nn.Module):
         return self.encoder(x)
 
     def encode_indices(self, x: torch.Tensor) -> torch.Tensor:
-        """Code ids ``(B, *spatial / factor)`` of ``x``; deterministic, never changes the codebook."""
+        """Code ids ``(B, *spatial / factor)`` of ``x`` (``(B, levels, ...)`` with residual stages); deterministic,
+        never changes the codebook."""
         return self.quantizer.encode_indices(self.encode_pre_quant(x))
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
