@@ -11,9 +11,10 @@ the model is scored on the validation split (time not counted); the last point a
 edge sharpness (mean in-head gradient magnitude of the reconstructions over that of the originals) and
 the report's autoencoder ceiling in its ``stats`` feature space (texture, tissue classes, intensities):
 the FD ratio of decoded training volumes (``ceiling_fd_ratio_train``) and of the held-out volumes' own
-reconstructions (``ceiling_fd_ratio_heldout``) against the real held-out volumes (val + test), and every
-gate check on the decoded training volumes (``ceiling.<check>``, ``ceiling_n_failed``), by the ``report``
-stage's own code.
+reconstructions (``ceiling_fd_ratio_heldout``) against the real held-out volumes (val + test), every
+gate check on the decoded training volumes (``ceiling.<check>``, ``ceiling_n_failed``) and the share of each
+covariate's predictability the decoded volumes keep (``kept.<covariate>``, 1 = all), by the ``report`` stage's
+own code.
 
 Appends one row per point to ``benchmarks/results/vqgan_curve.csv`` (label, seed, step, CPU minutes,
 PSNR, SSIM, LPIPS, losses, overrides, machine) and prints them.
@@ -36,7 +37,7 @@ from synthmri.catalog import PROCESSED_DIR, SPACE_NAME
 from synthmri.config import load_params
 from synthmri.data.datasets import ProcessedVolumes
 from synthmri.report.compute import ceiling_checks, make_extractor
-from synthmri.report.families import autoencoder_ceiling
+from synthmri.report.families import autoencoder_ceiling, covariates_kept, fit_real_predictors
 from synthmri.report.inputs import ReportData
 from synthmri.training.train_vqgan import VQGANTrainer, validate
 
@@ -101,17 +102,17 @@ def ceiling_scores(model, params, device) -> dict:
     decoded_train, decoded_heldout = decoded(model, data.train, device), decoded(model, data.reference, device)
     extractor = make_extractor(params.report, data.value_range)
     rp = params.report
+    f_ref, f_dec_ref, f_dec_train, f_train = (
+        extractor(v) for v in (data.reference, decoded_heldout, decoded_train, data.train)
+    )
     ceiling = autoencoder_ceiling(
-        extractor(data.reference),
-        extractor(decoded_heldout),
-        extractor(decoded_train),
-        extractor(data.train),
-        rp.prdc_k,
-        rp.seed,
-        rp.compare_size,
-        rp.max_comparisons,
+        f_ref, f_dec_ref, f_dec_train, f_train, rp.prdc_k, rp.seed, rp.compare_size, rp.max_comparisons
     )
     row = {f"ceiling_fd_ratio_{name}": round(ceiling[f"{name}.frechet_ratio"], 3) for name in ("train", "heldout")}
+    kept = covariates_kept(fit_real_predictors(data, params.covariates, f_train, f_ref), f_dec_train, f_dec_ref)
+    row.update(
+        {f"kept.{key[: -len('.kept')]}": round(value, 3) for key, value in kept.items() if key.endswith(".kept")}
+    )
     checks = ceiling_checks(params, data, decoded_train, extractor)
     row.update({f"ceiling.{c.name}": round(float(c.value), 4) for c in checks})
     row["ceiling_n_failed"] = sum(c.status == "fail" for c in checks)
