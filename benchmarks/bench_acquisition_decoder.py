@@ -57,7 +57,7 @@ from synthmri.models.blocks import ResidualBlock
 from synthmri.models.discriminator import PatchDiscriminator
 from synthmri.models.loading import load_vqgan
 from synthmri.report.compute import ceiling_checks, make_extractor
-from synthmri.report.families import covariates_kept
+from synthmri.report.families import covariates_kept, fit_real_predictors
 from synthmri.report.inputs import load_report_data
 from synthmri.report.protocol_sweep import acquisition_covariates
 from synthmri.viz import three_plane_grid
@@ -259,7 +259,7 @@ def main() -> None:
     with torch.inference_mode():
         f_train, f_ref = extractor(data.train), extractor(data.reference)
         f_dec_train, f_dec_ref = extractor(decoded_train), extractor(decoded_ref)
-    kept = covariates_kept(params.covariates, data, f_train, f_ref, f_dec_train, f_dec_ref)
+    kept = covariates_kept(fit_real_predictors(data, params.covariates, f_train, f_ref), f_dec_train, f_dec_ref)
     checks = {c.name: c for c in ceiling_checks(params, data, decoded_train, extractor)}
     mse = ((decoded_ref - data.reference) ** 2).mean(axis=(1, 2, 3))
     psnr = float(np.mean(10 * np.log10(data.data_range**2 / mse)))
