@@ -206,6 +206,9 @@ def test_the_sequence_effect_on_contrast_is_measured_and_gated_when_declared(fol
     assert flat[key + "contrast"] == "SPGR-MPRAGE" and flat[key + "p_real"] < 1e-6
     assert flat[key + "diff_real"] == pytest.approx(0.794 - 0.680, abs=0.02)  # the signal equations' difference
     ratio = flat[key + "effect_ratio"]
+    # the predictor fitted once on the training split: its held-out error is the one reported and kept for the ceiling
+    predictor = flat["sequence.predictor.stats.accuracy_real"], flat["sequence.predictor.stats.accuracy_synthetic"]
+    assert predictor == (1.0, 1.0) and details["real_predictors"]["sequence"].error == 1.0
     low, high = gate_intervals(details, features[:14], features[14:], f_syn, k=3)["acquisition_effect_sequence"]
     assert low <= ratio <= high
     gated = ReportThresholds(acquisition_effects=["sequence"])
