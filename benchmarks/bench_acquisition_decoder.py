@@ -24,7 +24,7 @@ Each variant is scored by the report's own code on the decoded training and held
 own acquisition): the gate's checks as the autoencoder's ceiling, and the share of each covariate's predictive
 advantage that the decoded volumes keep (``ceiling.kept``), with the held-out reconstruction PSNR. Appends to
 ``benchmarks/results/acquisition_decoder.csv`` and writes per variant its losses every 50 steps (a discriminator
-stuck at a hinge loss of 1 has learned nothing) and a slice grid of real and decoded volumes.
+stuck at a hinge loss of 1 has learned nothing) and a slice grid of real and decoded volumes, next to the table (``--out``).
 
 ``--latents continuous`` decodes the encoder's output before the codebook instead of its codes: whether the
 quantizer, rather than the decoder, drops the acquisition (24th session: it drops part of it).
@@ -285,7 +285,7 @@ def main() -> None:
     }
     append_rows(args.out, [row])
     losses = pd.DataFrame(log, columns=["step", "l1", "generator", "discriminator", "noise_strength"])
-    losses.to_csv(RESULTS_DIR / f"acquisition_decoder_{label}_losses.csv", index=False)
+    losses.to_csv(args.out.parent / f"acquisition_decoder_{label}_losses.csv", index=False)
     print("RESULT", label, f"psnr {psnr:.2f}", "failed:", row["failed"])
     print("  checks:", "  ".join(f"{n} {c.value:.3f}" for n, c in checks.items()))
     print("  kept:", "  ".join(f"{k} {v:.3f}" for k, v in kept.items() if k.endswith(".kept")))
@@ -295,7 +295,7 @@ def main() -> None:
         vols += [data.train[i], decoded_train[i]]
         site = train_rows[i].get("site")
         titles += [f"real {i} ({site})", f"decoded {i}, {label}"]
-    three_plane_grid(vols, titles, RESULTS_DIR / f"acquisition_decoder_{label}.png", data.spacing)
+    three_plane_grid(vols, titles, args.out.parent / f"acquisition_decoder_{label}.png", data.spacing)
 
 
 if __name__ == "__main__":
