@@ -185,7 +185,7 @@ class ResidualVectorQuantizer(nn.Module):
     Why: one codebook of K codes stores log2(K) bits per latent position, and at the autoencoder's compression that
     drops fine texture such as the scanner's (the acquisition predictors fail on decoded volumes; the encoder's
     output before the codebook keeps more of it). Residual stages add log2(K) bits each at the cost of ``levels``
-    nearest-code searches, without a larger codebook that most codes of which would go unused.
+    nearest-code searches, where one larger codebook would leave most of its codes unused.
 
     Each stage has its own EMA codebook, data initialisation and dead-code restart (on its own residuals) and its
     own commitment loss; residuals are computed in fp32 (under bf16 autocast a small residual would round away).
@@ -201,7 +201,6 @@ class ResidualVectorQuantizer(nn.Module):
         super().__init__()
         if levels < 2:
             raise ValueError(f"a residual quantizer needs at least 2 levels, got {levels}")
-        self.codebook_size, self.dim = codebook_size, dim
         self.stages = nn.ModuleList(VectorQuantizer(codebook_size, dim, **kwargs) for _ in range(levels))
 
     @torch.no_grad()
