@@ -261,7 +261,9 @@ class UNetParams(_Section):
 
     channels: list[int] = [32, 64]
     attention: list[bool] = [False, True]
-    num_res_blocks: int = Field(1, ge=1)
+    # one count for every level, or one per level: [0, 1, 1] gives the finest level only an input conv, a downsample
+    # and one residual block on the way up (a cheap full-resolution path)
+    num_res_blocks: int | list[int] = 1
     num_heads: int = Field(4, ge=1)
     norm_groups: int = Field(8, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -274,6 +276,15 @@ class UNetParams(_Section):
             raise ValueError(f"attention needs one flag per level ({len(self.channels)}), got {len(self.attention)}")
         if any(c % self.norm_groups for c in self.channels):
             raise ValueError(f"every channel count must be divisible by norm_groups={self.norm_groups}")
+        if isinstance(self.num_res_blocks, int):
+            if self.num_res_blocks < 1:
+                raise ValueError(
+                    f"num_res_blocks must be >= 1 (or one count >= 0 per level), got {self.num_res_blocks}"
+                )
+        elif len(self.num_res_blocks) != len(self.channels) or min(self.num_res_blocks) < 0:
+            raise ValueError(
+                f"num_res_blocks needs one count >= 0 per level ({len(self.channels)}), got {self.num_res_blocks}"
+            )
         return self
 
 

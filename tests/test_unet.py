@@ -201,3 +201,51 @@ def test_patched_unet_keeps_the_latent_shape_and_runs_at_the_coarse_grid():
     assert seen["shape"] == (6, 8, 4)
     p = UNetParams(channels=[16, 32], attention=[False, True], num_heads=2, norm_groups=8, patch_size=2)
     assert DiffusionUNet.from_params(p, in_channels=4).patch_size == 2
+
+
+def test_per_level_residual_blocks_build_a_cheap_full_resolution_level():
+    # one count for all levels and the same count per level build the same network (saved models load as before)
+    same = _unet(channels=(16, 32), attention=(False, True))
+    listed = DiffusionUNet(3, 4, [16, 32], [False, True], num_res_blocks=[1, 1], num_heads=2, emb_dim=EMB)
+    assert same.state_dict().keys() == listed.state_dict().keys()
+    assert all(
+        a.shape == b.shape for a, b in zip(same.state_dict().values(), listed.state_dict().values(), strict=True)
+    )
+
+    light = DiffusionUNet(3, 4, [16, 32, 64], [False, False, True], num_res_blocks=[0, 1, 1], num_heads=2, emb_dim=EMB)
+    full = DiffusionUNet(3, 4, [16, 32, 64], [False, False, True], num_res_blocks=1, num_heads=2, emb_dim=EMB)
+
+    def full_resolution_blocks(model: DiffusionUNet, x: torch.Tensor) -> int:
+        hits = []
+        hooks = [
+            m.register_forward_hook(lambda m, i, o: hits.append(o.shape[2:] == x.shape[2:]))
+            for m in model.modules()
+            if m.__class__.__name__ == "ResidualBlock"
+        ]
+        model(x, 5, torch.randn(1, EMB))
+        for h in hooks:
+            h.remove()
+        return sum(hits)
+
+    x = torch.randn(1, 4, 8, 10, 6)
+    # the finest level: no block on the way down, one on the way up (against 1 + 2)
+    assert full_resolution_blocks(light, x) == 1 and full_resolution_blocks(full, x) == 3
+    model = _perturbed(light).train()
+    x.requires_grad_(True)
+    out = model(x, torch.tensor([4]), torch.randn(1, EMB))
+    assert out.shape == x.shape and out.abs().max() > 0
+    out.square().mean().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().max() > 0
+    # a level without blocks between two others keeps its input's width on the way down
+    middle_empty = DiffusionUNet(3, 4, [16, 32, 64], [False, False, True], num_res_blocks=[1, 0, 1], num_heads=2)
+    assert _perturbed(middle_empty)(torch.randn(1, 4, 8, 8, 8), 3).shape == (1, 4, 8, 8, 8)
+
+    p = UNetParams(
+        channels=[16, 32, 64], attention=[False, False, True], num_res_blocks=[0, 1, 1], num_heads=2, patch_size=1
+    )
+    assert full_resolution_blocks(DiffusionUNet.from_params(p, in_channels=4, cond_dim=EMB), x.detach()) == 1
+    for bad in ([0, 1], [1, -1, 1], 0):
+        with pytest.raises(ValueError, match="num_res_blocks"):
+            UNetParams(channels=[16, 32, 64], attention=[False, False, True], num_res_blocks=bad)
+    with pytest.raises(ValueError, match="num_res_blocks"):
+        DiffusionUNet(3, 4, [16, 32], [False, True], num_res_blocks=[1])

@@ -3,7 +3,9 @@
 Down path: per level ``num_res_blocks`` × (residual block [+ self-attention (+ cross-attention)]),
 then a stride-2 downsample (all but the last level). Middle: residual → attention (+ cross-attention)
 → residual. Up path: per level ``num_res_blocks + 1`` × (concatenate a skip → residual block
-[+ attention]), then an upsample. Every residual block receives one embedding ``emb`` (B, emb_dim) by
+[+ attention]), then an upsample. ``num_res_blocks`` may differ per level (as in MONAI's
+``DiffusionModelUNet``): 0 on the finest level gives it only the input conv, the downsample and one residual
+block on the way up, a cheap full-resolution path in front of a coarse U-Net. Every residual block receives one embedding ``emb`` (B, emb_dim) by
 scale-shift normalisation: the MLP of the sinusoidal timestep encoding **plus** the covariate embedding
 (``cond_emb``), so time and covariates modulate every block at the cost of one addition.
 
@@ -109,7 +111,8 @@ class DiffusionUNet(nn.Module):
         channels: width per resolution level; ``len(channels) - 1`` downsamplings.
         attention: one flag per level: self-attention (and cross-attention) after its residual blocks.
             The middle block always has attention.
-        num_res_blocks: residual blocks per level on the down path (``+1`` on the up path).
+        num_res_blocks: residual blocks on the down path (``+1`` on the up path): one count for every level,
+            or one per level (0 allowed: the level keeps its input's width on the way down).
         num_heads: heads of every attention block.
         norm_groups: GroupNorm groups; divides every entry of ``channels``.
         dropout: dropout inside residual blocks.
@@ -129,7 +132,7 @@ class DiffusionUNet(nn.Module):
         in_channels: int,
         channels: list[int] | tuple[int, ...],
         attention: list[bool] | tuple[bool, ...],
-        num_res_blocks: int = 1,
+        num_res_blocks: int | list[int] | tuple[int, ...] = 1,
         num_heads: int = 4,
         norm_groups: int = 8,
         dropout: float = 0.0,
@@ -141,6 +144,9 @@ class DiffusionUNet(nn.Module):
         super().__init__()
         if len(attention) != len(channels):
             raise ValueError(f"attention needs one flag per level ({len(channels)}), got {len(attention)}")
+        blocks_per_level = [num_res_blocks] * len(channels) if isinstance(num_res_blocks, int) else list(num_res_blocks)
+        if len(blocks_per_level) != len(channels) or min(blocks_per_level) < 0:
+            raise ValueError(f"num_res_blocks needs one count >= 0 per level ({len(channels)}), got {num_res_blocks}")
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.time_channels = channels[0]
@@ -167,21 +173,21 @@ class DiffusionUNet(nn.Module):
         skip_channels = [channels[0]]
         prev = channels[0]
         for level, ch in enumerate(channels):
-            for _ in range(num_res_blocks):
+            for _ in range(blocks_per_level[level]):
                 self.down.append(nn.ModuleList([res(prev, ch), *(attn(ch) if attention[level] else [])]))
                 prev = ch
                 skip_channels.append(ch)
             if level < len(channels) - 1:
-                self.down.append(nn.ModuleList([Downsample(spatial_dims, ch)]))
-                skip_channels.append(ch)
+                self.down.append(nn.ModuleList([Downsample(spatial_dims, prev)]))
+                skip_channels.append(prev)
         self.mid = nn.ModuleList([res(prev, prev), *attn(prev), res(prev, prev)])
         self.up = nn.ModuleList()  # each entry: one layer; it concatenates a skip before its first block
         for level in reversed(range(len(channels))):
             ch = channels[level]
-            for i in range(num_res_blocks + 1):
+            for i in range(blocks_per_level[level] + 1):
                 blocks = [res(prev + skip_channels.pop(), ch), *(attn(ch) if attention[level] else [])]
                 prev = ch
-                if level > 0 and i == num_res_blocks:
+                if level > 0 and i == blocks_per_level[level]:
                     blocks.append(Upsample(spatial_dims, ch))
                 self.up.append(nn.ModuleList(blocks))
         self.out = nn.Sequential(
