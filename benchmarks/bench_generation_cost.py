@@ -50,8 +50,7 @@ def volume_cost(params_path: Path) -> dict:
     with torch.device("meta"):
         ldm = build_ldm(params.diffusion.unet, list(params.covariates), latent[0]).eval()
         vqgan = VQGAN.from_params(params.vqgan.model, params.vqgan.quantizer).eval()
-        emb = 4 * params.diffusion.unet.channels[0]
-        x, t, cond = torch.zeros(2, *latent), torch.zeros(2), torch.zeros(2, emb)
+        x, t, cond = torch.zeros(2, *latent), torch.zeros(2), torch.zeros(2, ldm.unet.emb_dim)
         z = torch.zeros(1, *latent)
         with torch.no_grad():
             unet_step = count(lambda: ldm.unet(x, t, cond))

@@ -269,6 +269,9 @@ class UNetParams(_Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     cross_attention: bool = False
     patch_size: int = Field(2, ge=1)  # fold patch_size^3 latent positions into channels (space-to-depth)
+    # width of the time + covariate embedding that modulates every residual block; null = 4 x channels[0], so a
+    # narrow finest level would otherwise narrow the conditioning of the whole network
+    emb_dim: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _levels_agree(self) -> UNetParams:

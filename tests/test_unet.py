@@ -249,3 +249,19 @@ def test_per_level_residual_blocks_build_a_cheap_full_resolution_level():
             UNetParams(channels=[16, 32, 64], attention=[False, False, True], num_res_blocks=bad)
     with pytest.raises(ValueError, match="num_res_blocks"):
         DiffusionUNet(3, 4, [16, 32], [False, True], num_res_blocks=[1])
+
+
+def test_embedding_width_is_set_apart_from_the_finest_level():
+    from synthmri.models.loading import build_ldm
+
+    covariates = [Covariate(name="age", kind="continuous", range=[20.0, 90.0])]
+    narrow = UNetParams(channels=[16, 32], attention=[False, True], num_heads=2, patch_size=1)
+    wide = narrow.model_copy(update={"emb_dim": 128})
+    default, widened = build_ldm(narrow, covariates, 4), build_ldm(wide, covariates, 4)
+    assert default.unet.emb_dim == 64 and widened.unet.emb_dim == 128
+    assert widened.unet.time_mlp[-1].out_features == 128
+    # the covariate encoder's width follows the U-Net's, so the two embeddings can be added
+    batch = widened.encoder.encode_values([{"age": 40.0}])
+    assert widened.encoder(batch)[0].shape == (1, 128)
+    out = _perturbed(widened)(torch.randn(1, 4, 6, 6, 6), torch.tensor([9]), batch)
+    assert out.shape == (1, 4, 6, 6, 6) and out.abs().max() > 0

@@ -54,11 +54,8 @@ def build_ldm(
     from synthmri.diffusion.conditioning import ConditionedUNet, CovariateEncoder
     from synthmri.models.unet import DiffusionUNet
 
-    emb_dim = 4 * unet.channels[0]
-    return ConditionedUNet(
-        DiffusionUNet.from_params(unet, in_channels=latent_channels, cond_dim=emb_dim, checkpointing=checkpointing),
-        CovariateEncoder(covariates, emb_dim, guided=guided_covariates),
-    )
+    net = DiffusionUNet.from_params(unet, in_channels=latent_channels, checkpointing=checkpointing)
+    return ConditionedUNet(net, CovariateEncoder(covariates, net.emb_dim, guided=guided_covariates))
 
 
 def load_ldm(directory: str | Path, device: torch.device | str = "cpu"):

@@ -204,7 +204,7 @@ class DiffusionUNet(nn.Module):
         checkpointing: bool = False,
     ) -> DiffusionUNet:
         """Build from ``params.yaml``'s ``diffusion.unet``; ``cond_dim`` = the covariate encoder's ``emb_dim``
-        (it becomes the U-Net's embedding width, since the two are added)."""
+        (it becomes the U-Net's embedding width, since the two are added), else ``p.emb_dim``, else the default."""
         return cls(
             spatial_dims,
             in_channels,
@@ -214,7 +214,7 @@ class DiffusionUNet(nn.Module):
             p.num_heads,
             p.norm_groups,
             p.dropout,
-            emb_dim=cond_dim,
+            emb_dim=cond_dim or p.emb_dim,
             cross_attention=p.cross_attention,
             checkpointing=checkpointing,
             patch_size=p.patch_size,
