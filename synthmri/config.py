@@ -256,6 +256,24 @@ class EncodeParams(_Section):
         return self.latents == "codes"
 
 
+def res_blocks_per_level(num_res_blocks: int | list[int] | tuple[int, ...], levels: int) -> list[int]:
+    """The U-Net's residual blocks per level, from one count for every level (>= 1) or one count per level (>= 0).
+
+    The one owner of this rule: the config calls it so a bad params.yaml fails at load with the key's name, the
+    U-Net calls it so a direct construction fails the same way.
+
+    Raises:
+        ValueError: a single count below 1, or a list of the wrong length or with a negative count.
+    """
+    if isinstance(num_res_blocks, int):
+        if num_res_blocks < 1:
+            raise ValueError(f"num_res_blocks must be >= 1 (or one count >= 0 per level), got {num_res_blocks}")
+        return [num_res_blocks] * levels
+    if len(num_res_blocks) != levels or min(num_res_blocks) < 0:
+        raise ValueError(f"num_res_blocks needs one count >= 0 per level ({levels}), got {list(num_res_blocks)}")
+    return list(num_res_blocks)
+
+
 class UNetParams(_Section):
     """Diffusion U-Net: one entry per resolution level in ``channels`` and ``attention``."""
 
@@ -279,15 +297,7 @@ class UNetParams(_Section):
             raise ValueError(f"attention needs one flag per level ({len(self.channels)}), got {len(self.attention)}")
         if any(c % self.norm_groups for c in self.channels):
             raise ValueError(f"every channel count must be divisible by norm_groups={self.norm_groups}")
-        if isinstance(self.num_res_blocks, int):
-            if self.num_res_blocks < 1:
-                raise ValueError(
-                    f"num_res_blocks must be >= 1 (or one count >= 0 per level), got {self.num_res_blocks}"
-                )
-        elif len(self.num_res_blocks) != len(self.channels) or min(self.num_res_blocks) < 0:
-            raise ValueError(
-                f"num_res_blocks needs one count >= 0 per level ({len(self.channels)}), got {self.num_res_blocks}"
-            )
+        res_blocks_per_level(self.num_res_blocks, len(self.channels))
         return self
 
 

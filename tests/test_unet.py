@@ -244,11 +244,12 @@ def test_per_level_residual_blocks_build_a_cheap_full_resolution_level():
         channels=[16, 32, 64], attention=[False, False, True], num_res_blocks=[0, 1, 1], num_heads=2, patch_size=1
     )
     assert full_resolution_blocks(DiffusionUNet.from_params(p, in_channels=4, cond_dim=EMB), x.detach()) == 1
+    # one rule for the config and a direct construction: a single count >= 1, or one count >= 0 per level
     for bad in ([0, 1], [1, -1, 1], 0):
         with pytest.raises(ValueError, match="num_res_blocks"):
             UNetParams(channels=[16, 32, 64], attention=[False, False, True], num_res_blocks=bad)
-    with pytest.raises(ValueError, match="num_res_blocks"):
-        DiffusionUNet(3, 4, [16, 32], [False, True], num_res_blocks=[1])
+        with pytest.raises(ValueError, match="num_res_blocks"):
+            DiffusionUNet(3, 4, [16, 32, 64], [False, False, True], num_res_blocks=bad)
 
 
 def test_embedding_width_is_set_apart_from_the_finest_level():

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from synthmri.config import UNetParams
+from synthmri.config import UNetParams, res_blocks_per_level
 from synthmri.models.blocks import (
     AttentionBlock,
     Downsample,
@@ -144,9 +144,7 @@ class DiffusionUNet(nn.Module):
         super().__init__()
         if len(attention) != len(channels):
             raise ValueError(f"attention needs one flag per level ({len(channels)}), got {len(attention)}")
-        blocks_per_level = [num_res_blocks] * len(channels) if isinstance(num_res_blocks, int) else list(num_res_blocks)
-        if len(blocks_per_level) != len(channels) or min(blocks_per_level) < 0:
-            raise ValueError(f"num_res_blocks needs one count >= 0 per level ({len(channels)}), got {num_res_blocks}")
+        blocks_per_level = res_blocks_per_level(num_res_blocks, len(channels))
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.time_channels = channels[0]
