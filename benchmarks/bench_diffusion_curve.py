@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 from bench_vqgan_curve import append_rows
-from common import add_run_args, run_stamp
+from common import add_run_args, cpu_seconds_per_step, run_stamp
 
 from synthmri.catalog import LATENT_DIR, PROCESSED_DIR, SPACE_FILE, VQGAN_DIR
 from synthmri.config import Params, load_params
@@ -158,16 +158,16 @@ def denoising_errors(denoiser, trainer: DiffusionTrainer, train: LatentSet, val:
     return out
 
 
-def step_cost(params: Params, train: LatentSet, probe_steps: int = 5) -> float:
+def step_cost(params: Params, train: LatentSet) -> float:
     """CPU seconds of one training step of this recipe."""
     with tempfile.TemporaryDirectory() as tmp:
         trainer = DiffusionTrainer(params, train, None, Path(tmp), "probe")
-        trainer.next_step()  # warm-up
-        began = time.process_time()
-        for _ in range(probe_steps):
+
+        def step() -> None:
             trainer.next_step()
             trainer.step += 1
-        return (time.process_time() - began) / probe_steps
+
+        return cpu_seconds_per_step(step)
 
 
 def run(

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from common import add_run_args, run_stamp
+from common import add_run_args, cpu_seconds_per_step, run_stamp
 
 from synthmri.catalog import PROCESSED_DIR, SPACE_NAME
 from synthmri.config import load_params
@@ -44,17 +44,17 @@ from synthmri.training.train_vqgan import VQGANTrainer, validate
 OUT = Path(__file__).parent / "results" / "vqgan_curve.csv"
 
 
-def step_cost(params, train_set, probe_steps: int = 4) -> float:
-    """CPU seconds of one reconstruction-phase and one adversarial-phase step, weighted by the schedule."""
+def step_cost(params, train_set) -> dict[str, float]:
+    """CPU seconds of one reconstruction-phase and one adversarial-phase step."""
     costs = {}
     for phase, start in (("rec", 10**9), ("gan", 0)):
         trainer = VQGANTrainer(load_params(params[0], [*params[1], f"vqgan.loss.disc_start_step={start}"]), train_set)
-        trainer.next_step()  # warm-up
-        began = time.process_time()
-        for _ in range(probe_steps):
+
+        def step(trainer=trainer) -> None:
             trainer.next_step()
             trainer.step += 1
-        costs[phase] = (time.process_time() - began) / probe_steps
+
+        costs[phase] = cpu_seconds_per_step(step, steps=8, warmup=2)
     return costs
 
 

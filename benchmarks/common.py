@@ -221,6 +221,25 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def cpu_seconds_per_step(
+    step: Callable[[], object], steps: int = 20, warmup: int = 3, clock: Callable[[], float] = time.process_time
+) -> float:
+    """Median process CPU seconds of one ``step()`` after ``warmup`` untimed calls.
+
+    The curve benchmarks size a run's schedule from this probe. A mean over 5 steps after one warm-up moved by 15 %
+    between two launches of the same recipe (a neighbour run warming up beside it), so repeats of a recipe trained
+    different step counts; the median of 20 ignores a few slow steps.
+    """
+    for _ in range(warmup):
+        step()
+    per_step = []
+    for _ in range(steps):
+        began = clock()
+        step()
+        per_step.append(clock() - began)
+    return statistics.median(per_step)
+
+
 def top_ops(fn: Callable[[], object], device: torch.device, steps: int = 2, k: int = 12) -> list[dict]:
     """The ``k`` operators with the most self CPU time over ``steps`` calls of ``fn`` (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile

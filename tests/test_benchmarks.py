@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -198,3 +199,21 @@ def test_band_discriminator_sees_only_what_the_latent_grid_cannot_hold_and_proje
     logits, features = disc(x, batch)
     assert features[0].shape[1] == 8 and logits.shape[:2] == (2, 1)
     assert not torch.allclose(logits, disc(x, swapped)[0])  # the same image judged against another acquisition
+
+
+def test_step_cost_probe_is_the_median_step_after_the_warm_up():
+    """The curve benchmarks size their schedules from this probe; a slow step or a cold start must not move it."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from common import cpu_seconds_per_step
+
+    # a fake CPU clock: each step advances it by the next duration; three cold steps, then one slow step among ten
+    durations = iter([9.0, 9.0, 9.0, 0.30, 0.31, 5.0, 0.29, 0.30, 0.32, 0.30, 0.31, 0.29, 0.30])
+    now = [0.0]
+    calls = []
+
+    def step() -> None:
+        calls.append(1)
+        now[0] += next(durations)
+
+    assert cpu_seconds_per_step(step, steps=10, warmup=3, clock=lambda: now[0]) == pytest.approx(0.30)
+    assert len(calls) == 13
