@@ -1059,3 +1059,37 @@ def test_encode_writes_the_encoders_continuous_output_when_asked_and_the_codes_o
     assert not torch.allclose(continuous["latents"], codes["latents"], atol=1e-3)
     assert continuous[MIRRORED_KEY].shape == codes[MIRRORED_KEY].shape
     assert not torch.allclose(continuous[MIRRORED_KEY], codes[MIRRORED_KEY], atol=1e-3)
+
+
+def test_the_covariate_encoder_learns_at_its_own_learning_rate(tmp_path):
+    """``diffusion.train.covariate_lr_scale``: Adam's first step moves a weight by about its group's lr, so the
+    covariate encoder's weights move ``scale`` times farther than at scale 1 and the U-Net's exactly as far."""
+    from synthmri.config import load_params
+    from synthmri.data.latents import LatentSet
+    from synthmri.training.train_diffusion import DiffusionTrainer
+
+    g = torch.Generator().manual_seed(0)
+    _write_latent_dir(tmp_path, torch.randn(4, 4, 4, 4, 4, generator=g), age=[30, 40, 50, 60], sex=["F", "M"] * 2)
+    latents = LatentSet(tmp_path, "train")
+    base = ["diffusion.unet.channels=[16,32]", "diffusion.unet.patch_size=1", "diffusion.train.device=cpu",
+            "diffusion.train.cpu_bf16=false", "diffusion.train.condition_dropout=0", "diffusion.train.guided_dropout=0"]  # fmt: skip
+    moved = {}
+    for scale in (1.0, 5.0):
+        params = load_params(REPO / "params.yaml", [*base, f"diffusion.train.covariate_lr_scale={scale}"])
+        trainer = DiffusionTrainer(params, latents, None, tmp_path / f"ckpt{scale}", "test")
+        groups = trainer.optimizer.param_groups
+        assert [group["lr"] for group in groups] == [params.diffusion.train.lr, params.diffusion.train.lr * scale]
+        named = dict(trainer.model.named_parameters())
+        assert sum(len(group["params"]) for group in groups) == len(named)  # every weight in exactly one group
+        assert {id(p) for p in groups[1]["params"]} == {id(p) for n, p in named.items() if n.startswith("encoder.")}
+        _perturbed(trainer.model)  # the zero-initialised output layers would pass the encoder no gradient
+        before = {n: p.detach().clone() for n, p in named.items()}
+        trainer.next_step()
+        moved[scale] = {
+            part: max((named[n] - before[n]).abs().max().item() for n in named if n.startswith("encoder.") == is_enc)
+            for part, is_enc in (("encoder", True), ("unet", False))
+        }
+    lr = params.diffusion.train.lr
+    assert moved[1.0]["encoder"] == pytest.approx(lr, rel=0.05)
+    assert moved[5.0]["encoder"] == pytest.approx(5 * lr, rel=0.05)
+    assert moved[5.0]["unet"] == pytest.approx(moved[1.0]["unet"], rel=1e-6)

@@ -16,7 +16,10 @@ import torch
 from synthmri.config import TrainParams
 
 
-def adamw(parameters: Iterable[torch.nn.Parameter], t: TrainParams, lr: float | None = None) -> torch.optim.AdamW:
+def adamw(
+    parameters: Iterable[torch.nn.Parameter] | Iterable[dict], t: TrainParams, lr: float | None = None
+) -> torch.optim.AdamW:
+    """AdamW with ``t``'s betas and weight decay; ``parameters`` may be groups (dicts) with their own ``lr``."""
     return torch.optim.AdamW(parameters, lr=t.lr if lr is None else lr, betas=t.betas, weight_decay=t.weight_decay)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from synthmri.config import Params
+from synthmri.config import DiffusionTrainParams, Params
 from synthmri.data.covariates import covariate_rows
 from synthmri.data.latents import LatentSet
 from synthmri.diffusion.conditioning import CovariateBatch, CovariateEncoder
@@ -35,6 +35,15 @@ from synthmri.training.optim import adamw, clipped_step, lr_scheduler, skipped
 from synthmri.training.runtime import autocast, batch_indices, pick_device, seed_everything, to_device
 
 log = get_logger(__name__)
+
+
+def parameter_groups(model: torch.nn.Module, t: DiffusionTrainParams) -> list[dict]:
+    """The optimizer's two groups: the covariate encoder's weights (``encoder.*``) at ``t.lr × t.covariate_lr_scale``
+    and every other weight at ``t.lr``. Two groups at any scale, so that a checkpoint's optimizer state always fits."""
+    named = list(model.named_parameters())
+    encoder = [p for name, p in named if name.startswith("encoder.")]
+    rest = [p for name, p in named if not name.startswith("encoder.")]
+    return [{"params": rest, "lr": t.lr}, {"params": encoder, "lr": t.lr * t.covariate_lr_scale}]
 
 
 class DiffusionTrainer(ResumableTrainer):
@@ -72,7 +81,7 @@ class DiffusionTrainer(ResumableTrainer):
         ).to(self.device)
         self.ema = make_ema(self.model, t.ema_decay)
         self.train_model = self.ctx.prepare(self.model, t.channels_last, t.compile)
-        self.optimizer = adamw(self.model.parameters(), t)
+        self.optimizer = adamw(parameter_groups(self.model, t), t)
         self.lr_schedule = lr_scheduler(self.optimizer, t)
         self.scheduler = make_training_scheduler(self.cfg.schedule)
         self.train_covariates = self.model.encoder.encode_values(covariate_rows(train.manifest, params.covariates))
