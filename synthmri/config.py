@@ -343,9 +343,9 @@ class DiffusionTrainParams(TrainParams):
     # A cohort without age or sex names its own group (or null)
     guided_covariates: list[str] | None = ["age", "sex"]
     guided_dropout: float = Field(0.15, ge=0, le=1)
-    # the covariate encoder's learning rate is lr x this (the U-Net's stays lr): the covariate effects follow the
-    # latents seen, not the loss (RESULTS.md, 27th session), and the encoder is 73 k of the 1.95 M weights
-    covariate_lr_scale: float = Field(5.0, gt=0)
+    # the covariate encoder's learning rate is lr x this (the U-Net's stays lr). 5 strengthens the age effects but
+    # pushes the sequence predictor over the gate (RESULTS.md, 28th session): 1
+    covariate_lr_scale: float = Field(1.0, gt=0)
 
 
 class SamplerParams(_Section):
