@@ -4,6 +4,7 @@ mean across seeds in bold; dashed lines are the quality gate's thresholds.
     .venv/bin/python benchmarks/plot_curve.py vqgan       # results/vqgan_curve.csv -> vqgan_curve.png
     .venv/bin/python benchmarks/plot_curve.py diffusion   # results/diffusion_curve.csv -> diffusion_curve.png
     .venv/bin/python benchmarks/plot_curve.py diffusion --csv a.csv b.csv --labels base flow --out c.png
+    .venv/bin/python benchmarks/plot_curve.py diffusion-effects   # the covariate effects of the same table
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 HERE = Path(__file__).parent / "results"
-# kind -> (panels: column, title, gate threshold or None), figure title
+# kind -> (panels: column, title, gate threshold or None), figure title, table (results/<table>_curve.csv)
 PRESETS = {
     "vqgan": (
         [("val_psnr", "validation PSNR (dB)", None), ("val_ssim", "validation 3D SSIM", None)],
         "VQ-GAN recipes on the demo cohort: quality against CPU time (thin: seeds, bold: mean)",
+        "vqgan",
     ),
     "diffusion": (
         [
@@ -32,6 +34,17 @@ PRESETS = {
             ("gate_n_failed", "failing gate checks (set checks)", None),
         ],
         "Diffusion recipes on the demo latents (VQ-GAN fixed): the report's metrics against CPU time",
+        "diffusion",
+    ),
+    "diffusion-effects": (
+        [
+            ("effect_csf", "effect ratio: CSF fraction vs age", 0.5),
+            ("effect_ventricles", "effect ratio: ventricles vs age", 0.5),
+            ("effect_head", "effect ratio: head size vs sex", 0.5),
+            ("age_mae_ratio", "age predictor MAE ratio", 2.0),
+        ],
+        "Diffusion recipes on the demo latents (VQ-GAN fixed): the covariate effects against CPU time",
+        "diffusion",
     ),
 }
 
@@ -43,8 +56,8 @@ def main() -> None:
     parser.add_argument("--labels", nargs="+", default=None, help="only these recipes (default: all)")
     parser.add_argument("--out", type=Path, default=None, help="default: results/<kind>_curve.png")
     args = parser.parse_args()
-    panels, title = PRESETS[args.kind]
-    frame = pd.concat([pd.read_csv(path) for path in args.csv or [HERE / f"{args.kind}_curve.csv"]])
+    panels, title, table = PRESETS[args.kind]
+    frame = pd.concat([pd.read_csv(path) for path in args.csv or [HERE / f"{table}_curve.csv"]])
     if args.labels:
         frame = frame[frame["label"].isin(args.labels)]
     if "weights" in frame:  # diffusion: the curve is the EMA model at the recipe's own guidance scale
