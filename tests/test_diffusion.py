@@ -1063,7 +1063,8 @@ def test_encode_writes_the_encoders_continuous_output_when_asked_and_the_codes_o
 
 def test_the_covariate_encoder_learns_at_its_own_learning_rate(tmp_path):
     """``diffusion.train.covariate_lr_scale``: Adam's first step moves a weight by about its group's lr, so the
-    covariate encoder's weights move ``scale`` times farther than at scale 1 and the U-Net's exactly as far."""
+    covariate encoder's weights move ``scale`` times farther than at scale 1 and the U-Net's exactly as far; at
+    scale 1 the two groups train bit for bit as one."""
     from synthmri.config import load_params
     from synthmri.data.latents import LatentSet
     from synthmri.training.train_diffusion import DiffusionTrainer
@@ -1089,6 +1090,21 @@ def test_the_covariate_encoder_learns_at_its_own_learning_rate(tmp_path):
             part: max((named[n] - before[n]).abs().max().item() for n in named if n.startswith("encoder.") == is_enc)
             for part, is_enc in (("encoder", True), ("unet", False))
         }
+    # at scale 1 the two groups train exactly as the single group the stage had before the key existed
+    from synthmri.training.optim import adamw, lr_scheduler
+
+    params = load_params(REPO / "params.yaml", [*base, "diffusion.train.covariate_lr_scale=1"])
+    runs = []
+    for single in (False, True):
+        trainer = DiffusionTrainer(params, latents, None, tmp_path / f"single{single}", "test")
+        if single:
+            trainer.optimizer = adamw(trainer.model.parameters(), params.diffusion.train)
+            trainer.lr_schedule = lr_scheduler(trainer.optimizer, params.diffusion.train)
+        _perturbed(trainer.model)
+        for _ in range(3):
+            trainer.next_step()
+        runs.append(trainer.model.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     lr = params.diffusion.train.lr
     assert moved[1.0]["encoder"] == pytest.approx(lr, rel=0.05)
     assert moved[5.0]["encoder"] == pytest.approx(5 * lr, rel=0.05)
