@@ -1067,6 +1067,7 @@ def test_the_covariate_encoder_learns_at_its_own_learning_rate(tmp_path):
     scale 1 the two groups train bit for bit as one."""
     from synthmri.config import load_params
     from synthmri.data.latents import LatentSet
+    from synthmri.training.optim import adamw, lr_scheduler
     from synthmri.training.train_diffusion import DiffusionTrainer
 
     g = torch.Generator().manual_seed(0)
@@ -1090,9 +1091,11 @@ def test_the_covariate_encoder_learns_at_its_own_learning_rate(tmp_path):
             part: max((named[n] - before[n]).abs().max().item() for n in named if n.startswith("encoder.") == is_enc)
             for part, is_enc in (("encoder", True), ("unet", False))
         }
+    lr = params.diffusion.train.lr
+    assert moved[1.0]["encoder"] == pytest.approx(lr, rel=0.05)
+    assert moved[5.0]["encoder"] == pytest.approx(5 * lr, rel=0.05)
+    assert moved[5.0]["unet"] == pytest.approx(moved[1.0]["unet"], rel=1e-6)
     # at scale 1 the two groups train exactly as the single group the stage had before the key existed
-    from synthmri.training.optim import adamw, lr_scheduler
-
     params = load_params(REPO / "params.yaml", [*base, "diffusion.train.covariate_lr_scale=1"])
     runs = []
     for single in (False, True):
@@ -1105,7 +1108,3 @@ def test_the_covariate_encoder_learns_at_its_own_learning_rate(tmp_path):
             trainer.next_step()
         runs.append(trainer.model.state_dict())
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
-    lr = params.diffusion.train.lr
-    assert moved[1.0]["encoder"] == pytest.approx(lr, rel=0.05)
-    assert moved[5.0]["encoder"] == pytest.approx(5 * lr, rel=0.05)
-    assert moved[5.0]["unet"] == pytest.approx(moved[1.0]["unet"], rel=1e-6)

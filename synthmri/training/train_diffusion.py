@@ -38,11 +38,11 @@ log = get_logger(__name__)
 
 
 def parameter_groups(model: torch.nn.Module, t: DiffusionTrainParams) -> list[dict]:
-    """The optimizer's two groups: the covariate encoder's weights (``encoder.*``) at ``t.lr × t.covariate_lr_scale``
+    """The optimizer's two groups: the covariate encoder's weights (``model.encoder``) at ``t.lr × t.covariate_lr_scale``
     and every other weight at ``t.lr``. Two groups at any scale, so that a checkpoint's optimizer state always fits."""
-    named = list(model.named_parameters())
-    encoder = [p for name, p in named if name.startswith("encoder.")]
-    rest = [p for name, p in named if not name.startswith("encoder.")]
+    encoder = list(model.encoder.parameters())
+    in_encoder = {id(p) for p in encoder}
+    rest = [p for p in model.parameters() if id(p) not in in_encoder]
     return [{"params": rest, "lr": t.lr}, {"params": encoder, "lr": t.lr * t.covariate_lr_scale}]
 
 
